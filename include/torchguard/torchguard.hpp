@@ -1,0 +1,6 @@
+// torchguard: RAII guards for LibTorch training and inference. Includes every guard.
+#pragma once
+
+#include "torchguard/scope_stack.hpp"
+#include "torchguard/training_session.hpp"
+#include "torchguard/version.hpp"

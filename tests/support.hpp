@@ -1,0 +1,82 @@
+// What the tests share: Catch2 v2 or v3, and a sink that keeps log lines to assert on.
+#pragma once
+
+#include <string>
+
+#if __has_include(<catch2/catch_test_macros.hpp>)
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+namespace torchguard::testing {
+inline auto Contains(const std::string& text) { return Catch::Matchers::ContainsSubstring(text); }
+}  // namespace torchguard::testing
+#else
+#include <catch2/catch.hpp>
+namespace torchguard::testing {
+inline auto Contains(const std::string& text) { return Catch::Matchers::Contains(text); }
+}  // namespace torchguard::testing
+#endif
+
+#include <algorithm>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <spdlog/sinks/base_sink.h>
+#include <spdlog/spdlog.h>
+
+namespace torchguard::testing {
+
+struct LogLine {
+  spdlog::level::level_enum level;
+  std::string text;
+};
+
+// Keeps every message (without pattern decoration) with its level.
+class CaptureSink final : public spdlog::sinks::base_sink<std::mutex> {
+ public:
+  std::vector<LogLine> lines() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return lines_;
+  }
+  // True when some line at `level` contains `needle`.
+  bool contains(spdlog::level::level_enum level, const std::string& needle) {
+    auto all = lines();
+    return std::any_of(all.begin(), all.end(), [&](const LogLine& line) {
+      return line.level == level && line.text.find(needle) != std::string::npos;
+    });
+  }
+  std::size_t count(spdlog::level::level_enum level) {
+    auto all = lines();
+    return static_cast<std::size_t>(std::count_if(
+        all.begin(), all.end(), [&](const LogLine& line) { return line.level == level; }));
+  }
+  std::string dump() {
+    std::string out;
+    for (const auto& line : lines()) {
+      out += std::string(spdlog::level::to_string_view(line.level).data()) + ": " + line.text + "\n";
+    }
+    return out;
+  }
+
+ protected:
+  void sink_it_(const spdlog::details::log_msg& msg) override {
+    lines_.push_back({msg.level, std::string(msg.payload.data(), msg.payload.size())});
+  }
+  void flush_() override { ++flushes; }
+
+ public:
+  int flushes = 0;
+
+ private:
+  std::vector<LogLine> lines_;
+};
+
+// A logger writing only to a new CaptureSink.
+struct CapturedLogger {
+  std::shared_ptr<CaptureSink> sink = std::make_shared<CaptureSink>();
+  std::shared_ptr<spdlog::logger> logger = std::make_shared<spdlog::logger>("test", sink);
+  CapturedLogger() { logger->set_level(spdlog::level::trace); }
+};
+
+}  // namespace torchguard::testing

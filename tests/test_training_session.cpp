@@ -1,0 +1,337 @@
+#include "torchguard/training_session.hpp"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "support.hpp"
+#include "torchguard/scope_stack.hpp"
+
+namespace fs = std::filesystem;
+using torchguard::Outcome;
+using torchguard::TrainingSession;
+using torchguard::TrainingSessionOptions;
+using torchguard::testing::CapturedLogger;
+using torchguard::testing::Contains;
+
+namespace {
+
+// A fresh directory under the system's temporary directory, removed at scope exit.
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    std::string pattern = (fs::temp_directory_path() / "torchguard-test-XXXXXX").string();
+    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
+    path = pattern;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    fs::remove_all(path, ignored);
+  }
+};
+
+std::string read_file(const fs::path& path) {
+  std::ifstream in(path);
+  std::stringstream content;
+  content << in.rdbuf();
+  return content.str();
+}
+
+// Waits (bounded) for a signal sent to this process to be handled.
+bool wait_for_stop(const TrainingSession& session) {
+  for (int i = 0; i < 1000 && !session.stop_requested(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return session.stop_requested();
+}
+
+std::atomic<int> custom_handler_calls{0};
+extern "C" void custom_handler(int) { custom_handler_calls.fetch_add(1); }
+
+}  // namespace
+
+TEST_CASE("a session logs its start and its success with the duration", "[session]") {
+  CapturedLogger captured;
+  {
+    TrainingSession session("experiment_001", captured.logger);
+    CHECK(captured.sink->contains(spdlog::level::info, "Training session 'experiment_001' started"));
+    CHECK_FALSE(session.failed());
+  }
+  CHECK(captured.sink->contains(spdlog::level::info,
+                                "Training session 'experiment_001' completed successfully in "));
+  CHECK(captured.sink->count(spdlog::level::err) == 0);
+}
+
+TEST_CASE("a session left by an exception logs a failure", "[session]") {
+  CapturedLogger captured;
+  try {
+    TrainingSession session("unwound", captured.logger);
+    throw std::runtime_error("out of data");
+  } catch (const std::runtime_error&) {
+  }
+  CHECK(captured.sink->contains(spdlog::level::err, "Training session 'unwound' failed after"));
+  CHECK_FALSE(captured.sink->contains(spdlog::level::info, "completed successfully"));
+}
+
+TEST_CASE("run() logs the exception's type and message and rethrows it", "[session]") {
+  CapturedLogger captured;
+  {
+    TrainingSession session("diverged", captured.logger);
+    CHECK_THROWS_AS(session.run([] { throw std::domain_error("loss is NaN at step 17"); }),
+                    std::domain_error);
+    CHECK(session.failed());
+  }
+  CHECK(captured.sink->contains(spdlog::level::err,
+                                "Training session 'diverged': std::domain_error: loss is NaN at step 17"));
+  CHECK(captured.sink->contains(spdlog::level::err, "Training session 'diverged' failed after"));
+}
+
+TEST_CASE("run() returns the function's result and names non-standard exceptions", "[session]") {
+  CapturedLogger captured;
+  TrainingSession session("values", captured.logger);
+  CHECK(session.run([] { return 41 + 1; }) == 42);
+  int out = 0;
+  session.run([&]() -> void { out = 7; });
+  CHECK(out == 7);
+  CHECK_THROWS_AS(session.run([] { throw 42; }), int);
+  CHECK(captured.sink->contains(spdlog::level::err, "int (not derived from std::exception)"));
+}
+
+TEST_CASE("a session inside a ScopeStack is told the stack's outcome", "[session][scope_stack]") {
+  CapturedLogger captured;
+  {
+    torchguard::ScopeStack stack;
+    stack.emplace<TrainingSession>("stacked", captured.logger);
+    stack.close(Outcome::failure);
+  }
+  CHECK(captured.sink->contains(spdlog::level::err, "Training session 'stacked' failed after"));
+}
+
+TEST_CASE("the log file keeps every line and is flushed on errors", "[session]") {
+  TempDir dir;
+  CapturedLogger captured;
+  const fs::path log_file = dir.path / "train.log";
+  {
+    TrainingSession session("with-file", {captured.logger, log_file, {}, false});
+    session.record_failure(std::make_exception_ptr(std::runtime_error("disk on fire")));
+    // Already on disk while the session is still open: a crash now would not lose it.
+    const std::string content = read_file(log_file);
+    CHECK(content.find("Training session 'with-file' started") != std::string::npos);
+    CHECK(content.find("std::runtime_error: disk on fire") != std::string::npos);
+  }
+  CHECK(read_file(log_file).find("Training session 'with-file' failed after") != std::string::npos);
+  // The user's own sinks still got every line.
+  CHECK(captured.sink->contains(spdlog::level::err, "disk on fire"));
+}
+
+TEST_CASE("an unopenable log or metrics file is a clear error", "[session]") {
+  TempDir dir;
+  std::ofstream(dir.path / "a-file") << "not a directory";
+  const fs::path missing = dir.path / "a-file" / "train.log";
+  TrainingSessionOptions log_options;
+  log_options.log_file = missing;
+  CHECK_THROWS_WITH(TrainingSession("bad-log", log_options),
+                    Contains("cannot open the log file") &&
+                        Contains(missing.string()));
+  TrainingSessionOptions metrics_options;
+  metrics_options.metrics_file = missing;
+  CHECK_THROWS_WITH(TrainingSession("bad-metrics", metrics_options),
+                    Contains("cannot open the metrics file") &&
+                        Contains("Not a directory"));
+}
+
+TEST_CASE("missing parent directories of the log and metrics files are created", "[session]") {
+  TempDir dir;
+  TrainingSessionOptions options;
+  options.logger = CapturedLogger().logger;
+  options.log_file = dir.path / "logs" / "train.log";
+  options.metrics_file = dir.path / "runs" / "1" / "metrics.jsonl";
+  {
+    TrainingSession session("nested-dirs", options);
+    session.log_metrics(1, {{"loss", 1.0}});
+  }
+  CHECK(fs::file_size(options.log_file) > 0);
+  CHECK(fs::file_size(options.metrics_file) > 0);
+}
+
+TEST_CASE("log_metrics appends one JSON object per line and logs a readable line", "[session]") {
+  TempDir dir;
+  CapturedLogger captured;
+  const fs::path metrics = dir.path / "metrics.jsonl";
+  TrainingSessionOptions options;
+  options.logger = captured.logger;
+  options.metrics_file = metrics;
+  {
+    TrainingSession session("metrics", options);
+    session.log_metrics(10, {{"loss", 0.25}, {"accuracy", 0.875}});
+    session.log_metrics(20, {{"loss", std::numeric_limits<double>::quiet_NaN()}});
+  }
+  {
+    TrainingSession resumed("metrics", options);  // a resumed run appends
+    resumed.log_metrics(30, {{"loss", 0.125}});
+  }
+  CHECK(captured.sink->contains(spdlog::level::info, "step 10 | loss=0.25 | accuracy=0.875"));
+  std::ifstream in(metrics);
+  std::string line;
+  std::vector<nlohmann::json> records;
+  while (std::getline(in, line)) records.push_back(nlohmann::json::parse(line));
+  REQUIRE(records.size() == 3);
+  CHECK(records[0]["step"] == 10);
+  CHECK(records[0]["loss"] == 0.25);
+  CHECK(records[0]["accuracy"] == 0.875);
+  CHECK(records[0]["elapsed_s"].is_number());
+  CHECK(records[1]["loss"].is_null());  // NaN is not JSON: written as null
+  CHECK(records[2]["step"] == 30);
+}
+
+TEST_CASE("request_stop() is seen by stop_requested()", "[session]") {
+  CapturedLogger captured;
+  TrainingSession session("stoppable", captured.logger);
+  CHECK_FALSE(session.stop_requested());
+  session.request_stop();
+  CHECK(session.stop_requested());
+}
+
+TEST_CASE("SIGTERM sent to the process requests a stop and handlers come back at exit",
+          "[session][signal]") {
+  CapturedLogger captured;
+  struct sigaction custom {};
+  custom.sa_handler = custom_handler;
+  sigemptyset(&custom.sa_mask);
+  struct sigaction saved_term {}, saved_int {};
+  REQUIRE(::sigaction(SIGTERM, &custom, &saved_term) == 0);
+  REQUIRE(::sigaction(SIGINT, &custom, &saved_int) == 0);
+  custom_handler_calls = 0;
+  {
+    TrainingSessionOptions options;
+    options.logger = captured.logger;
+    options.handle_signals = true;
+    TrainingSession session("signalled", options);
+    CHECK_FALSE(session.stop_requested());
+    REQUIRE(::kill(::getpid(), SIGTERM) == 0);
+    CHECK(wait_for_stop(session));
+    CHECK(custom_handler_calls == 0);  // the session's handler took it, the process lives
+    CHECK(captured.sink->contains(spdlog::level::warn, "SIGTERM received, stopping"));
+  }
+  CHECK(captured.sink->contains(spdlog::level::warn, "stopped by SIGTERM"));
+  // The previous handlers are back.
+  struct sigaction now {};
+  REQUIRE(::sigaction(SIGTERM, nullptr, &now) == 0);
+  CHECK(now.sa_handler == custom_handler);
+  REQUIRE(::kill(::getpid(), SIGINT) == 0);
+  for (int i = 0; i < 1000 && custom_handler_calls == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  CHECK(custom_handler_calls == 1);
+  ::sigaction(SIGTERM, &saved_term, nullptr);
+  ::sigaction(SIGINT, &saved_int, nullptr);
+}
+
+TEST_CASE("without handle_signals a session leaves the handlers alone", "[session][signal]") {
+  struct sigaction before {};
+  REQUIRE(::sigaction(SIGINT, nullptr, &before) == 0);
+  {
+    CapturedLogger captured;
+    TrainingSession session("plain", captured.logger);
+    struct sigaction during {};
+    REQUIRE(::sigaction(SIGINT, nullptr, &during) == 0);
+    CHECK(during.sa_handler == before.sa_handler);
+  }
+}
+
+TEST_CASE("nested sessions restore handlers in order", "[session][signal]") {
+  CapturedLogger captured;
+  TrainingSessionOptions options;
+  options.logger = captured.logger;
+  options.handle_signals = true;
+  struct sigaction before {};
+  REQUIRE(::sigaction(SIGINT, nullptr, &before) == 0);
+  {
+    TrainingSession outer("outer", options);
+    struct sigaction outer_handler {};
+    REQUIRE(::sigaction(SIGINT, nullptr, &outer_handler) == 0);
+    {
+      TrainingSession inner("inner", options);
+      REQUIRE(::kill(::getpid(), SIGINT) == 0);
+      CHECK(wait_for_stop(inner));
+      CHECK(outer.stop_requested());  // a signal is for the whole process
+    }
+    struct sigaction after_inner {};
+    REQUIRE(::sigaction(SIGINT, nullptr, &after_inner) == 0);
+    CHECK(after_inner.sa_handler == outer_handler.sa_handler);
+  }
+  struct sigaction after {};
+  REQUIRE(::sigaction(SIGINT, nullptr, &after) == 0);
+  CHECK(after.sa_handler == before.sa_handler);
+}
+
+namespace {
+
+// Runs `child` in a forked process and returns its wait status. The child never returns into
+// Catch2: it _exit()s with the code `child` returns.
+template <class F>
+int run_in_child(F child, int parent_signals_after_ready) {
+  int ready[2];
+  REQUIRE(::pipe(ready) == 0);
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::close(ready[0]);
+    ::_exit(child(ready[1]));
+  }
+  ::close(ready[1]);
+  char byte = 0;
+  REQUIRE(::read(ready[0], &byte, 1) == 1);  // the child's session is up
+  for (int i = 0; i < parent_signals_after_ready; ++i) {
+    ::kill(pid, SIGTERM);
+    if (i == 0) REQUIRE(::read(ready[0], &byte, 1) == 1);  // the child saw the first one
+  }
+  ::close(ready[0]);
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  return status;
+}
+
+// A child with a signal-handling session: reports when it is up and when it saw a stop, then
+// lingers `linger_ms` (a second signal, if sent, ends it there).
+int child_session(int ready_fd, int linger_ms) {
+  TrainingSessionOptions options;
+  options.logger = std::make_shared<spdlog::logger>("child");  // no sinks: quiet
+  options.handle_signals = true;
+  TrainingSession session("child", options);
+  const char byte = 'r';
+  if (::write(ready_fd, &byte, 1) != 1) return 10;
+  for (int i = 0; i < 5000 && !session.stop_requested(); ++i) ::usleep(1000);
+  if (!session.stop_requested()) return 11;
+  if (::write(ready_fd, &byte, 1) != 1) return 12;
+  for (int i = 0; i < linger_ms; ++i) ::usleep(1000);
+  return 0;
+}
+
+}  // namespace
+
+TEST_CASE("a real SIGTERM from another process stops the loop and the process exits normally",
+          "[session][signal]") {
+  const int status = run_in_child([](int fd) { return child_session(fd, 0); }, 1);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}
+
+TEST_CASE("a second SIGTERM takes the default action", "[session][signal]") {
+  const int status = run_in_child([](int fd) { return child_session(fd, 10000); }, 2);
+  REQUIRE(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGTERM);
+}
