@@ -43,7 +43,7 @@ int main() {
   torch::manual_seed(0);
   torchguard::TrainingSessionOptions options;
   options.metrics_file = "quickstart-metrics.jsonl";  // one JSON object per log_metrics()
-  options.handle_signals = true;                       // Ctrl-C: stop between steps, cleanly
+  options.handle_signals = true;                      // Ctrl-C: stop between steps, cleanly
 
   // Success: entries run newest first when `stack` leaves the scope.
   {

@@ -54,7 +54,8 @@ class CaptureSink final : public spdlog::sinks::base_sink<std::mutex> {
   std::string dump() {
     std::string out;
     for (const auto& line : lines()) {
-      out += std::string(spdlog::level::to_string_view(line.level).data()) + ": " + line.text + "\n";
+      out +=
+          std::string(spdlog::level::to_string_view(line.level).data()) + ": " + line.text + "\n";
     }
     return out;
   }

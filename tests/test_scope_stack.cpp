@@ -25,7 +25,8 @@ class RecordingGuard {
       : log_(&log), name_(std::move(name)) {
     log_->push_back("enter " + name_);
   }
-  RecordingGuard(RecordingGuard&& other) noexcept : log_(other.log_), name_(std::move(other.name_)) {
+  RecordingGuard(RecordingGuard&& other) noexcept
+      : log_(other.log_), name_(std::move(other.name_)) {
     other.log_ = nullptr;
   }
   ~RecordingGuard() {
@@ -86,9 +87,9 @@ TEST_CASE("entries run in reverse order of registration", "[scope_stack]") {
     CHECK(stack.size() == 3);
     CHECK_FALSE(stack.empty());
   }
-  const std::vector<std::string> expected = {
-      "enter a", "enter c", "close c success", "destroy c", "callback b", "close a success",
-      "destroy a"};
+  const std::vector<std::string> expected = {"enter a",   "enter c",    "close c success",
+                                             "destroy c", "callback b", "close a success",
+                                             "destroy a"};
   CHECK(log == expected);
 }
 

@@ -67,7 +67,8 @@ TEST_CASE("a session logs its start and its success with the duration", "[sessio
   CapturedLogger captured;
   {
     TrainingSession session("experiment_001", captured.logger);
-    CHECK(captured.sink->contains(spdlog::level::info, "Training session 'experiment_001' started"));
+    CHECK(
+        captured.sink->contains(spdlog::level::info, "Training session 'experiment_001' started"));
     CHECK_FALSE(session.failed());
   }
   CHECK(captured.sink->contains(spdlog::level::info,
@@ -94,8 +95,9 @@ TEST_CASE("run() logs the exception's type and message and rethrows it", "[sessi
                     std::domain_error);
     CHECK(session.failed());
   }
-  CHECK(captured.sink->contains(spdlog::level::err,
-                                "Training session 'diverged': std::domain_error: loss is NaN at step 17"));
+  CHECK(captured.sink->contains(
+      spdlog::level::err,
+      "Training session 'diverged': std::domain_error: loss is NaN at step 17"));
   CHECK(captured.sink->contains(spdlog::level::err, "Training session 'diverged' failed after"));
 }
 
@@ -144,13 +146,11 @@ TEST_CASE("an unopenable log or metrics file is a clear error", "[session]") {
   TrainingSessionOptions log_options;
   log_options.log_file = missing;
   CHECK_THROWS_WITH(TrainingSession("bad-log", log_options),
-                    Contains("cannot open the log file") &&
-                        Contains(missing.string()));
+                    Contains("cannot open the log file") && Contains(missing.string()));
   TrainingSessionOptions metrics_options;
   metrics_options.metrics_file = missing;
   CHECK_THROWS_WITH(TrainingSession("bad-metrics", metrics_options),
-                    Contains("cannot open the metrics file") &&
-                        Contains("Not a directory"));
+                    Contains("cannot open the metrics file") && Contains("Not a directory"));
 }
 
 TEST_CASE("missing parent directories of the log and metrics files are created", "[session]") {
@@ -211,7 +211,8 @@ TEST_CASE("SIGTERM sent to the process requests a stop and handlers come back at
   struct sigaction custom {};
   custom.sa_handler = custom_handler;
   sigemptyset(&custom.sa_mask);
-  struct sigaction saved_term {}, saved_int {};
+  struct sigaction saved_term {
+  }, saved_int{};
   REQUIRE(::sigaction(SIGTERM, &custom, &saved_term) == 0);
   REQUIRE(::sigaction(SIGINT, &custom, &saved_int) == 0);
   custom_handler_calls = 0;

@@ -129,7 +129,8 @@ class ScopeStack {
   template <class G, class... Args>
   G& emplace(Args&&... args) {
     reserve_one();
-    auto entry = std::make_unique<detail::GuardEntry<G>>(std::in_place, std::forward<Args>(args)...);
+    auto entry =
+        std::make_unique<detail::GuardEntry<G>>(std::in_place, std::forward<Args>(args)...);
     G& guard = entry->guard();
     entries_.push_back(std::move(entry));  // cannot throw: capacity reserved above
     return guard;

@@ -31,9 +31,9 @@
 #include <utility>
 #include <vector>
 
-#include <nlohmann/json.hpp>
 #include <spdlog/sinks/basic_file_sink.h>
 #include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
 
 #include "torchguard/detail/logging.hpp"
 #include "torchguard/detail/outcome.hpp"
@@ -43,10 +43,10 @@ namespace torchguard {
 
 struct TrainingSessionOptions {
   std::shared_ptr<spdlog::logger> logger;  // where lines go; default: torchguard::default_logger()
-  std::filesystem::path log_file;      // also append every line here; flushed on warnings
-  std::filesystem::path metrics_file;  // log_metrics() appends one JSON object per line here
+  std::filesystem::path log_file;          // also append every line here; flushed on warnings
+  std::filesystem::path metrics_file;      // log_metrics() appends one JSON object per line here
   // (missing parent directories of either file are created)
-  bool handle_signals = false;             // SIGINT/SIGTERM request a stop instead of killing
+  bool handle_signals = false;  // SIGINT/SIGTERM request a stop instead of killing
 };
 
 // One metric of a step: a name and a value.
@@ -55,7 +55,8 @@ using Metric = std::pair<std::string, double>;
 class TrainingSession {
  public:
   explicit TrainingSession(std::string name, std::shared_ptr<spdlog::logger> logger = nullptr)
-      : TrainingSession(std::move(name), TrainingSessionOptions{std::move(logger), {}, {}, false}) {}
+      : TrainingSession(std::move(name), TrainingSessionOptions{std::move(logger), {}, {}, false}) {
+  }
 
   TrainingSession(std::string name, TrainingSessionOptions options)
       : name_(std::move(name)), logger_(make_logger(options)), start_(Clock::now()) {

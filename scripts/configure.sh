@@ -1,0 +1,37 @@
+# Sourced by test.sh and demo.sh: installs what is missing and configures build/<config>.
+# Sets build_dir.
+config=${1:-default}
+build_dir=build/$config
+cmake_args=(-G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTORCHGUARD_WERROR=ON)
+case "$config" in
+  default)
+    bash scripts/setup.sh
+    ;;
+  asan)
+    bash scripts/setup.sh
+    flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+    # Consumer projects are proven by the default and torch2 configurations.
+    cmake_args+=("-DCMAKE_CXX_FLAGS=$flags" -DTORCHGUARD_CONSUMER_TESTS=OFF
+                 -DTORCHGUARD_BUILD_BENCHMARKS=OFF)
+    export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
+    export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+    ;;
+  torch2)
+    bash scripts/setup.sh --torch2
+    venv=${TORCHGUARD_TORCH2_VENV:-/opt/torchguard-venv}
+    site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    # The wheel's CUDA libraries (nvidia/*/lib) must win over an older system CUDA at link time.
+    rpath_link=$(find "$site/nvidia" -mindepth 2 -maxdepth 3 -type d -name lib 2>/dev/null |
+                 sed 's/^/-Wl,-rpath-link,/' | tr '\n' ' ')
+    cmake_args+=(-DCMAKE_CXX_STANDARD=20 "-DCMAKE_PREFIX_PATH=$site/torch/share/cmake"
+                 "-DCMAKE_EXE_LINKER_FLAGS=$rpath_link")
+    # Torch's CMake package probes the GPUs unless told which architectures to target; the guards
+    # compile no kernels, so any list will do.
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+    ;;
+  *)
+    echo "unknown configuration '$config' (expected default, asan or torch2)" >&2
+    exit 2
+    ;;
+esac
+cmake -S . -B "$build_dir" "${cmake_args[@]}" >/dev/null

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what torchguard needs on Debian 12, and nothing when it is all there (safe to rerun).
+#   scripts/setup.sh           Debian's LibTorch 1.13 (CPU), spdlog, Catch2, CMake, Ninja, ...
+#   scripts/setup.sh --torch2  also LibTorch 2.x: the `torch` wheel from PyPI, installed once
+#                              into $TORCHGUARD_TORCH2_VENV (default /opt/torchguard-venv)
+#                              and reused by every build after that.
+set -euo pipefail
+
+packages=(build-essential cmake ninja-build git libtorch-dev libspdlog-dev catch2
+          nlohmann-json3-dev libxxhash-dev zlib1g-dev)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||
+    missing+=("$package")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  echo "setup: installing ${missing[*]}"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}" >/dev/null
+fi
+
+if [ "${1:-}" = "--torch2" ]; then
+  venv=${TORCHGUARD_TORCH2_VENV:-/opt/torchguard-venv}
+  if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
+    echo "setup: installing the torch wheel into $venv (large: done once)"
+    python3 -m venv --clear "$venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "${TORCHGUARD_TORCH2_SPEC:-torch>=2,<3}"
+  fi
+fi
