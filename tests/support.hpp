@@ -16,9 +16,14 @@ inline auto Contains(const std::string& text) { return Catch::Matchers::Contains
 }  // namespace torchguard::testing
 #endif
 
+#include <stdlib.h>
+
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -79,5 +84,31 @@ struct CapturedLogger {
   std::shared_ptr<spdlog::logger> logger = std::make_shared<spdlog::logger>("test", sink);
   CapturedLogger() { logger->set_level(spdlog::level::trace); }
 };
+
+// A fresh directory under the system's temporary directory, removed at scope exit.
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    std::string pattern =
+        (std::filesystem::temp_directory_path() / "torchguard-test-XXXXXX").string();
+    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
+    path = pattern;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::permissions(path, std::filesystem::perms::owner_all,
+                                 std::filesystem::perm_options::add, ignored);
+    std::filesystem::remove_all(path, ignored);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+};
+
+inline std::string read_text(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream content;
+  content << in.rdbuf();
+  return content.str();
+}
 
 }  // namespace torchguard::testing

@@ -26,29 +26,9 @@ using torchguard::TrainingSession;
 using torchguard::TrainingSessionOptions;
 using torchguard::testing::CapturedLogger;
 using torchguard::testing::Contains;
+using torchguard::testing::TempDir;
 
 namespace {
-
-// A fresh directory under the system's temporary directory, removed at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "torchguard-test-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path, ignored);
-  }
-};
-
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path);
-  std::stringstream content;
-  content << in.rdbuf();
-  return content.str();
-}
 
 // Waits (bounded) for a signal sent to this process to be handled.
 bool wait_for_stop(const TrainingSession& session) {
@@ -130,11 +110,12 @@ TEST_CASE("the log file keeps every line and is flushed on errors", "[session]")
     TrainingSession session("with-file", {captured.logger, log_file, {}, false});
     session.record_failure(std::make_exception_ptr(std::runtime_error("disk on fire")));
     // Already on disk while the session is still open: a crash now would not lose it.
-    const std::string content = read_file(log_file);
+    const std::string content = torchguard::testing::read_text(log_file);
     CHECK(content.find("Training session 'with-file' started") != std::string::npos);
     CHECK(content.find("std::runtime_error: disk on fire") != std::string::npos);
   }
-  CHECK(read_file(log_file).find("Training session 'with-file' failed after") != std::string::npos);
+  CHECK(torchguard::testing::read_text(log_file).find(
+            "Training session 'with-file' failed after") != std::string::npos);
   // The user's own sinks still got every line.
   CHECK(captured.sink->contains(spdlog::level::err, "disk on fire"));
 }

@@ -49,9 +49,6 @@ struct TrainingSessionOptions {
   bool handle_signals = false;  // SIGINT/SIGTERM request a stop instead of killing
 };
 
-// One metric of a step: a name and a value.
-using Metric = std::pair<std::string, double>;
-
 class TrainingSession {
  public:
   explicit TrainingSession(std::string name, std::shared_ptr<spdlog::logger> logger = nullptr)
@@ -134,7 +131,7 @@ class TrainingSession {
 
   // Appends {"step": step, "elapsed_s": ..., name: value...} to the metrics file (when set) and
   // writes a readable line to the log. Non-finite values are written as null in the file.
-  void log_metrics(std::int64_t step, const std::vector<Metric>& metrics) {
+  void log_metrics(std::int64_t step, const Metrics& metrics) {
     std::string line = fmt::format("step {}", step);
     for (const auto& [metric_name, value] : metrics) {
       line += fmt::format(" | {}={:.6g}", metric_name, value);

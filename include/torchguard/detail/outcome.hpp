@@ -2,6 +2,9 @@
 #pragma once
 
 #include <exception>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace torchguard {
 
@@ -12,6 +15,10 @@ enum class Outcome { success, failure };
 inline const char* to_string(Outcome outcome) noexcept {
   return outcome == Outcome::success ? "success" : "failure";
 }
+
+// One named value of a training step ("loss", 0.25), as guards log, save and compare them.
+using Metric = std::pair<std::string, double>;
+using Metrics = std::vector<Metric>;
 
 namespace detail {
 

@@ -1,0 +1,144 @@
+// POSIX file helpers for crash-safe commits: write everything or fail with errno, fsync files
+// and directories, and a streaming xxHash (XXH3-64) of what passes through.
+#pragma once
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#include <spdlog/fmt/fmt.h>
+
+namespace torchguard {
+namespace detail {
+
+// An I/O error that names the operation, the file and the system's reason.
+class FileError : public std::runtime_error {
+ public:
+  FileError(const std::string& operation, const std::filesystem::path& path, int error_number)
+      : std::runtime_error(
+            fmt::format("{} '{}': {}", operation, path.string(), std::strerror(error_number))),
+        error_number_(error_number) {}
+  int error_number() const noexcept { return error_number_; }
+
+ private:
+  int error_number_;
+};
+
+// Streaming XXH3-64 of the bytes given to update().
+class Hasher {
+ public:
+  Hasher() : state_(XXH3_createState()) {
+    if (!state_) throw std::bad_alloc();
+    XXH3_64bits_reset(state_);
+  }
+  ~Hasher() { XXH3_freeState(state_); }
+  Hasher(const Hasher&) = delete;
+  Hasher& operator=(const Hasher&) = delete;
+  void update(const void* data, std::size_t size) { XXH3_64bits_update(state_, data, size); }
+  std::uint64_t digest() const { return XXH3_64bits_digest(state_); }
+
+ private:
+  XXH3_state_t* state_;
+};
+
+inline std::string hex64(std::uint64_t value) { return fmt::format("{:016x}", value); }
+
+// A file created for writing (it must not exist), hashed as it is written, fsynced on commit.
+class DurableFile {
+ public:
+  explicit DurableFile(std::filesystem::path path) : path_(std::move(path)) {
+    fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd_ < 0) throw FileError("cannot create", path_, errno);
+  }
+  ~DurableFile() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  DurableFile(const DurableFile&) = delete;
+  DurableFile& operator=(const DurableFile&) = delete;
+
+  void write(const void* data, std::size_t size) {
+    const char* bytes = static_cast<const char*>(data);
+    hasher_.update(bytes, size);
+    size_ += size;
+    while (size > 0) {
+      const ssize_t written = ::write(fd_, bytes, size);
+      if (written < 0) {
+        if (errno == EINTR) continue;
+        throw FileError("cannot write", path_, errno);
+      }
+      bytes += written;
+      size -= static_cast<std::size_t>(written);
+    }
+  }
+
+  // fsync + close: after this the bytes are on disk, or an error says why not.
+  void commit() {
+    if (::fsync(fd_) != 0) throw FileError("cannot fsync", path_, errno);
+    const int fd = fd_;
+    fd_ = -1;
+    if (::close(fd) != 0) throw FileError("cannot close", path_, errno);
+  }
+
+  std::uint64_t size() const noexcept { return size_; }
+  std::uint64_t checksum() const { return hasher_.digest(); }
+
+ private:
+  std::filesystem::path path_;
+  int fd_ = -1;
+  std::uint64_t size_ = 0;
+  Hasher hasher_;
+};
+
+// Makes a directory's entries (a rename, a new file) durable.
+inline void fsync_directory(const std::filesystem::path& directory) {
+  const int fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) throw FileError("cannot open directory", directory, errno);
+  const int result = ::fsync(fd);
+  const int error = errno;
+  ::close(fd);
+  if (result != 0) throw FileError("cannot fsync directory", directory, error);
+}
+
+// Reads a whole file into memory.
+inline std::string read_whole_file(const std::filesystem::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw FileError("cannot open", path, errno);
+  struct stat info {};
+  if (::fstat(fd, &info) != 0) {
+    const int error = errno;
+    ::close(fd);
+    throw FileError("cannot stat", path, error);
+  }
+  std::string content(static_cast<std::size_t>(info.st_size), '\0');
+  std::size_t done = 0;
+  while (done < content.size()) {
+    const ssize_t got = ::read(fd, content.data() + done, content.size() - done);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) {
+      const int error = got < 0 ? errno : EIO;
+      ::close(fd);
+      throw FileError("cannot read", path, error);
+    }
+    done += static_cast<std::size_t>(got);
+  }
+  ::close(fd);
+  return content;
+}
+
+inline std::uint64_t checksum_of(const std::string& bytes) {
+  return XXH3_64bits(bytes.data(), bytes.size());
+}
+
+}  // namespace detail
+}  // namespace torchguard

@@ -1,0 +1,700 @@
+#include "torchguard/checkpoint_guard.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/fsuid.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "support.hpp"
+
+extern char** environ;
+
+namespace fs = std::filesystem;
+using torchguard::CheckpointError;
+using torchguard::CheckpointGuard;
+using torchguard::CheckpointOptions;
+using torchguard::Outcome;
+using torchguard::SaveOnExit;
+using torchguard::testing::CapturedLogger;
+using torchguard::testing::Contains;
+using torchguard::testing::TempDir;
+
+namespace {
+
+struct NetImpl : torch::nn::Module {
+  NetImpl()
+      : fc1(register_module("fc1", torch::nn::Linear(8, 16))),
+        norm(register_module("norm", torch::nn::BatchNorm1d(16))),
+        dropout(register_module("dropout", torch::nn::Dropout(0.2))),
+        fc2(register_module("fc2", torch::nn::Linear(16, 1))) {}
+  torch::Tensor forward(torch::Tensor x) { return fc2(dropout(torch::relu(norm(fc1(x))))); }
+  torch::nn::Linear fc1;
+  torch::nn::BatchNorm1d norm;
+  torch::nn::Dropout dropout;
+  torch::nn::Linear fc2;
+};
+TORCH_MODULE(Net);
+
+// Everything a training run holds, built from a seed (different seeds: different weights).
+struct Run {
+  explicit Run(std::uint64_t seed) {
+    torch::manual_seed(seed);
+    model = Net();
+    optimizer =
+        std::make_unique<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(1e-2));
+    scheduler = std::make_unique<torch::optim::StepLR>(*optimizer, 3, 0.5);
+  }
+  // One step on random data: uses the RNG for data and dropout, like real training.
+  double train_step() {
+    model->train();
+    const torch::Tensor x = torch::randn({32, 8});
+    const torch::Tensor y = x.sum(1, true);
+    optimizer->zero_grad();
+    torch::Tensor loss = torch::mse_loss(model->forward(x), y);
+    loss.backward();
+    optimizer->step();
+    scheduler->step();
+    return loss.item<double>();
+  }
+  CheckpointOptions options(const fs::path& dir, std::shared_ptr<spdlog::logger> logger) {
+    CheckpointOptions o;
+    o.directory = dir;
+    o.scheduler = scheduler.get();
+    o.logger = std::move(logger);
+    return o;
+  }
+  Net model{nullptr};
+  std::unique_ptr<torch::optim::Adam> optimizer;
+  std::unique_ptr<torch::optim::StepLR> scheduler;
+};
+
+bool same_parameters(const torch::nn::Module& a, const torch::nn::Module& b) {
+  const auto pa = a.named_parameters();
+  const auto pb = b.named_parameters();
+  if (pa.size() != pb.size()) return false;
+  for (const auto& item : pa) {
+    if (!torch::equal(item.value(), pb[item.key()])) return false;
+  }
+  const auto ba = a.named_buffers();
+  const auto bb = b.named_buffers();
+  for (const auto& item : ba) {
+    if (!torch::equal(item.value(), bb[item.key()])) return false;
+  }
+  return true;
+}
+
+std::vector<fs::path> checkpoint_dirs(const fs::path& dir) {
+  std::vector<fs::path> found;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    if (entry.path().filename().string().rfind("ckpt-", 0) == 0) found.push_back(entry.path());
+  }
+  std::sort(found.begin(), found.end());
+  return found;
+}
+
+// Saves `count` checkpoints at steps 1..count (one per step) and returns the run's state.
+void make_checkpoints(const fs::path& dir, int count, Run& run) {
+  CapturedLogger captured;
+  auto options = run.options(dir, captured.logger);
+  options.keep_last = count;
+  options.every_n_steps = 1;
+  options.save_on_exit = SaveOnExit::never;
+  CheckpointGuard guard(run.model, *run.optimizer, options);
+  for (int i = 0; i < count; ++i) {
+    run.train_step();
+    guard.step({{"loss", 1.0 / (i + 1)}});
+  }
+}
+
+// Restores into a new run from `dir` without saving at exit; returns the restored step.
+std::int64_t restored_step(const fs::path& dir, CapturedLogger& captured) {
+  Run run(999);
+  auto options = run.options(dir, captured.logger);
+  options.save_on_exit = SaveOnExit::never;
+  CheckpointGuard guard(run.model, *run.optimizer, options);
+  return guard.current_step();
+}
+
+}  // namespace
+
+TEST_CASE("the seed's form starts fresh, saves at exit, and resumes", "[checkpoint]") {
+  TempDir dir;
+  CapturedLogger captured;
+  torchguard::set_default_logger(captured.logger);
+  Run first(1);
+  {
+    CheckpointGuard guard(first.model, *first.optimizer, dir.path / "checkpoint.pt");
+    CHECK_FALSE(guard.resumed());
+    CHECK(captured.sink->contains(spdlog::level::info, "starting fresh"));
+    for (int i = 0; i < 4; ++i) first.train_step();
+  }
+  Run second(2);
+  CHECK_FALSE(same_parameters(*first.model, *second.model));
+  {
+    CheckpointGuard guard(second.model, *second.optimizer, dir.path / "checkpoint.pt");
+    CHECK(guard.resumed());
+  }
+  CHECK(same_parameters(*first.model, *second.model));
+  CHECK(captured.sink->contains(spdlog::level::info, "resumed from step 0"));
+  torchguard::set_default_logger(nullptr);
+}
+
+TEST_CASE("a checkpoint holds step, epoch, metrics, metadata, optimizer and scheduler",
+          "[checkpoint]") {
+  TempDir dir;
+  CapturedLogger captured;
+  Run first(1);
+  {
+    auto options = first.options(dir.path, captured.logger);
+    CheckpointGuard guard(first.model, *first.optimizer, options);
+    for (int i = 0; i < 5; ++i) {
+      first.train_step();
+      guard.step({{"loss", 0.5 + i}});
+    }
+    guard.set_epoch(2);
+    guard.metadata()["dataset"] = "synthetic";
+  }
+  Run second(2);
+  auto options = second.options(dir.path, captured.logger);
+  options.save_on_exit = SaveOnExit::never;
+  CheckpointGuard guard(second.model, *second.optimizer, options);
+  CHECK(guard.current_step() == 5);
+  CHECK(guard.epoch() == 2);
+  CHECK(guard.metrics()["loss"] == 4.5);
+  CHECK(guard.metadata()["dataset"] == "synthetic");
+  // The learning rate decayed once (StepLR every 3 steps): the group settings came back.
+  const auto& group_options =
+      static_cast<torch::optim::AdamOptions&>(second.optimizer->param_groups()[0].options());
+  CHECK(std::abs(group_options.lr() - 1e-2 * 0.5) < 1e-12);
+  CHECK(second.optimizer->state().size() == first.optimizer->state().size());
+  // model.pt is what torch::save(model) writes: torch::load reads it.
+  Net plain;
+  torch::load(plain, (checkpoint_dirs(dir.path).back() / "model.pt").string());
+  CHECK(same_parameters(*plain, *first.model));
+}
+
+TEST_CASE("resume is exact: N steps straight equal N/2, a restart, and N/2 more",
+          "[checkpoint][resume]") {
+  torch::set_num_threads(1);
+  constexpr int steps = 12;
+  TempDir dir;
+  CapturedLogger captured;
+
+  torch::manual_seed(123);  // the data's and dropout's RNG starts the same in both runs
+  Run straight(7);
+  torch::manual_seed(123);
+  for (int i = 0; i < steps; ++i) straight.train_step();
+
+  {
+    Run half(7);
+    torch::manual_seed(123);
+    CheckpointGuard guard(half.model, *half.optimizer, half.options(dir.path, captured.logger));
+    for (int i = 0; i < steps / 2; ++i) {
+      half.train_step();
+      guard.step();
+    }
+  }                         // everything destroyed: saved at exit
+  torch::manual_seed(555);  // the restart must not depend on the RNG state it finds
+  Run resumed(8);
+  {
+    CheckpointGuard guard(resumed.model, *resumed.optimizer,
+                          resumed.options(dir.path, captured.logger));
+    REQUIRE(guard.current_step() == steps / 2);
+    for (int i = 0; i < steps / 2; ++i) {
+      resumed.train_step();
+      guard.step();
+    }
+  }
+  CHECK(same_parameters(*straight.model, *resumed.model));
+  const auto lr = [](Run& run) {
+    return static_cast<torch::optim::AdamOptions&>(run.optimizer->param_groups()[0].options()).lr();
+  };
+  CHECK(lr(straight) == lr(resumed));
+}
+
+TEST_CASE("step() saves every N steps and on a stop request", "[checkpoint]") {
+  TempDir dir;
+  CapturedLogger captured;
+  Run run(1);
+  auto options = run.options(dir.path, captured.logger);
+  options.every_n_steps = 3;
+  options.keep_last = 10;
+  options.save_on_exit = SaveOnExit::never;
+  bool external_stop = false;
+  options.stop_requested = [&] { return external_stop; };
+  CheckpointGuard guard(run.model, *run.optimizer, options);
+  std::vector<bool> saved;
+  for (int i = 0; i < 7; ++i) saved.push_back(guard.step().saved);
+  CHECK(saved == std::vector<bool>{false, false, true, false, false, true, false});
+  CHECK(checkpoint_dirs(dir.path).size() == 2);
+  external_stop = true;
+  const auto result = guard.step();
+  CHECK(result.saved);
+  CHECK(result.stop);
+  CHECK(guard.list().back().step == 8);
+  CHECK(captured.sink->contains(spdlog::level::warn, "stop requested"));
+
+  CheckpointGuard flagged(run.model, *run.optimizer, options);
+  external_stop = false;
+  flagged.request_stop();
+  CHECK(flagged.step().stop);
+}
+
+TEST_CASE("the exit policy: always, on success, never", "[checkpoint]") {
+  CapturedLogger captured;
+  for (auto policy : {SaveOnExit::always, SaveOnExit::on_success, SaveOnExit::never}) {
+    for (bool fail : {false, true}) {
+      TempDir dir;
+      Run run(1);
+      auto options = run.options(dir.path, captured.logger);
+      options.save_on_exit = policy;
+      try {
+        CheckpointGuard guard(run.model, *run.optimizer, options);
+        if (fail) throw std::runtime_error("training failed");
+      } catch (const std::runtime_error&) {
+      }
+      const bool expected =
+          policy == SaveOnExit::always || (policy == SaveOnExit::on_success && !fail);
+      CHECK(checkpoint_dirs(dir.path).size() == (expected ? 1u : 0u));
+    }
+  }
+}
+
+TEST_CASE("the exit save is skipped when step() just saved the same step", "[checkpoint]") {
+  TempDir dir;
+  CapturedLogger captured;
+  Run run(1);
+  auto options = run.options(dir.path, captured.logger);
+  options.every_n_steps = 2;
+  options.keep_last = 10;
+  {
+    CheckpointGuard guard(run.model, *run.optimizer, options);
+    guard.step();
+    guard.step();  // saves step 2
+  }
+  CHECK(checkpoint_dirs(dir.path).size() == 1);
+}
+
+TEST_CASE("retention keeps the last N and the best K, never a NaN, never the resumed one",
+          "[checkpoint][retention]") {
+  TempDir dir;
+  CapturedLogger captured;
+  Run run(1);
+  {
+    auto options = run.options(dir.path, captured.logger);
+    options.keep_last = 2;
+    options.keep_best = 1;
+    options.best_metric = "val_loss";
+    options.every_n_steps = 1;
+    options.save_on_exit = SaveOnExit::never;
+    CheckpointGuard guard(run.model, *run.optimizer, options);
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    for (double loss : {0.9, 0.2, nan, 0.7, 0.8, 0.6}) guard.step({{"val_loss", loss}});
+    std::vector<std::int64_t> steps;
+    for (const auto& info : guard.list()) steps.push_back(info.step);
+    // step 2 is the best (0.2; the NaN at step 3 never is), 5 and 6 the last two
+    CHECK(steps == std::vector<std::int64_t>{2, 5, 6});
+  }
+  {
+    auto options = run.options(dir.path, captured.logger);
+    options.keep_last = 1;
+    options.every_n_steps = 1;
+    options.save_on_exit = SaveOnExit::never;
+    CheckpointGuard guard(run.model, *run.optimizer, options);  // resumes from step 6
+    guard.step();
+    guard.step();
+    std::vector<std::int64_t> steps;
+    for (const auto& info : guard.list()) steps.push_back(info.step);
+    CHECK(steps == std::vector<std::int64_t>{6, 8});  // 6: training resumed from it
+  }
+}
+
+TEST_CASE("a truncated or corrupted file is detected and the previous checkpoint loads",
+          "[checkpoint][corruption]") {
+  for (const std::string file : {"model.pt", "optimizer.pt", "state.pt", "manifest.json"}) {
+    for (const bool truncate : {true, false}) {
+      DYNAMIC_SECTION(file << (truncate ? " truncated" : " with a flipped byte")) {
+        TempDir dir;
+        Run run(1);
+        make_checkpoints(dir.path, 2, run);
+        const fs::path newest = checkpoint_dirs(dir.path).back();
+        const fs::path target = newest / file;
+        const auto size = fs::file_size(target);
+        if (truncate) {
+          fs::resize_file(target, size / 2);
+        } else {
+          std::fstream io(target, std::ios::in | std::ios::out | std::ios::binary);
+          io.seekg(static_cast<std::streamoff>(size / 2));
+          char byte = 0;
+          io.get(byte);
+          io.seekp(static_cast<std::streamoff>(size / 2));
+          io.put(static_cast<char>(byte ^ 0x20));
+        }
+        CapturedLogger captured;
+        CHECK(restored_step(dir.path, captured) == 1);
+        CHECK(captured.sink->contains(spdlog::level::warn, "is damaged"));
+        const fs::path aside = dir.path / "quarantine" / newest.filename();
+        CHECK(fs::exists(aside / file));  // moved aside, never deleted
+        CHECK_FALSE(fs::exists(newest));
+        CHECK_FALSE(torchguard::testing::read_text(aside / "QUARANTINE_REASON.txt").empty());
+      }
+    }
+  }
+}
+
+TEST_CASE("checkpoints that exist but none valid: a clear error, or a fresh start if allowed",
+          "[checkpoint][corruption]") {
+  TempDir dir;
+  Run run(1);
+  make_checkpoints(dir.path, 1, run);
+  fs::resize_file(checkpoint_dirs(dir.path).back() / "model.pt", 10);
+  CapturedLogger captured;
+  {
+    Run fresh(2);
+    auto options = fresh.options(dir.path, captured.logger);
+    CHECK_THROWS_WITH(CheckpointGuard(fresh.model, *fresh.optimizer, options),
+                      Contains("none of the 1 checkpoints") && Contains("allow_fresh_start"));
+  }
+  // The damaged one was moved aside: a rerun sees none, and starts fresh saying so.
+  make_checkpoints(dir.path, 1, run);
+  fs::resize_file(checkpoint_dirs(dir.path).back() / "state.pt", 10);
+  Run fresh(2);
+  auto options = fresh.options(dir.path, captured.logger);
+  options.allow_fresh_start = true;
+  options.save_on_exit = SaveOnExit::never;
+  CheckpointGuard guard(fresh.model, *fresh.optimizer, options);
+  CHECK_FALSE(guard.resumed());
+  CHECK(captured.sink->contains(spdlog::level::warn, "starting fresh because allow_fresh_start"));
+}
+
+TEST_CASE("a checkpoint of another model is a clear error and stays where it is", "[checkpoint]") {
+  TempDir dir;
+  Run run(1);
+  make_checkpoints(dir.path, 1, run);
+  CapturedLogger captured;
+  torch::nn::Linear other(3, 3);
+  torch::optim::SGD optimizer(other->parameters(), 0.1);
+  CheckpointOptions options;
+  options.directory = dir.path;
+  options.logger = captured.logger;
+  CHECK_THROWS_WITH(CheckpointGuard(other, optimizer, options),
+                    Contains("is intact but does not fit this program's model"));
+  CHECK(checkpoint_dirs(dir.path).size() == 1);
+}
+
+TEST_CASE("leftover temporaries of an interrupted save are removed at start-up", "[checkpoint]") {
+  TempDir dir;
+  const fs::path leftover = dir.path / ".tmp-ckpt-000007-step-70-12345";
+  fs::create_directories(leftover);
+  std::ofstream(leftover / "model.pt") << "partial";
+  CapturedLogger captured;
+  Run run(1);
+  auto options = run.options(dir.path, captured.logger);
+  options.save_on_exit = SaveOnExit::never;
+  CheckpointGuard guard(run.model, *run.optimizer, options);
+  CHECK_FALSE(fs::exists(leftover));
+  CHECK_FALSE(guard.resumed());
+}
+
+TEST_CASE("bad options are rejected with a message naming them", "[checkpoint]") {
+  TempDir dir;
+  Run run(1);
+  CheckpointOptions options;
+  options.directory = dir.path;
+  options.keep_last = 0;
+  CHECK_THROWS_WITH(CheckpointGuard(run.model, *run.optimizer, options), Contains("keep_last"));
+  options.keep_last = 1;
+  options.keep_best = 2;
+  CHECK_THROWS_WITH(CheckpointGuard(run.model, *run.optimizer, options), Contains("best_metric"));
+  std::ofstream(dir.path / "checkpoint.pt") << "a torch::save file";
+  CHECK_THROWS_WITH(CheckpointGuard(run.model, *run.optimizer, dir.path / "checkpoint.pt"),
+                    Contains("is a file, not a checkpoint directory"));
+}
+
+TEST_CASE("extra modules and tensors are saved and restored by name", "[checkpoint]") {
+  TempDir dir;
+  CapturedLogger captured;
+  torch::manual_seed(1);
+  torch::nn::Linear model(4, 4), ema(4, 4);
+  torch::Tensor counts = torch::arange(5);
+  {
+    CheckpointOptions options;
+    options.directory = dir.path;
+    options.logger = captured.logger;
+    options.modules.emplace("ema", ema);
+    options.tensors.emplace("counts", counts);
+    CheckpointGuard guard(model, options);
+  }
+  torch::manual_seed(2);
+  torch::nn::Linear model2(4, 4), ema2(4, 4);
+  torch::Tensor counts2 = torch::zeros({5}, torch::kLong);
+  CheckpointOptions options;
+  options.directory = dir.path;
+  options.logger = captured.logger;
+  options.save_on_exit = SaveOnExit::never;
+  options.modules.emplace("ema", ema2);
+  options.tensors.emplace("counts", counts2);
+  CheckpointGuard guard(model2, options);
+  CHECK(same_parameters(*ema, *ema2));
+  CHECK(same_parameters(*model, *model2));
+  CHECK(torch::equal(counts, counts2));  // restored in place: the caller's tensor changed
+}
+
+TEST_CASE("a non-writing process restores but never writes; after_save runs everywhere",
+          "[checkpoint]") {
+  TempDir dir;
+  CapturedLogger captured;
+  Run run(1);
+  make_checkpoints(dir.path, 1, run);
+  Run other(2);
+  auto options = other.options(dir.path, captured.logger);
+  options.is_writer = [] { return false; };
+  int fences = 0;
+  options.after_save = [&] { ++fences; };
+  {
+    CheckpointGuard guard(other.model, *other.optimizer, options);
+    CHECK(guard.current_step() == 1);
+    guard.save();
+    CHECK(fences == 1);
+    guard.step();
+  }
+  CHECK(fences == 2);  // the explicit save point and the exit's
+  CHECK(checkpoint_dirs(dir.path).size() == 1);
+}
+
+namespace {
+
+// Runs `fn` with the file size limit at `bytes` (SIGXFSZ ignored, so writes fail with EFBIG).
+template <class F>
+void with_file_size_limit(rlim_t bytes, F&& fn) {
+  struct rlimit saved {};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &saved) == 0);
+  struct sigaction ignore {
+  }, previous{};
+  ignore.sa_handler = SIG_IGN;
+  ::sigaction(SIGXFSZ, &ignore, &previous);
+  struct rlimit limited = saved;
+  limited.rlim_cur = bytes;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &limited) == 0);
+  try {
+    fn();
+  } catch (...) {
+    ::setrlimit(RLIMIT_FSIZE, &saved);
+    ::sigaction(SIGXFSZ, &previous, nullptr);
+    throw;
+  }
+  ::setrlimit(RLIMIT_FSIZE, &saved);
+  ::sigaction(SIGXFSZ, &previous, nullptr);
+}
+
+}  // namespace
+
+TEST_CASE("a write failure (file size limit) leaves the previous checkpoint intact",
+          "[checkpoint][failure]") {
+  TempDir dir;
+  CapturedLogger captured;
+  Run run(1);
+  make_checkpoints(dir.path, 1, run);
+  {
+    auto options = run.options(dir.path, captured.logger);
+    options.save_on_exit = SaveOnExit::never;
+    CheckpointGuard guard(run.model, *run.optimizer, options);
+    run.train_step();
+    guard.step();
+    with_file_size_limit(1024, [&] {
+      CHECK_THROWS_WITH(guard.save(), Contains("cannot save the checkpoint of step 2") &&
+                                          Contains("File too large") &&
+                                          Contains("previous checkpoints are intact"));
+    });
+  }
+  CHECK(checkpoint_dirs(dir.path).size() == 1);
+  for (const auto& entry : fs::directory_iterator(dir.path)) {
+    CHECK(entry.path().filename().string().rfind(".tmp-", 0) != 0);  // no temporary left
+  }
+  CHECK(restored_step(dir.path, captured) == 1);
+}
+
+TEST_CASE("a read-only directory makes the save fail clearly; the checkpoint stays",
+          "[checkpoint][failure]") {
+  TempDir dir;
+  CapturedLogger captured;
+  Run run(1);
+  const fs::path checkpoints = dir.path / "checkpoints";
+  make_checkpoints(checkpoints, 1, run);
+  fs::permissions(dir.path, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+                                fs::perms::others_read | fs::perms::others_exec);
+  fs::permissions(checkpoints, fs::perms::owner_read | fs::perms::owner_exec |
+                                   fs::perms::group_read | fs::perms::group_exec |
+                                   fs::perms::others_read | fs::perms::others_exec);
+  // root ignores permissions: check them as an ordinary user (this thread only).
+  const bool as_root = ::geteuid() == 0;
+  if (as_root) ::setfsuid(65534);
+  {
+    auto options = run.options(checkpoints, captured.logger);
+    options.save_on_exit = SaveOnExit::never;
+    CheckpointGuard guard(run.model, *run.optimizer, options);
+    CHECK(guard.current_step() == 1);
+    CHECK_THROWS_WITH(guard.save(), Contains("Permission denied") && Contains("intact"));
+  }
+  if (as_root) ::setfsuid(0);
+  fs::permissions(checkpoints, fs::perms::owner_all, fs::perm_options::add);
+  CHECK(restored_step(checkpoints, captured) == 1);
+}
+
+TEST_CASE("the background writer: at most one write in flight, errors surface later",
+          "[checkpoint][background]") {
+  TempDir dir;
+  CapturedLogger captured;
+  Run run(1);
+  auto options = run.options(dir.path, captured.logger);
+  options.background = true;
+  options.every_n_steps = 1;
+  options.keep_last = 100;
+  {
+    CheckpointGuard guard(run.model, *run.optimizer, options);
+    for (int i = 0; i < 5; ++i) {
+      run.train_step();
+      guard.step({{"loss", static_cast<double>(i)}});
+    }
+    guard.wait();
+    CHECK(guard.list().size() == 5);
+    CHECK(guard.list().back().step == 5);
+  }
+  Run second(2);
+  {
+    auto restore = second.options(dir.path, captured.logger);
+    restore.save_on_exit = SaveOnExit::never;
+    CheckpointGuard guard(second.model, *second.optimizer, restore);
+    CHECK(guard.current_step() == 5);
+  }
+  // The saved state is the one at save time, not what training did after it.
+  CHECK(same_parameters(*run.model, *second.model));
+
+  // A failed background write is reported by the next save, and by close().
+  CheckpointGuard guard(run.model, *run.optimizer, options);
+  with_file_size_limit(1024, [&] {
+    guard.step();  // queued; the write fails on the writer thread
+    CHECK_THROWS_WITH(guard.save(), Contains("File too large"));  // reported by the next save
+    CHECK_THROWS_WITH(guard.close(Outcome::success), Contains("File too large"));  // and at exit
+  });
+  CHECK(guard.list().size() == 5);
+}
+
+// ---- crash safety: a writer SIGKILLed at many moments ------------------------------------
+
+namespace {
+
+// Filled with the step it belongs to, so that a restored checkpoint tells whether it is whole.
+struct Constant {
+  Constant() : model(512, 512), optimizer(model->parameters(), 0.1) {}
+  void fill(std::int64_t step) {
+    torch::NoGradGuard no_grad;
+    for (auto& parameter : model->parameters()) parameter.fill_(static_cast<float>(step));
+  }
+  bool all_equal(std::int64_t step) {
+    for (auto& parameter : model->parameters()) {
+      if (!torch::all(parameter == static_cast<float>(step)).item<bool>()) return false;
+    }
+    return true;
+  }
+  torch::nn::Linear model;
+  torch::optim::SGD optimizer;
+};
+
+}  // namespace
+
+// Run by the crash test in a child process: resume, then save at every step until killed,
+// reporting each committed step on fd 3.
+TEST_CASE("crash child: save at every step until killed", "[.crash_child]") {
+  const char* dir = std::getenv("TORCHGUARD_CRASH_DIR");
+  if (!dir) return;
+  Constant state;
+  CheckpointOptions options;
+  options.directory = dir;
+  options.every_n_steps = 1;
+  options.keep_last = 2;
+  options.logger = std::make_shared<spdlog::logger>("quiet");
+  CheckpointGuard guard(state.model, state.optimizer, options);
+  for (int i = 0; i < 100000; ++i) {
+    const std::int64_t next = guard.current_step() + 1;
+    state.fill(next);
+    guard.step();
+    if (::write(3, &next, sizeof next) != sizeof next) return;
+  }
+}
+
+TEST_CASE("a writer SIGKILLed at any moment leaves a complete checkpoint, never an older one",
+          "[checkpoint][crash]") {
+  TempDir dir;
+  const std::string exe = fs::read_symlink("/proc/self/exe").string();
+  std::vector<std::string> env_strings;
+  for (char** e = environ; *e; ++e) env_strings.emplace_back(*e);
+  env_strings.push_back("TORCHGUARD_CRASH_DIR=" + dir.path.string());
+  std::vector<char*> envp;
+  for (auto& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
+
+  std::int64_t committed = 0;  // the newest step some child reported committed
+  constexpr int kills = 24;
+  for (int round = 0; round < kills; ++round) {
+    int report[2];
+    REQUIRE(::pipe(report) == 0);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, report[1], 3);
+    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+    std::string arg0 = exe, arg1 = "[.crash_child]";
+    char* argv[] = {arg0.data(), arg1.data(), nullptr};
+    pid_t pid = 0;
+    REQUIRE(::posix_spawn(&pid, exe.c_str(), &actions, nullptr, argv, envp.data()) == 0);
+    posix_spawn_file_actions_destroy(&actions);
+    ::close(report[1]);
+
+    // Wait for the first commit of this run (restore done, saving in a loop), then kill it at
+    // a different moment each round: during serialization, fsync, rename or retention.
+    std::int64_t step = 0;
+    struct pollfd ready {
+      report[0], POLLIN, 0
+    };
+    REQUIRE(::poll(&ready, 1, 60000) == 1);
+    REQUIRE(::read(report[0], &step, sizeof step) == sizeof step);
+    CHECK(step > committed);  // resumed at or after the last commit: never went backwards
+    committed = step;
+    std::this_thread::sleep_for(std::chrono::microseconds(500 + round * 1700 % 23000));
+    ::kill(pid, SIGKILL);
+    while (::read(report[0], &step, sizeof step) == sizeof step) committed = step;
+    ::close(report[0]);
+    int status = 0;
+    REQUIRE(::waitpid(pid, &status, 0) == pid);
+    REQUIRE(WIFSIGNALED(status));
+
+    // A restart always finds a whole checkpoint, at or after the last reported commit.
+    Constant restored;
+    CheckpointOptions options;
+    options.directory = dir.path;
+    options.save_on_exit = SaveOnExit::never;
+    options.logger = std::make_shared<spdlog::logger>("quiet");
+    CheckpointGuard guard(restored.model, restored.optimizer, options);
+    REQUIRE(guard.resumed());
+    CHECK(guard.current_step() >= committed);
+    CHECK(restored.all_equal(guard.current_step()));
+    CHECK_FALSE(fs::exists(dir.path / "quarantine"));  // nothing was ever half-written
+  }
+}
