@@ -1,7 +1,8 @@
 // CheckpointGuard against its peers, in one run, on one state (a 200 MB model and its SGD
 // momentum buffers, 400 MB in all):
 //   save: CheckpointGuard (crash-safe: fsync, manifest, rename) vs torch::save (no fsync)
-//         vs a raw write + fsync of the same number of bytes (the disk's bound)
+//         vs a raw write + fsync of the same number of bytes into a new file, the previous one
+//         deleted, as checkpoint rotation does (the disk's bound)
 //   load: CheckpointGuard (verifies every checksum) vs torch::load
 //   stall: how long step() blocks the training loop with the background writer vs a sync save
 // Medians of several rounds; ratios are computed from figures measured in this run.
@@ -33,14 +34,24 @@ double seconds_of(const std::function<void()>& fn) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-double median_seconds(const std::function<void()>& setup, const std::function<void()>& fn) {
-  std::vector<double> samples;
-  for (int i = 0; i < rounds; ++i) {
-    setup();
-    samples.push_back(seconds_of(fn));
-  }
+double median(std::vector<double> samples) {
   std::sort(samples.begin(), samples.end());
   return samples[samples.size() / 2];
+}
+
+// Medians of interleaved rounds: each round times every contender once, each starting with no
+// dirty pages left by another (sync() first, untimed), so that none pays for another's writes.
+std::vector<double> interleaved_medians(const std::vector<std::function<void()>>& contenders) {
+  std::vector<std::vector<double>> samples(contenders.size());
+  for (int round = 0; round < rounds; ++round) {
+    for (std::size_t i = 0; i < contenders.size(); ++i) {
+      ::sync();
+      samples[i].push_back(seconds_of(contenders[i]));
+    }
+  }
+  std::vector<double> medians;
+  for (auto& s : samples) medians.push_back(median(s));
+  return medians;
 }
 
 std::uint64_t directory_bytes(const fs::path& dir) {
@@ -70,7 +81,8 @@ int main(int argc, char** argv) {
   if (argc <= 1 && ::mkdtemp(base_text.data()) == nullptr) return 1;
   const fs::path base = base_text;
   fs::create_directories(base);
-  torchguard::set_default_logger(std::make_shared<spdlog::logger>("quiet"));
+  if (!std::getenv("BENCH_VERBOSE"))
+    torchguard::set_default_logger(std::make_shared<spdlog::logger>("quiet"));
 
   torch::manual_seed(0);
   torch::nn::Sequential model(torch::nn::Linear(4096, 4096), torch::nn::Linear(4096, 4096),
@@ -84,49 +96,62 @@ int main(int argc, char** argv) {
   std::int64_t parameter_bytes = 0;
   for (const auto& p : model->parameters()) parameter_bytes += p.numel() * p.element_size();
 
-  // CheckpointGuard, synchronous.
   const fs::path guard_dir = base / "guard";
   torchguard::CheckpointOptions options;
   options.directory = guard_dir;
   options.keep_last = 1;
   options.save_on_exit = torchguard::SaveOnExit::never;
   torchguard::CheckpointGuard guard(model, optimizer, options);
-  const double guard_save = median_seconds([] {}, [&] { guard.save(); });
+  guard.save();
   const std::uint64_t checkpoint_bytes = directory_bytes(guard.list().back().path);
-
-  // torch::save of the same state (the model and the optimizer, two files, no fsync).
   const fs::path torch_model = base / "model.pt";
   const fs::path torch_optimizer = base / "optimizer.pt";
-  const double torch_save = median_seconds([] {},
-                                           [&] {
-                                             torch::save(model, torch_model.string());
-                                             torch::save(optimizer, torch_optimizer.string());
-                                           });
-
-  // A raw write + fsync of as many bytes as the checkpoint holds: what the disk allows.
   const std::string bytes(checkpoint_bytes, '\x5a');
-  const fs::path raw_path = base / "raw.bin";
-  const double raw_write = median_seconds([] {}, [&] { raw_write_fsync(raw_path, bytes); });
+  int raw_round = 0;
+
+  // Saves: CheckpointGuard (synchronous); torch::save of the same state (the model and the
+  // optimizer, two files, no fsync); a raw write + fsync of as many bytes: what the disk allows.
+  const auto saves = interleaved_medians({
+      [&] { guard.save(); },
+      [&] {
+        torch::save(model, torch_model.string());
+        torch::save(optimizer, torch_optimizer.string());
+      },
+      [&] {
+        // Like a checkpoint rotation: a new file each time, the previous one deleted after.
+        const fs::path path = base / ("raw-" + std::to_string(++raw_round) + ".bin");
+        raw_write_fsync(path, bytes);
+        fs::remove(base / ("raw-" + std::to_string(raw_round - 1) + ".bin"));
+      },
+  });
+  const double guard_save = saves[0], torch_save = saves[1], raw_write = saves[2];
 
   // Loads (the files are in the page cache for both).
-  const double torch_load = median_seconds([] {},
-                                           [&] {
-                                             torch::load(model, torch_model.string());
-                                             torch::load(optimizer, torch_optimizer.string());
-                                           });
-  const double guard_load = median_seconds(
-      [] {}, [&] { torchguard::CheckpointGuard restore(model, optimizer, options); });
+  const auto loads = interleaved_medians({
+      [&] { torchguard::CheckpointGuard restore(model, optimizer, options); },
+      [&] {
+        torch::load(model, torch_model.string());
+        torch::load(optimizer, torch_optimizer.string());
+      },
+  });
+  const double guard_load = loads[0], torch_load = loads[1];
 
   // The training loop's stall: step() with a save due, background vs synchronous. Each round
-  // waits for the background write first, so that every save has its own full write to hide.
+  // waits for the previous background write first, so that every save has a full write to hide.
   torchguard::CheckpointOptions background_options = options;
   background_options.directory = base / "background";
   background_options.background = true;
   background_options.every_n_steps = 1;
   torchguard::CheckpointGuard background(model, optimizer, background_options);
-  const double background_stall =
-      median_seconds([&] { background.wait(); }, [&] { background.step(); });
+  background.step();  // the first background save also allocates its staging buffer
+  std::vector<double> stalls;
+  for (int round = 0; round < rounds; ++round) {
+    background.wait();
+    ::sync();
+    stalls.push_back(seconds_of([&] { background.step(); }));
+  }
   background.wait();
+  const double background_stall = median(stalls);
 
   const double mib = static_cast<double>(checkpoint_bytes) / (1024.0 * 1024.0);
   std::printf("state: model %.0f MiB, checkpoint %.0f MiB (model + SGD momentum); median of %d\n",

@@ -7,12 +7,14 @@
 //   }
 //   // leaving the scope saves (policy: always / on success / never)
 //
-// Layout: <directory>/ckpt-<seq>-step-<step>/{model.pt, optimizer.pt, state.pt, manifest.json}.
-// model.pt and optimizer.pt are what torch::save(model) / torch::save(optimizer) write, so
-// torch::load reads them too. A commit writes everything under a temporary name beside the
-// target, fsyncs it, writes the manifest (size and XXH3 checksum of every file, step, epoch,
-// metrics, LibTorch version, format version) last, fsyncs it, renames, and fsyncs the directory.
-// A crash at any moment leaves either the previous checkpoint or the new one, never a mix.
+// Layout: <directory>/ckpt-<seq>-step-<step>/{tensors.bin, state.pt, manifest.json}. tensors.bin
+// holds the model's, the built-in optimizers' and the extras' tensors raw (written from tensor
+// memory at the disk's speed); state.pt the optimizer groups' settings (and the state of an
+// optimizer that is not built in) in LibTorch's archive format. A commit writes everything under a
+// temporary name beside the target, fsyncs it, writes the manifest (size and XXH3 checksum of every
+// file, step, epoch, metrics, LibTorch version, format version) last, fsyncs it, renames, and
+// fsyncs the directory. A crash at any moment leaves either the previous checkpoint or the new one,
+// never a mix.
 #pragma once
 
 #include <sys/stat.h>
@@ -49,7 +51,9 @@
 
 #include "torchguard/detail/files.hpp"
 #include "torchguard/detail/logging.hpp"
+#include "torchguard/detail/optimizer_state.hpp"
 #include "torchguard/detail/outcome.hpp"
+#include "torchguard/detail/tensor_file.hpp"
 
 namespace torchguard {
 
@@ -87,7 +91,7 @@ struct CheckpointOptions {
   SaveOnExit save_on_exit = SaveOnExit::always;
   std::int64_t every_n_steps = 0;  // step() saves every N steps (0: only on exit / stop / save())
   bool background = false;         // copy on the caller's thread, write on another
-  std::optional<torch::Device> load_device;  // where restored tensors go; default: the model's
+  std::optional<torch::Device> load_device;  // move the model (and extra modules) here, then load
   bool allow_fresh_start = false;    // checkpoints exist but none is valid: start fresh, not fail
   std::function<bool()> is_writer;   // false on processes that must not write (rank != 0)
   std::function<void()> after_save;  // runs on every process after each save point (barrier)
@@ -117,6 +121,8 @@ namespace detail {
 
 inline constexpr int checkpoint_format_version = 1;
 inline constexpr const char* manifest_name = "manifest.json";
+inline constexpr const char* tensors_name = "tensors.bin";
+inline constexpr const char* state_name = "state.pt";
 
 // LRScheduler keeps its step count protected; a derived class may name it.
 struct SchedulerStepAccess : torch::optim::LRScheduler {
@@ -136,23 +142,6 @@ inline std::optional<std::uint64_t> parse_sequence(const std::string& name) {
 
 inline std::string checkpoint_name(std::uint64_t sequence, std::int64_t step) {
   return fmt::format("ckpt-{:06}-step-{}", sequence, step);
-}
-
-// Copies a module's parameters and buffers to host memory, in the layout Module::save writes,
-// so that the copy can be serialized on another thread while training goes on.
-inline void snapshot_module(const torch::nn::Module& module, torch::serialize::OutputArchive& out) {
-  for (const auto& parameter : module.named_parameters(/*recurse=*/false)) {
-    out.write(parameter.key(), parameter.value().detach().to(torch::kCPU, false, true), false);
-  }
-  for (const auto& buffer : module.named_buffers(/*recurse=*/false)) {
-    out.write(buffer.key(), buffer.value().detach().to(torch::kCPU, false, true), true);
-  }
-  for (const auto& child : module.named_children()) {
-    if (!child.value()->is_serializable()) continue;
-    torch::serialize::OutputArchive child_archive(out.compilation_unit());
-    snapshot_module(*child.value(), child_archive);
-    out.write(child.key(), child_archive);
-  }
 }
 
 // Serializes an archive through `sink(data, size)`. Torch must never see our I/O errors (its
@@ -181,12 +170,47 @@ inline std::string serialize_to_memory(torch::serialize::OutputArchive& archive)
   return bytes;
 }
 
-// One file of a checkpoint, ready to write: an archive to serialize, or bytes already serialized.
-struct PendingFile {
-  std::string name;
-  std::unique_ptr<torch::serialize::OutputArchive> archive;
-  std::string bytes;
-};
+inline std::unique_ptr<torch::serialize::OutputArchive> new_archive() {
+  return std::make_unique<torch::serialize::OutputArchive>(
+      std::make_shared<torch::jit::CompilationUnit>());
+}
+
+// A module's parameters and buffers as named tensors under `prefix`.
+inline void collect_module_tensors(const torch::nn::Module& module, const std::string& prefix,
+                                   std::vector<NamedTensor>& out) {
+  for (const auto& parameter : module.named_parameters()) {
+    out.push_back({prefix + parameter.key(), parameter.value()});
+  }
+  for (const auto& buffer : module.named_buffers()) {
+    out.push_back({prefix + buffer.key(), buffer.value()});
+  }
+}
+
+// Copies the tensors under `prefix` into the module's parameters and buffers, which keep their
+// device. Strict: a missing, extra or differently shaped tensor is an error that names it.
+inline void load_module_tensors(torch::nn::Module& module, const std::string& prefix,
+                                const TensorFileView& tensors) {
+  torch::NoGradGuard no_grad;
+  std::size_t expected = 0;
+  auto load_one = [&](const std::string& key, torch::Tensor& target) {
+    ++expected;
+    const auto stored = tensors.get(prefix + key);
+    if (!stored) throw std::runtime_error(fmt::format("it has no tensor '{}{}'", prefix, key));
+    if (stored->sizes() != target.sizes()) {
+      throw std::runtime_error(fmt::format("'{}{}' has shape {} in the checkpoint, {} here", prefix,
+                                           key, c10::str(stored->sizes()),
+                                           c10::str(target.sizes())));
+    }
+    target.copy_(*stored);
+  };
+  for (auto& parameter : module.named_parameters()) load_one(parameter.key(), parameter.value());
+  for (auto& buffer : module.named_buffers()) load_one(buffer.key(), buffer.value());
+  const auto stored = tensors.names_with_prefix(prefix);
+  if (stored.size() != expected) {
+    throw std::runtime_error(fmt::format("it has {} tensors under '{}', this module has {}",
+                                         stored.size(), prefix, expected));
+  }
+}
 
 // Everything one commit writes, captured on the caller's thread.
 struct Snapshot {
@@ -195,13 +219,11 @@ struct Snapshot {
   std::int64_t epoch = 0;
   nlohmann::json metrics = nlohmann::json::object();
   nlohmann::json metadata = nlohmann::json::object();
-  std::vector<PendingFile> files;
+  std::string optimizer_kind;        // "adam", ...; "archive": in state.pt; "": none
+  std::vector<NamedTensor> tensors;  // on the host: live CPU tensors, or staged copies
+  std::unique_ptr<torch::serialize::OutputArchive> state;  // serialized at write time, or
+  std::string state_bytes;                                 // already serialized
 };
-
-inline std::unique_ptr<torch::serialize::OutputArchive> new_archive() {
-  return std::make_unique<torch::serialize::OutputArchive>(
-      std::make_shared<torch::jit::CompilationUnit>());
-}
 
 }  // namespace detail
 
@@ -383,7 +405,7 @@ class CheckpointGuard {
     }
     // Newest first; a damaged one is moved aside and the one before it is tried.
     for (auto it = candidates.rbegin(); it != candidates.rend(); ++it) {
-      std::map<std::string, std::string> contents;
+      std::map<std::string, std::unique_ptr<detail::MappedFile>> contents;
       nlohmann::json manifest;
       const std::string problem = verify(*it, manifest, contents);
       if (!problem.empty()) {
@@ -404,7 +426,7 @@ class CheckpointGuard {
 
   // Empty when the checkpoint is complete and intact; otherwise the reason it is not.
   static std::string verify(const std::filesystem::path& path, nlohmann::json& manifest,
-                            std::map<std::string, std::string>& contents) {
+                            std::map<std::string, std::unique_ptr<detail::MappedFile>>& contents) {
     try {
       manifest = nlohmann::json::parse(detail::read_whole_file(path / detail::manifest_name));
     } catch (const std::exception& e) {
@@ -419,12 +441,13 @@ class CheckpointGuard {
       }
       for (const auto& file : manifest.at("files")) {
         const std::string name = file.at("name").get<std::string>();
-        std::string bytes;
+        std::unique_ptr<detail::MappedFile> file_content;
         try {
-          bytes = detail::read_whole_file(path / name);
+          file_content = std::make_unique<detail::MappedFile>(path / name);
         } catch (const std::exception& e) {
           return fmt::format("{} is unreadable ({})", name, e.what());
         }
+        const std::string_view bytes = file_content->bytes();
         const auto expected_size = file.at("size").get<std::uint64_t>();
         if (bytes.size() != expected_size) {
           return fmt::format("{} has {} bytes, its manifest says {} (truncated?)", name,
@@ -435,7 +458,10 @@ class CheckpointGuard {
           return fmt::format("{} fails its checksum (xxh3 {} instead of {})", name, checksum,
                              file.at("xxh3_64").get<std::string>());
         }
-        contents.emplace(name, std::move(bytes));
+        contents.emplace(name, std::move(file_content));
+      }
+      for (const char* required : {detail::tensors_name, detail::state_name}) {
+        if (!contents.count(required)) return fmt::format("its manifest lists no {}", required);
       }
     } catch (const nlohmann::json::exception& e) {
       return fmt::format("its manifest is malformed ({})", e.what());
@@ -467,35 +493,35 @@ class CheckpointGuard {
     logger_->warn("CheckpointGuard: moved to '{}'", target.string());
   }
 
-  torch::Device load_device() const {
-    if (options_.load_device) return *options_.load_device;
-    for (const auto& parameter : model_->parameters()) return parameter.device();
-    return torch::kCPU;
-  }
-
   void load(const std::filesystem::path& path, const nlohmann::json& manifest,
-            const std::map<std::string, std::string>& contents) {
-    const torch::Device device = load_device();
-    auto archive_of = [&](const std::string& name) {
-      const std::string& bytes = contents.at(name);
-      torch::serialize::InputArchive archive;
-      archive.load_from(bytes.data(), bytes.size(), device);
-      return archive;
-    };
+            const std::map<std::string, std::unique_ptr<detail::MappedFile>>& contents) {
     try {
-      {
-        auto archive = archive_of("model.pt");
-        model_->load(archive);
+      if (options_.load_device) {
+        model_->to(*options_.load_device);
+        for (auto& [name, module] : options_.modules) module->to(*options_.load_device);
       }
-      if (optimizer_) {
-        if (!contents.count("optimizer.pt")) {
-          throw CheckpointError("it holds no optimizer state, but an optimizer was given");
+      const detail::TensorFileView tensors(contents.at(detail::tensors_name)->bytes());
+      const std::string_view state_bytes = contents.at(detail::state_name)->bytes();
+      torch::serialize::InputArchive state;
+      state.load_from(state_bytes.data(), state_bytes.size(), torch::Device(torch::kCPU));
+      detail::load_module_tensors(*model_, "model/", tensors);
+      for (auto& [name, module] : options_.modules) {
+        detail::load_module_tensors(*module, "module/" + name + "/", tensors);
+      }
+      for (auto& [name, tensor] : options_.tensors) {
+        const auto stored = tensors.get("tensor/" + name);
+        if (!stored) throw CheckpointError(fmt::format("it holds no tensor '{}'", name));
+        torch::NoGradGuard no_grad;
+        tensor.copy_(*stored);
+      }
+      if (optimizer_) load_optimizer(manifest.value("optimizer", ""), tensors, state);
+      load_generators(tensors);
+      if (options_.scheduler) {
+        if (const auto count = tensors.get("scheduler/step_count")) {
+          detail::SchedulerStepAccess::step_count(*options_.scheduler) =
+              static_cast<unsigned>(count->item<std::int64_t>());
         }
-        auto archive = archive_of("optimizer.pt");
-        optimizer_->load(archive);
       }
-      auto state = archive_of("state.pt");
-      load_state(state);
     } catch (const std::exception& e) {
       // The files are intact (checksums match): the program's model does not match them.
       throw CheckpointError(fmt::format(
@@ -513,130 +539,106 @@ class CheckpointGuard {
                   path.string());
   }
 
-  void load_state(torch::serialize::InputArchive& state) {
-    auto read = [&](const std::string& key) -> std::optional<torch::Tensor> {
-      torch::Tensor value;  // undefined: the archive's tensor is taken as it is
-      if (!state.try_read(key, value)) return std::nullopt;
-      return value;
-    };
-    if (optimizer_) {
-      auto& groups = optimizer_->param_groups();
-      for (std::size_t i = 0; i < groups.size(); ++i) {
-        torch::serialize::InputArchive group;
-        if (!state.try_read(fmt::format("optimizer_group/{}", i), group)) {
-          throw CheckpointError(fmt::format(
-              "it holds the settings of fewer than {} optimizer groups", groups.size()));
-        }
-        groups[i].options().serialize(group);
-      }
+  void load_optimizer(const std::string& kind, const detail::TensorFileView& tensors,
+                      torch::serialize::InputArchive& state) {
+    if (kind.empty()) throw CheckpointError("it holds no optimizer state");
+    if (kind == "archive") {
+      torch::serialize::InputArchive archive;
+      state.read("optimizer", archive);
+      optimizer_->load(archive);
+    } else if (!detail::load_optimizer_state(*optimizer_, kind, tensors)) {
+      throw CheckpointError("its optimizer state is of a built-in " + kind +
+                            " optimizer, not this program's");
     }
-    if (options_.scheduler) {
-      if (auto count = read("scheduler_step_count")) {
-        detail::SchedulerStepAccess::step_count(*options_.scheduler) =
-            static_cast<unsigned>(count->item<std::int64_t>());
+    // LibTorch's own optimizer load keeps the state but drops each group's settings (lr, ...).
+    auto& groups = optimizer_->param_groups();
+    for (std::size_t i = 0; i < groups.size(); ++i) {
+      torch::serialize::InputArchive group;
+      if (!state.try_read(fmt::format("optimizer_group/{}", i), group)) {
+        throw CheckpointError(
+            fmt::format("it holds the settings of fewer than {} optimizer groups", groups.size()));
       }
+      groups[i].options().serialize(group);
     }
-    if (auto rng = read("rng/cpu")) {
+  }
+
+  static void load_generators(const detail::TensorFileView& tensors) {
+    if (const auto rng = tensors.get("rng/cpu")) {
       auto generator = at::detail::getDefaultCPUGenerator();
       std::lock_guard<std::mutex> lock(generator.mutex());
-      generator.set_state(rng->cpu());
+      generator.set_state(rng->clone());
     }
     const auto cuda_devices = static_cast<int>(torch::cuda::device_count());
     for (int index = 0; index < cuda_devices; ++index) {
-      auto rng = read(fmt::format("rng/cuda/{}", index));
+      const auto rng = tensors.get(fmt::format("rng/cuda/{}", index));
       if (!rng) continue;  // saved on a machine with fewer GPUs
       auto generator = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, index));
       std::lock_guard<std::mutex> lock(generator.mutex());
-      generator.set_state(rng->cpu());
-    }
-    for (auto& [name, module] : options_.modules) {
-      torch::serialize::InputArchive child;
-      if (!state.try_read("module/" + name, child)) {
-        throw CheckpointError(fmt::format("it holds no module '{}'", name));
-      }
-      module->load(child);
-    }
-    for (auto& [name, tensor] : options_.tensors) {
-      auto stored = read("tensor/" + name);
-      if (!stored) throw CheckpointError(fmt::format("it holds no tensor '{}'", name));
-      torch::NoGradGuard no_grad;
-      tensor.copy_(*stored);
+      generator.set_state(rng->clone());
     }
   }
 
   // ---- save -----------------------------------------------------------------------------
 
-  detail::Snapshot take_snapshot(bool copy_to_host) {
+  detail::Snapshot take_snapshot(bool background) {
     detail::Snapshot snapshot;
     snapshot.sequence = ++sequence_;
     snapshot.step = step_;
     snapshot.epoch = epoch_;
     snapshot.metrics = metrics_;
     snapshot.metadata = metadata_;
-    // Synchronous saves serialize the live tensors directly; background ones first copy them to
-    // host memory here, on the caller's thread, so training may go on while they are written.
-    detail::PendingFile model{"model.pt", detail::new_archive(), {}};
-    if (copy_to_host) {
-      detail::snapshot_module(*model_, *model.archive);
-    } else {
-      model_->save(*model.archive);
+    std::vector<detail::NamedTensor> live;
+    detail::collect_module_tensors(*model_, "model/", live);
+    for (const auto& [name, module] : options_.modules) {
+      detail::collect_module_tensors(*module, "module/" + name + "/", live);
     }
-    snapshot.files.push_back(std::move(model));
+    for (const auto& [name, tensor] : options_.tensors) live.push_back({"tensor/" + name, tensor});
+    snapshot.state = detail::new_archive();
     if (optimizer_) {
-      detail::PendingFile optimizer{"optimizer.pt", detail::new_archive(), {}};
-      optimizer_->save(*optimizer.archive);
-      if (copy_to_host) {
-        // Optimizer state is updated in place by the next step: serialize it now.
-        optimizer.bytes = detail::serialize_to_memory(*optimizer.archive);
-        optimizer.archive.reset();
+      if (auto kind = detail::save_optimizer_state(*optimizer_, live)) {
+        snapshot.optimizer_kind = *kind;
+      } else {  // not a built-in optimizer: its own serialize(), slower but complete
+        snapshot.optimizer_kind = "archive";
+        torch::serialize::OutputArchive archive(snapshot.state->compilation_unit());
+        optimizer_->save(archive);
+        snapshot.state->write("optimizer", archive);
       }
-      snapshot.files.push_back(std::move(optimizer));
-    }
-    snapshot.files.push_back({"state.pt", state_archive(copy_to_host), {}});
-    return snapshot;
-  }
-
-  std::unique_ptr<torch::serialize::OutputArchive> state_archive(bool copy_to_host) {
-    auto archive = detail::new_archive();
-    auto copy = [&](const torch::Tensor& tensor) {
-      return copy_to_host ? tensor.detach().to(torch::kCPU, false, true) : tensor.detach();
-    };
-    if (optimizer_) {
-      // LibTorch's optimizer load keeps the state but drops each group's settings (lr, ...).
       const auto& groups = optimizer_->param_groups();
       for (std::size_t i = 0; i < groups.size(); ++i) {
-        torch::serialize::OutputArchive group(archive->compilation_unit());
+        torch::serialize::OutputArchive group(snapshot.state->compilation_unit());
         groups[i].options().serialize(group);
-        archive->write(fmt::format("optimizer_group/{}", i), group);
+        snapshot.state->write(fmt::format("optimizer_group/{}", i), group);
       }
-    }
-    if (options_.scheduler) {
-      const auto count = detail::SchedulerStepAccess::step_count(*options_.scheduler);
-      archive->write("scheduler_step_count", torch::tensor(static_cast<std::int64_t>(count)));
     }
     {
       auto generator = at::detail::getDefaultCPUGenerator();
       std::lock_guard<std::mutex> lock(generator.mutex());
-      archive->write("rng/cpu", generator.get_state());
+      live.push_back({"rng/cpu", generator.get_state()});
     }
     const auto cuda_devices = static_cast<int>(torch::cuda::device_count());
     for (int index = 0; index < cuda_devices; ++index) {
       auto generator = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, index));
       std::lock_guard<std::mutex> lock(generator.mutex());
-      archive->write(fmt::format("rng/cuda/{}", index), generator.get_state());
+      live.push_back({fmt::format("rng/cuda/{}", index), generator.get_state()});
     }
-    for (const auto& [name, module] : options_.modules) {
-      torch::serialize::OutputArchive child(archive->compilation_unit());
-      if (copy_to_host) {
-        detail::snapshot_module(*module, child);
-      } else {
-        module->save(child);
+    if (options_.scheduler) {
+      const auto count = detail::SchedulerStepAccess::step_count(*options_.scheduler);
+      live.push_back({"scheduler/step_count", torch::tensor(static_cast<std::int64_t>(count))});
+    }
+    if (background) {
+      // Copied here, on the caller's thread, into a reused host buffer: training may go on
+      // while the writer thread writes the copy. The small state archive is serialized now.
+      snapshot.tensors = staging_.stage(live);
+      snapshot.state_bytes = detail::serialize_to_memory(*snapshot.state);
+      snapshot.state.reset();
+    } else {
+      // Written straight from the tensors' memory (a host copy only for device tensors).
+      snapshot.tensors.reserve(live.size());
+      for (auto& item : live) {
+        snapshot.tensors.push_back({std::move(item.name), detail::host_tensor(item.tensor)});
       }
-      archive->write("module/" + name, child);
     }
-    for (const auto& [name, tensor] : options_.tensors)
-      archive->write("tensor/" + name, copy(tensor));
-    return archive;
+    return snapshot;
   }
 
   void commit_or_queue() {
@@ -714,20 +716,26 @@ class CheckpointGuard {
         throw detail::FileError("cannot create", temporary, errno);
       }
       nlohmann::ordered_json files = nlohmann::ordered_json::array();
-      for (auto& file : snapshot.files) {
-        detail::DurableFile out(temporary / file.name);
-        if (file.archive) {
-          detail::serialize_archive(
-              *file.archive, [&](const void* data, std::size_t size) { out.write(data, size); });
-        } else {
-          out.write(file.bytes.data(), file.bytes.size());
-        }
+      auto write_file = [&](const char* file_name, auto&& write_content) {
+        detail::DurableFile out(temporary / file_name);
+        write_content(out);
         out.commit();
         total_bytes += out.size();
-        files.push_back({{"name", file.name},
+        files.push_back({{"name", file_name},
                          {"size", out.size()},
                          {"xxh3_64", detail::hex64(out.checksum())}});
-      }
+      };
+      write_file(detail::tensors_name, [&](detail::DurableFile& out) {
+        detail::write_tensor_file(out, snapshot.tensors);
+      });
+      write_file(detail::state_name, [&](detail::DurableFile& out) {
+        if (snapshot.state) {
+          detail::serialize_archive(
+              *snapshot.state, [&](const void* data, std::size_t size) { out.write(data, size); });
+        } else {
+          out.write(snapshot.state_bytes.data(), snapshot.state_bytes.size());
+        }
+      });
       nlohmann::ordered_json manifest;
       manifest["format_version"] = detail::checkpoint_format_version;
       manifest["sequence"] = snapshot.sequence;
@@ -735,6 +743,7 @@ class CheckpointGuard {
       manifest["epoch"] = snapshot.epoch;
       manifest["metrics"] = snapshot.metrics;
       manifest["metadata"] = snapshot.metadata;
+      manifest["optimizer"] = snapshot.optimizer_kind;
       manifest["libtorch_version"] = TORCH_VERSION;
       manifest["created_unix_s"] = static_cast<std::int64_t>(std::time(nullptr));
       manifest["files"] = files;
@@ -881,6 +890,7 @@ class CheckpointGuard {
   bool writing_ = false;
   bool stopping_ = false;
   std::exception_ptr background_error_;
+  detail::HostStaging staging_;  // reused by background snapshots (one in flight at most)
   std::thread writer_thread_;
 };
 

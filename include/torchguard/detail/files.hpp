@@ -3,6 +3,7 @@
 #pragma once
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -12,6 +13,7 @@
 #include <filesystem>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <system_error>
 
 #define XXH_INLINE_ALL
@@ -110,6 +112,43 @@ inline void fsync_directory(const std::filesystem::path& directory) {
   if (result != 0) throw FileError("cannot fsync directory", directory, error);
 }
 
+// A file mapped read-only: checksummed and loaded from the page cache without a copy.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::filesystem::path& path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw FileError("cannot open", path, errno);
+    struct stat info {};
+    if (::fstat(fd, &info) != 0) {
+      const int error = errno;
+      ::close(fd);
+      throw FileError("cannot stat", path, error);
+    }
+    size_ = static_cast<std::size_t>(info.st_size);
+    if (size_ > 0) {
+      data_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+      if (data_ == MAP_FAILED) {
+        const int error = errno;
+        ::close(fd);
+        data_ = nullptr;
+        throw FileError("cannot map", path, error);
+      }
+      ::madvise(data_, size_, MADV_SEQUENTIAL | MADV_WILLNEED);
+    }
+    ::close(fd);
+  }
+  ~MappedFile() {
+    if (data_) ::munmap(data_, size_);
+  }
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  std::string_view bytes() const noexcept { return {static_cast<const char*>(data_), size_}; }
+
+ private:
+  void* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
 // Reads a whole file into memory.
 inline std::string read_whole_file(const std::filesystem::path& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -136,7 +175,7 @@ inline std::string read_whole_file(const std::filesystem::path& path) {
   return content;
 }
 
-inline std::uint64_t checksum_of(const std::string& bytes) {
+inline std::uint64_t checksum_of(std::string_view bytes) {
   return XXH3_64bits(bytes.data(), bytes.size());
 }
 
