@@ -540,6 +540,47 @@ TEST_CASE("a write failure (file size limit) leaves the previous checkpoint inta
   CHECK(restored_step(dir.path, captured) == 1);
 }
 
+TEST_CASE("a full disk makes the save fail clearly; the checkpoint stays",
+          "[checkpoint][failure]") {
+  TempDir dir;
+  const fs::path small = dir.path / "small-disk";
+  fs::create_directories(small);
+  // A 128 KiB file system (needs the privilege to mount: root in CI).
+  if (::system(
+          ("mount -t tmpfs -o size=128k tmpfs '" + small.string() + "' 2>/dev/null").c_str()) !=
+      0) {
+    WARN("SKIPPED: cannot mount a small tmpfs here (not privileged)");
+    return;
+  }
+  struct Unmount {
+    fs::path path;
+    ~Unmount() {
+      [[maybe_unused]] int ignored = ::system(("umount '" + path.string() + "'").c_str());
+    }
+  } unmount{small};
+  CapturedLogger captured;
+  torch::nn::Linear model(4, 4);
+  torch::Tensor blob = torch::zeros({1024});
+  CheckpointOptions options;
+  options.directory = small / "checkpoints";
+  options.logger = captured.logger;
+  options.keep_last = 5;
+  options.save_on_exit = SaveOnExit::never;
+  options.tensors.emplace("blob", blob);
+  {
+    CheckpointGuard guard(model, options);
+    guard.save();                // fits
+    blob.resize_({256 * 1024});  // 1 MiB: does not
+    CHECK_THROWS_WITH(guard.save(), Contains("No space left on device") && Contains("intact"));
+  }
+  torch::Tensor restored_blob = torch::ones({1024});
+  options.tensors.clear();
+  options.tensors.emplace("blob", restored_blob);
+  CheckpointGuard guard(model, options);
+  CHECK(guard.resumed());
+  CHECK(torch::equal(restored_blob, torch::zeros({1024})));
+}
+
 TEST_CASE("a read-only directory makes the save fail clearly; the checkpoint stays",
           "[checkpoint][failure]") {
   TempDir dir;
