@@ -177,7 +177,8 @@ TEST_CASE("a checkpoint holds step, epoch, metrics, metadata, optimizer and sche
   CheckpointGuard guard(second.model, *second.optimizer, options);
   CHECK(guard.current_step() == 5);
   CHECK(guard.epoch() == 2);
-  CHECK(guard.metrics()["loss"] == 4.5);
+  CHECK(guard.resumed_metrics()["loss"] == 4.5);
+  CHECK(guard.metrics().empty());  // the next checkpoint does not inherit them
   CHECK(guard.metadata()["dataset"] == "synthetic");
   // The learning rate decayed once (StepLR every 3 steps): the group settings came back.
   const auto& group_options =
@@ -375,22 +376,46 @@ TEST_CASE("checkpoints that exist but none valid: a clear error, or a fresh star
   make_checkpoints(dir.path, 1, run);
   fs::resize_file(checkpoint_dirs(dir.path).back() / "tensors.bin", 10);
   CapturedLogger captured;
-  {
-    Run fresh(2);
-    auto options = fresh.options(dir.path, captured.logger);
-    CHECK_THROWS_WITH(CheckpointGuard(fresh.model, *fresh.optimizer, options),
-                      Contains("none of the 1 checkpoints") && Contains("allow_fresh_start"));
-  }
-  // The damaged one was moved aside: a rerun sees none, and starts fresh saying so.
-  make_checkpoints(dir.path, 1, run);
-  fs::resize_file(checkpoint_dirs(dir.path).back() / "state.pt", 10);
   Run fresh(2);
   auto options = fresh.options(dir.path, captured.logger);
-  options.allow_fresh_start = true;
   options.save_on_exit = SaveOnExit::never;
+  CHECK_THROWS_WITH(
+      CheckpointGuard(fresh.model, *fresh.optimizer, options),
+      Contains("no valid checkpoint") && Contains("1 damaged") && Contains("allow_fresh_start"));
+  CHECK(checkpoint_dirs(dir.path).empty());  // moved aside ...
+  CHECK(fs::exists(dir.path / "quarantine"));
+  // ... and a rerun still refuses to start over them,
+  CHECK_THROWS_WITH(CheckpointGuard(fresh.model, *fresh.optimizer, options),
+                    Contains("no valid checkpoint"));
+  // unless told to, and then says so.
+  options.allow_fresh_start = true;
   CheckpointGuard guard(fresh.model, *fresh.optimizer, options);
   CHECK_FALSE(guard.resumed());
   CHECK(captured.sink->contains(spdlog::level::warn, "starting fresh because allow_fresh_start"));
+}
+
+TEST_CASE("an unreadable file is an error, not damage: the checkpoint is not moved",
+          "[checkpoint][corruption]") {
+  if (::geteuid() == 0) ::setfsuid(65534);  // root reads everything: read as nobody
+  struct RestoreFsuid {
+    ~RestoreFsuid() {
+      if (::geteuid() == 0) ::setfsuid(0);
+    }
+  } restore_fsuid;
+  TempDir dir;
+  fs::permissions(dir.path, fs::perms::all);
+  Run run(1);
+  make_checkpoints(dir.path, 1, run);
+  const fs::path newest = checkpoint_dirs(dir.path).back();
+  fs::permissions(newest / "tensors.bin", fs::perms::none);
+  CapturedLogger captured;
+  Run fresh(2);
+  auto options = fresh.options(dir.path, captured.logger);
+  options.save_on_exit = SaveOnExit::never;
+  CHECK_THROWS_WITH(CheckpointGuard(fresh.model, *fresh.optimizer, options),
+                    Contains("cannot read checkpoint") && Contains("Permission denied"));
+  CHECK(fs::exists(newest));
+  CHECK_FALSE(fs::exists(dir.path / "quarantine"));
 }
 
 TEST_CASE("a checkpoint of another model is a clear error and stays where it is", "[checkpoint]") {
@@ -466,7 +491,7 @@ TEST_CASE("extra modules and tensors are saved and restored by name", "[checkpoi
   CHECK(torch::equal(counts, counts2));  // restored in place: the caller's tensor changed
 }
 
-TEST_CASE("a non-writing process restores but never writes; after_save runs everywhere",
+TEST_CASE("a non-writing process restores but never writes and after_save runs everywhere",
           "[checkpoint]") {
   TempDir dir;
   CapturedLogger captured;
@@ -540,7 +565,7 @@ TEST_CASE("a write failure (file size limit) leaves the previous checkpoint inta
   CHECK(restored_step(dir.path, captured) == 1);
 }
 
-TEST_CASE("a full disk makes the save fail clearly; the checkpoint stays",
+TEST_CASE("a full disk makes the save fail clearly and the checkpoint stays",
           "[checkpoint][failure]") {
   TempDir dir;
   const fs::path small = dir.path / "small-disk";
@@ -581,7 +606,7 @@ TEST_CASE("a full disk makes the save fail clearly; the checkpoint stays",
   CHECK(torch::equal(restored_blob, torch::zeros({1024})));
 }
 
-TEST_CASE("a read-only directory makes the save fail clearly; the checkpoint stays",
+TEST_CASE("a read-only directory makes the save fail clearly and the checkpoint stays",
           "[checkpoint][failure]") {
   TempDir dir;
   CapturedLogger captured;
@@ -806,4 +831,28 @@ TEST_CASE("a checkpoint of another optimizer kind is a clear error", "[checkpoin
   sgd_options.logger = captured.logger;
   CHECK_THROWS_WITH(CheckpointGuard(net, sgd, sgd_options),
                     Contains("the optimizer is sgd, the checkpoint's is adam"));
+}
+
+TEST_CASE("a damaged tensor file header is rejected, never read past its end", "[checkpoint]") {
+  auto file_with = [](const std::string& header) {
+    std::string bytes(torchguard::detail::tensor_file_magic, 8);
+    const std::uint64_t size = header.size();
+    bytes.append(reinterpret_cast<const char*>(&size), sizeof size);
+    bytes += header;
+    bytes.resize(torchguard::detail::align_up(bytes.size()) + 64, '\0');
+    return bytes;
+  };
+  const std::string good =
+      file_with(R"([{"name":"t","dtype":"float32","shape":[4],"offset":0,"bytes":16}])");
+  CHECK(torchguard::detail::TensorFileView(good).get("t")->numel() == 4);
+  for (const std::string header :
+       {R"([{"name":"t","dtype":"float32","shape":[3,6148914691236517206],"offset":0,"bytes":8}])",
+        R"([{"name":"t","dtype":"float32","shape":[-4],"offset":0,"bytes":16}])",
+        R"([{"name":"t","dtype":"float32","shape":[4],"offset":18446744073709551600,"bytes":16}])",
+        R"([{"name":"t","dtype":"float32","shape":[64],"offset":0,"bytes":256}])",
+        R"([{"name":"t","dtype":"float99","shape":[4],"offset":0,"bytes":16}])"}) {
+    CHECK_THROWS(torchguard::detail::TensorFileView(file_with(header)));
+  }
+  CHECK_THROWS_WITH(torchguard::detail::TensorFileView(std::string("not a tensor file")),
+                    Contains("bad magic"));
 }

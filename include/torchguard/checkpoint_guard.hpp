@@ -136,8 +136,8 @@ inline std::optional<std::uint64_t> parse_sequence(const std::string& name) {
   if (name.rfind("ckpt-", 0) != 0) return std::nullopt;
   std::size_t end = 5;
   while (end < name.size() && std::isdigit(static_cast<unsigned char>(name[end]))) ++end;
-  if (end == 5 || name.compare(end, 6, "-step-") != 0) return std::nullopt;
-  return std::stoull(name.substr(5, end - 5));
+  if (end == 5 || end > 5 + 18 || name.compare(end, 6, "-step-") != 0) return std::nullopt;
+  return std::stoull(name.substr(5, end - 5));  // at most 18 digits: cannot overflow
 }
 
 inline std::string checkpoint_name(std::uint64_t sequence, std::int64_t step) {
@@ -188,28 +188,38 @@ inline void collect_module_tensors(const torch::nn::Module& module, const std::s
 
 // Copies the tensors under `prefix` into the module's parameters and buffers, which keep their
 // device. Strict: a missing, extra or differently shaped tensor is an error that names it.
+// Checks that the tensors under `prefix` match the module's parameters and buffers one for one
+// (names, shapes, dtypes); throws naming the first that does not. Changes nothing.
+inline void check_module_tensors(const torch::nn::Module& module, const std::string& prefix,
+                                 const TensorFileView& tensors) {
+  std::vector<NamedTensor> targets;
+  collect_module_tensors(module, prefix, targets);
+  for (const auto& target : targets) {
+    const auto stored = tensors.get(target.name);
+    if (!stored) throw std::runtime_error(fmt::format("it has no tensor '{}'", target.name));
+    if (stored->sizes() != target.tensor.sizes() ||
+        stored->scalar_type() != target.tensor.scalar_type()) {
+      throw std::runtime_error(
+          fmt::format("'{}' is {}{} in the checkpoint, {}{} here", target.name,
+                      c10::toString(stored->scalar_type()), c10::str(stored->sizes()),
+                      c10::toString(target.tensor.scalar_type()), c10::str(target.tensor.sizes())));
+    }
+  }
+  const auto stored = tensors.names_with_prefix(prefix);
+  if (stored.size() != targets.size()) {
+    throw std::runtime_error(fmt::format("it has {} tensors under '{}', this module has {}",
+                                         stored.size(), prefix, targets.size()));
+  }
+}
+
+// Copies the tensors under `prefix` into the module's parameters and buffers, which keep their
+// device. Call check_module_tensors() first.
 inline void load_module_tensors(torch::nn::Module& module, const std::string& prefix,
                                 const TensorFileView& tensors) {
   torch::NoGradGuard no_grad;
-  std::size_t expected = 0;
-  auto load_one = [&](const std::string& key, torch::Tensor& target) {
-    ++expected;
-    const auto stored = tensors.get(prefix + key);
-    if (!stored) throw std::runtime_error(fmt::format("it has no tensor '{}{}'", prefix, key));
-    if (stored->sizes() != target.sizes()) {
-      throw std::runtime_error(fmt::format("'{}{}' has shape {} in the checkpoint, {} here", prefix,
-                                           key, c10::str(stored->sizes()),
-                                           c10::str(target.sizes())));
-    }
-    target.copy_(*stored);
-  };
-  for (auto& parameter : module.named_parameters()) load_one(parameter.key(), parameter.value());
-  for (auto& buffer : module.named_buffers()) load_one(buffer.key(), buffer.value());
-  const auto stored = tensors.names_with_prefix(prefix);
-  if (stored.size() != expected) {
-    throw std::runtime_error(fmt::format("it has {} tensors under '{}', this module has {}",
-                                         stored.size(), prefix, expected));
-  }
+  std::vector<NamedTensor> targets;
+  collect_module_tensors(module, prefix, targets);
+  for (auto& target : targets) target.tensor.copy_(*tensors.get(target.name));
 }
 
 // Everything one commit writes, captured on the caller's thread.
@@ -279,12 +289,16 @@ class CheckpointGuard {
   // of an earlier background write.
   void save(const Metrics& metrics = {}) {
     set_metrics(metrics);
-    if (writer_) commit_or_queue();
-    if (options_.after_save) {
-      if (writer_thread_.joinable()) wait();  // the others must see the commit done
-      options_.after_save();
+    saved_this_step_ = true;  // set on every process alike: the exit decision must not diverge
+    try {
+      if (writer_) commit_or_queue();
+      if (options_.after_save && writer_thread_.joinable()) wait();  // the others see it done
+    } catch (...) {
+      // The other processes are waiting at the fence: reach it before reporting the error.
+      if (options_.after_save) options_.after_save();
+      throw;
     }
-    saved_this_step_ = true;
+    if (options_.after_save) options_.after_save();
   }
 
   // Waits for a background write in flight; rethrows its error.
@@ -304,15 +318,20 @@ class CheckpointGuard {
         (options_.save_on_exit == SaveOnExit::on_success && outcome == Outcome::success);
     std::exception_ptr error;
     try {
-      if (save_now && saved_this_step_) {
-        logger_->info("CheckpointGuard: step {} is already saved", step_);
-      } else if (save_now) {
-        save();
-      }
+      wait();  // a background write in flight, and its error
     } catch (...) {
       error = std::current_exception();
     }
     try {
+      if (save_now && !saved_this_step_) {
+        save();
+      } else if (save_now && (error || last_commit_failed_) && writer_) {
+        // The last save point's write failed: write the final state once more. No fence: the
+        // other processes consider this step saved.
+        commit_or_queue();
+      } else if (save_now) {
+        logger_->info("CheckpointGuard: step {} is already saved", step_);
+      }
       wait();
     } catch (...) {
       if (!error) error = std::current_exception();
@@ -324,8 +343,10 @@ class CheckpointGuard {
   void set_step(std::int64_t step) noexcept { step_ = step; }
   std::int64_t epoch() const noexcept { return epoch_; }
   void set_epoch(std::int64_t epoch) noexcept { epoch_ = epoch; }
-  // The metrics given last (restored ones after a resume).
+  // The metrics given last to step() or save().
   const nlohmann::json& metrics() const noexcept { return metrics_; }
+  // The metrics of the checkpoint training resumed from (empty after a fresh start).
+  const nlohmann::json& resumed_metrics() const noexcept { return resumed_metrics_; }
   // User metadata, saved in every manifest and restored on entry.
   nlohmann::json& metadata() noexcept { return metadata_; }
 
@@ -358,10 +379,13 @@ class CheckpointGuard {
     validate_options();
     writer_ = !options_.is_writer || options_.is_writer();
     std::error_code error;
-    std::filesystem::create_directories(options_.directory, error);
+    const bool created = std::filesystem::create_directories(options_.directory, error);
     if (error && !std::filesystem::is_directory(options_.directory)) {
       throw CheckpointError(fmt::format("CheckpointGuard: cannot create the directory '{}': {}",
                                         options_.directory.string(), error.message()));
+    }
+    if (created && writer_) {  // the new directory's own entry must survive a crash too
+      detail::fsync_directory(std::filesystem::absolute(options_.directory).parent_path());
     }
     if (writer_) remove_leftover_temporaries();
     restore();
@@ -398,7 +422,8 @@ class CheckpointGuard {
 
   void restore() {
     std::vector<std::filesystem::path> candidates = committed_paths(options_.directory);
-    if (candidates.empty()) {
+    const auto quarantined = committed_paths(options_.directory / "quarantine");
+    if (candidates.empty() && quarantined.empty()) {
       logger_->info("CheckpointGuard: no checkpoint in '{}': starting fresh",
                     options_.directory.string());
       return;
@@ -415,37 +440,54 @@ class CheckpointGuard {
       load(*it, manifest, contents);
       return;
     }
+    // Damaged checkpoints moved aside by an earlier run count too: a rerun must not quietly
+    // start over what that run refused to start over.
     const std::string message = fmt::format(
-        "CheckpointGuard: none of the {} checkpoints in '{}' is valid (each was moved to '{}'); "
-        "refusing to start fresh over them (set allow_fresh_start to do so)",
-        candidates.size(), options_.directory.string(),
+        "CheckpointGuard: no valid checkpoint in '{}' ({} damaged, moved to '{}'); refusing to "
+        "start fresh over them (set allow_fresh_start to do so)",
+        options_.directory.string(), candidates.size() + quarantined.size(),
         (options_.directory / "quarantine").string());
     if (!options_.allow_fresh_start) throw CheckpointError(message);
     logger_->warn("{}: starting fresh because allow_fresh_start is set", message);
   }
 
-  // Empty when the checkpoint is complete and intact; otherwise the reason it is not.
+  // An I/O error that says nothing about the checkpoint itself (EACCES, EIO, EMFILE, ...): the
+  // restore stops with it instead of moving a checkpoint that may be fine aside.
+  [[noreturn]] static void fail_restore(const std::filesystem::path& path,
+                                        const std::exception& e) {
+    throw CheckpointError(
+        fmt::format("CheckpointGuard: cannot read checkpoint '{}': {}", path.string(), e.what()));
+  }
+  static bool is_missing(const detail::FileError& e) { return e.error_number() == ENOENT; }
+
+  // Empty when the checkpoint is complete and intact; otherwise the reason it is damaged.
   static std::string verify(const std::filesystem::path& path, nlohmann::json& manifest,
                             std::map<std::string, std::unique_ptr<detail::MappedFile>>& contents) {
     try {
       manifest = nlohmann::json::parse(detail::read_whole_file(path / detail::manifest_name));
+    } catch (const detail::FileError& e) {
+      if (!is_missing(e)) fail_restore(path, e);
+      return "it has no manifest (an interrupted save or deletion)";
     } catch (const std::exception& e) {
       return fmt::format("its manifest is unreadable ({})",
                          detail::first_part_of_message(e.what()));
     }
     try {
       if (manifest.at("format_version").get<int>() > detail::checkpoint_format_version) {
-        return fmt::format("its format version {} is newer than this build reads ({})",
-                           manifest.at("format_version").get<int>(),
-                           detail::checkpoint_format_version);
+        throw CheckpointError(fmt::format(
+            "CheckpointGuard: checkpoint '{}' has format version {}, newer than this build of "
+            "torchguard reads ({}): upgrade torchguard",
+            path.string(), manifest.at("format_version").get<int>(),
+            detail::checkpoint_format_version));
       }
       for (const auto& file : manifest.at("files")) {
         const std::string name = file.at("name").get<std::string>();
         std::unique_ptr<detail::MappedFile> file_content;
         try {
           file_content = std::make_unique<detail::MappedFile>(path / name);
-        } catch (const std::exception& e) {
-          return fmt::format("{} is unreadable ({})", name, e.what());
+        } catch (const detail::FileError& e) {
+          if (!is_missing(e)) fail_restore(path, e);
+          return fmt::format("{} is missing", name);
         }
         const std::string_view bytes = file_content->bytes();
         const auto expected_size = file.at("size").get<std::uint64_t>();
@@ -504,15 +546,27 @@ class CheckpointGuard {
       const std::string_view state_bytes = contents.at(detail::state_name)->bytes();
       torch::serialize::InputArchive state;
       state.load_from(state_bytes.data(), state_bytes.size(), torch::Device(torch::kCPU));
+      // Everything is checked before anything changes: a checkpoint that does not fit leaves
+      // the model as it was.
+      detail::check_module_tensors(*model_, "model/", tensors);
+      for (auto& [name, module] : options_.modules) {
+        detail::check_module_tensors(*module, "module/" + name + "/", tensors);
+      }
+      for (auto& [name, tensor] : options_.tensors) {
+        const auto stored = tensors.get("tensor/" + name);
+        if (!stored) throw CheckpointError(fmt::format("it holds no tensor '{}'", name));
+        if (stored->sizes() != tensor.sizes()) {
+          throw CheckpointError(fmt::format("tensor '{}' is {} in the checkpoint, {} here", name,
+                                            c10::str(stored->sizes()), c10::str(tensor.sizes())));
+        }
+      }
       detail::load_module_tensors(*model_, "model/", tensors);
       for (auto& [name, module] : options_.modules) {
         detail::load_module_tensors(*module, "module/" + name + "/", tensors);
       }
       for (auto& [name, tensor] : options_.tensors) {
-        const auto stored = tensors.get("tensor/" + name);
-        if (!stored) throw CheckpointError(fmt::format("it holds no tensor '{}'", name));
         torch::NoGradGuard no_grad;
-        tensor.copy_(*stored);
+        tensor.copy_(*tensors.get("tensor/" + name));
       }
       if (optimizer_) load_optimizer(manifest.value("optimizer", ""), tensors, state);
       load_generators(tensors);
@@ -531,7 +585,8 @@ class CheckpointGuard {
     }
     step_ = manifest.at("step").get<std::int64_t>();
     epoch_ = manifest.at("epoch").get<std::int64_t>();
-    metrics_ = manifest.value("metrics", nlohmann::json::object());
+    resumed_metrics_ = manifest.value("metrics", nlohmann::json::object());
+    metrics_ = nlohmann::json::object();  // a new checkpoint must not carry the old metrics
     metadata_ = manifest.value("metadata", nlohmann::json::object());
     sequence_ = std::max(sequence_, manifest.at("sequence").get<std::uint64_t>());
     resumed_from_ = path;
@@ -562,19 +617,29 @@ class CheckpointGuard {
     }
   }
 
-  static void load_generators(const detail::TensorFileView& tensors) {
-    if (const auto rng = tensors.get("rng/cpu")) {
-      auto generator = at::detail::getDefaultCPUGenerator();
+  // An RNG state from another LibTorch version may not fit this one's generator: resuming goes
+  // on (with a warning), only not bitwise.
+  void set_generator_state(at::Generator generator, const torch::Tensor& state,
+                           const std::string& which) const {
+    try {
       std::lock_guard<std::mutex> lock(generator.mutex());
-      generator.set_state(rng->clone());
+      generator.set_state(state.clone());
+    } catch (const std::exception& e) {
+      logger_->warn("CheckpointGuard: cannot restore the {} RNG state ({}); resuming without it",
+                    which, detail::first_part_of_message(e.what()));
+    }
+  }
+
+  void load_generators(const detail::TensorFileView& tensors) const {
+    if (const auto rng = tensors.get("rng/cpu")) {
+      set_generator_state(at::detail::getDefaultCPUGenerator(), *rng, "CPU");
     }
     const auto cuda_devices = static_cast<int>(torch::cuda::device_count());
     for (int index = 0; index < cuda_devices; ++index) {
       const auto rng = tensors.get(fmt::format("rng/cuda/{}", index));
       if (!rng) continue;  // saved on a machine with fewer GPUs
-      auto generator = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, index));
-      std::lock_guard<std::mutex> lock(generator.mutex());
-      generator.set_state(rng->clone());
+      set_generator_state(at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, index)),
+                          *rng, fmt::format("CUDA:{}", index));
     }
   }
 
@@ -648,7 +713,9 @@ class CheckpointGuard {
     }
     if (!writer_thread_.joinable()) {
       detail::Snapshot snapshot = take_snapshot(false);
+      last_commit_failed_ = true;
       write_checkpoint(snapshot);
+      last_commit_failed_ = false;
       return;
     }
     // At most one write in flight: wait for the previous one before copying the next.
@@ -659,12 +726,13 @@ class CheckpointGuard {
     auto snapshot = std::make_unique<detail::Snapshot>(take_snapshot(true));
     lock.lock();
     pending_ = std::move(snapshot);
+    last_commit_failed_ = false;  // until the writer reports otherwise
     wake_writer_.notify_one();
   }
 
   void rethrow_background_error(std::unique_lock<std::mutex>&) {
     if (background_error_) {
-      saved_this_step_ = false;  // that save did not happen: the exit must not skip its own
+      last_commit_failed_ = true;
       std::exception_ptr error = std::exchange(background_error_, nullptr);
       std::rethrow_exception(error);
     }
@@ -769,7 +837,11 @@ class CheckpointGuard {
     logger_->info("CheckpointGuard: saved step {} to '{}' ({:.1f} MiB in {:.2f} s)", snapshot.step,
                   final_path.string(), static_cast<double>(total_bytes) / (1024.0 * 1024.0),
                   seconds);
-    apply_retention();
+    try {
+      apply_retention();  // the commit is done: a failure to delete old ones is not a save failure
+    } catch (const std::exception& e) {
+      logger_->warn("CheckpointGuard: retention after step {} failed: {}", snapshot.step, e.what());
+    }
   }
 
   // ---- directory ------------------------------------------------------------------------
@@ -778,7 +850,12 @@ class CheckpointGuard {
   static std::vector<std::filesystem::path> committed_paths(const std::filesystem::path& dir) {
     std::vector<std::pair<std::uint64_t, std::filesystem::path>> found;
     std::error_code error;
-    for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
+    std::filesystem::directory_iterator entries(dir, error);
+    if (error && error != std::errc::no_such_file_or_directory) {
+      throw CheckpointError(
+          fmt::format("CheckpointGuard: cannot list '{}': {}", dir.string(), error.message()));
+    }
+    for (const auto& entry : entries) {
       if (!entry.is_directory()) continue;
       if (auto sequence = detail::parse_sequence(entry.path().filename().string())) {
         found.emplace_back(*sequence, entry.path());
@@ -812,7 +889,7 @@ class CheckpointGuard {
     std::uint64_t highest = 0;
     for (const auto& entry : std::filesystem::directory_iterator(options_.directory, error)) {
       const std::string name = entry.path().filename().string();
-      if (name.rfind(".tmp-ckpt-", 0) == 0) {
+      if (name.rfind(".tmp-ckpt-", 0) == 0 || name.rfind(".trash-ckpt-", 0) == 0) {
         logger_->info("CheckpointGuard: removing '{}', left by an interrupted save",
                       entry.path().string());
         std::error_code ignored;
@@ -856,8 +933,12 @@ class CheckpointGuard {
     if (resumed_from_) keep.insert(*resumed_from_);
     for (const auto& info : all) {
       if (keep.count(info.path)) continue;
+      // Renamed first: a deletion cut short leaves a .trash- directory (removed at the next
+      // start-up), never a half-deleted checkpoint that still looks committed.
+      const auto trash = info.path.parent_path() / (".trash-" + info.path.filename().string());
       std::error_code error;
-      std::filesystem::remove_all(info.path, error);
+      std::filesystem::rename(info.path, trash, error);
+      if (!error) std::filesystem::remove_all(trash, error);
       if (error) {
         logger_->warn("CheckpointGuard: cannot remove old checkpoint '{}': {}", info.path.string(),
                       error.message());
@@ -875,9 +956,12 @@ class CheckpointGuard {
   std::int64_t epoch_ = 0;
   std::uint64_t sequence_ = 0;
   nlohmann::json metrics_ = nlohmann::json::object();
+  nlohmann::json resumed_metrics_ = nlohmann::json::object();
   nlohmann::json metadata_ = nlohmann::json::object();
   std::optional<std::filesystem::path> resumed_from_;
-  bool saved_this_step_ = false;  // set by save(), cleared by step(): the exit save may skip
+  bool saved_this_step_ = false;
+  bool last_commit_failed_ = false;  // the newest save point's write did not commit  // set by
+                                     // save(), cleared by step(): the exit save may skip
   std::atomic<bool> stop_flag_{false};
   bool stop_logged_ = false;
   bool closed_ = false;

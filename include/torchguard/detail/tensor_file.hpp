@@ -119,17 +119,27 @@ class TensorFileView {
     const auto header = nlohmann::json::parse(bytes.data() + header_start,
                                               bytes.data() + header_start + header_size);
     data_start_ = align_up(header_start + header_size);
+    if (data_start_ > bytes.size()) malformed("header past the end");
+    const std::size_t data_size = bytes.size() - data_start_;
     for (const auto& entry : header) {
+      const auto name = entry.at("name").get<std::string>();
       Entry e{dtype_from_name(entry.at("dtype").get<std::string>()),
               entry.at("shape").get<std::vector<std::int64_t>>(),
-              entry.at("offset").get<std::size_t>(), entry.at("bytes").get<std::size_t>()};
-      std::int64_t elements = 1;
-      for (auto dim : e.shape) elements *= dim;
-      if (static_cast<std::size_t>(elements) * c10::elementSize(e.dtype) != e.bytes ||
-          data_start_ + e.offset + e.bytes > bytes.size()) {
-        malformed("tensor '" + entry.at("name").get<std::string>() + "' does not fit the file");
+              entry.at("offset").get<std::uint64_t>(), entry.at("bytes").get<std::uint64_t>()};
+      // Sizes from the file are checked without overflow: a damaged header must not make a
+      // view reach past the mapped bytes.
+      std::uint64_t expected = c10::elementSize(e.dtype);
+      for (const auto dim : e.shape) {
+        if (dim < 0 ||
+            __builtin_mul_overflow(expected, static_cast<std::uint64_t>(dim), &expected)) {
+          malformed("tensor '" + name + "' has an impossible shape");
+        }
       }
-      entries_.emplace(entry.at("name").get<std::string>(), std::move(e));
+      if (expected != e.bytes || e.offset > data_size || e.bytes > data_size - e.offset ||
+          e.offset % tensor_file_alignment != 0) {
+        malformed("tensor '" + name + "' does not fit the file");
+      }
+      entries_.emplace(name, std::move(e));
     }
   }
 
@@ -155,8 +165,8 @@ class TensorFileView {
   struct Entry {
     c10::ScalarType dtype;
     std::vector<std::int64_t> shape;
-    std::size_t offset;
-    std::size_t bytes;
+    std::uint64_t offset;
+    std::uint64_t bytes;
   };
   std::string_view bytes_;
   std::size_t data_start_ = 0;
