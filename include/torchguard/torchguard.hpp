@@ -2,6 +2,7 @@
 #pragma once
 
 #include "torchguard/checkpoint_guard.hpp"
+#include "torchguard/gpu_memory_guard.hpp"
 #include "torchguard/scope_stack.hpp"
 #include "torchguard/training_session.hpp"
 #include "torchguard/version.hpp"
