@@ -151,28 +151,7 @@ class MappedFile {
 
 // Reads a whole file into memory.
 inline std::string read_whole_file(const std::filesystem::path& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw FileError("cannot open", path, errno);
-  struct stat info {};
-  if (::fstat(fd, &info) != 0) {
-    const int error = errno;
-    ::close(fd);
-    throw FileError("cannot stat", path, error);
-  }
-  std::string content(static_cast<std::size_t>(info.st_size), '\0');
-  std::size_t done = 0;
-  while (done < content.size()) {
-    const ssize_t got = ::read(fd, content.data() + done, content.size() - done);
-    if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) {
-      const int error = got < 0 ? errno : EIO;
-      ::close(fd);
-      throw FileError("cannot read", path, error);
-    }
-    done += static_cast<std::size_t>(got);
-  }
-  ::close(fd);
-  return content;
+  return std::string(MappedFile(path).bytes());
 }
 
 inline std::uint64_t checksum_of(std::string_view bytes) {

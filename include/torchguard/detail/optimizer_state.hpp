@@ -38,19 +38,20 @@ template <class V>
 void visit_fields(torch::optim::SGDParamState& s, V&& visit) {
   visit("momentum_buffer", s.momentum_buffer());
 }
-template <class V>
-void visit_fields(torch::optim::AdamParamState& s, V&& visit) {
+template <class AdamLikeState, class V>
+void visit_adam_fields(AdamLikeState& s, V&& visit) {  // Adam and AdamW keep the same fields
   visit("step", s.step());
   visit("exp_avg", s.exp_avg());
   visit("exp_avg_sq", s.exp_avg_sq());
   visit("max_exp_avg_sq", s.max_exp_avg_sq());
 }
 template <class V>
+void visit_fields(torch::optim::AdamParamState& s, V&& visit) {
+  visit_adam_fields(s, visit);
+}
+template <class V>
 void visit_fields(torch::optim::AdamWParamState& s, V&& visit) {
-  visit("step", s.step());
-  visit("exp_avg", s.exp_avg());
-  visit("exp_avg_sq", s.exp_avg_sq());
-  visit("max_exp_avg_sq", s.max_exp_avg_sq());
+  visit_adam_fields(s, visit);
 }
 template <class V>
 void visit_fields(torch::optim::AdagradParamState& s, V&& visit) {
