@@ -1,8 +1,10 @@
 // GpuMemoryGuard: per-scope CUDA memory accounting, what torch.cuda.memory_* gives Python, per
 // scope; and retry_on_oom: run a step at the largest batch that fits.
 //
+//   torchguard::GpuMemoryOptions options;
+//   options.label = "forward";
 //   {
-//     torchguard::GpuMemoryGuard memory({.label = "forward"});   // (C++20; or set fields)
+//     torchguard::GpuMemoryGuard memory(options);
 //     auto out = model->forward(batch);
 //   }  // logs: "GPU memory [forward] cuda:0: peak 1.20 GiB allocated, ... leaked 0 B"
 //

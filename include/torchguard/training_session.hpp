@@ -1,7 +1,10 @@
 // TrainingSession: a named training run, logged with spdlog from start to end.
 //
-//   torchguard::TrainingSession session("experiment-001",
-//       {.log_file = "train.log", .metrics_file = "metrics.jsonl", .handle_signals = true});
+//   torchguard::TrainingSessionOptions options;
+//   options.log_file = "train.log";
+//   options.metrics_file = "metrics.jsonl";
+//   options.handle_signals = true;
+//   torchguard::TrainingSession session("experiment-001", options);
 //   session.run([&] {
 //     for (int step = 0; step < steps && !session.stop_requested(); ++step) {
 //       ...
