@@ -16,6 +16,17 @@ case "$config" in
     export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
     export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
     ;;
+  tsan)
+    bash scripts/setup.sh
+    # The async parts' tests only (TORCHGUARD_ASYNC_TESTS_ONLY): LibTorch is not instrumented,
+    # so tests/tsan.supp silences reports from inside it.
+    cmake_args+=("-DCMAKE_CXX_FLAGS=-fsanitize=thread -fno-omit-frame-pointer"
+                 -DTORCHGUARD_ASYNC_TESTS_ONLY=ON -DTORCHGUARD_BUILD_EXAMPLES=OFF
+                 -DTORCHGUARD_BUILD_BENCHMARKS=OFF)
+    export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp}
+    # One intra-op thread: OpenMP's uninstrumented barriers would read as races.
+    export OMP_NUM_THREADS=1
+    ;;
   torch2)
     bash scripts/setup.sh --torch2
     venv=${TORCHGUARD_TORCH2_VENV:-/opt/torchguard-venv}
@@ -30,7 +41,7 @@ case "$config" in
     export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
     ;;
   *)
-    echo "unknown configuration '$config' (expected default, asan or torch2)" >&2
+    echo "unknown configuration '$config' (expected default, asan, tsan or torch2)" >&2
     exit 2
     ;;
 esac

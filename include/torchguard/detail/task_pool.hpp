@@ -1,0 +1,357 @@
+// The engine under gather and Prefetcher: a fixed number of worker threads (launched with
+// std::async) claim item indices in order, at most `window` claimed and not yet consumed, and
+// keep each item's result or error in its slot. Cancellation is cooperative (a token per item).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <exception>
+#include <functional>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "torchguard/detail/logging.hpp"
+
+namespace torchguard {
+
+// Thrown by CancellationToken::throw_if_cancelled, and by a gather cancelled from outside.
+class Cancelled : public std::runtime_error {
+ public:
+  explicit Cancelled(const std::string& what = "cancelled") : std::runtime_error(what) {}
+};
+
+// An item, or a whole gather, ran past its timeout.
+class TimeoutError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// An item failed: its index, its own exception (`cause()`), and, from a fail-fast gather, the
+// failures that followed it (`others()`, in completion order).
+class TaskError : public std::runtime_error {
+ public:
+  using Failure = std::pair<std::size_t, std::exception_ptr>;
+
+  TaskError(std::size_t index, std::exception_ptr cause, std::vector<Failure> others = {})
+      : std::runtime_error(message(index, cause, others.size())),
+        index_(index),
+        cause_(std::move(cause)),
+        others_(std::move(others)) {}
+
+  std::size_t index() const noexcept { return index_; }
+  const std::exception_ptr& cause() const noexcept { return cause_; }
+  const std::vector<Failure>& others() const noexcept { return others_; }
+  // Throws the item's own exception, with its original type.
+  [[noreturn]] void rethrow_cause() const { std::rethrow_exception(cause_); }
+
+ private:
+  static std::string message(std::size_t index, const std::exception_ptr& cause,
+                             std::size_t others) {
+    std::string text =
+        "item " + std::to_string(index) + " failed: " + detail::describe_exception(cause);
+    if (others > 0) {
+      text += " (and " + std::to_string(others) + " more failure" + (others > 1 ? "s" : "") + ")";
+    }
+    return text;
+  }
+
+  std::size_t index_;
+  std::exception_ptr cause_;
+  std::vector<Failure> others_;
+};
+
+// The order results come out in: the inputs' order, or the order items finished in.
+enum class Order { input, completion };
+
+// A result with the index of the input it came from.
+template <class T>
+struct Indexed {
+  std::size_t index;
+  T value;
+};
+
+// The values of indexed results, in the results' order.
+template <class T>
+std::vector<T> values(std::vector<Indexed<T>>&& results) {
+  std::vector<T> out;
+  out.reserve(results.size());
+  for (auto& result : results) out.push_back(std::move(result.value));
+  return out;
+}
+
+namespace detail {
+
+struct CancelState {
+  std::atomic<bool> cancelled{false};
+  std::mutex mutex;
+  std::condition_variable cv;
+
+  void cancel() noexcept {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      cancelled.store(true, std::memory_order_release);
+    }
+    cv.notify_all();
+  }
+};
+
+}  // namespace detail
+
+// What a task polls to learn it should stop early. A default-built token is never cancelled.
+class CancellationToken {
+ public:
+  CancellationToken() = default;
+  explicit CancellationToken(std::shared_ptr<detail::CancelState> state)
+      : state_(std::move(state)) {}
+
+  bool cancelled() const noexcept {
+    return state_ && state_->cancelled.load(std::memory_order_acquire);
+  }
+  bool can_be_cancelled() const noexcept { return static_cast<bool>(state_); }
+  void throw_if_cancelled() const {
+    if (cancelled()) throw Cancelled();
+  }
+  // Sleeps for `duration`, waking early when cancelled. Returns true when cancelled.
+  template <class Rep, class Period>
+  bool wait_for(std::chrono::duration<Rep, Period> duration) const {
+    if (!state_) {
+      std::this_thread::sleep_for(duration);
+      return false;
+    }
+    std::unique_lock<std::mutex> lock(state_->mutex);
+    return state_->cv.wait_for(lock, duration, [this] { return cancelled(); });
+  }
+
+ private:
+  std::shared_ptr<detail::CancelState> state_;
+};
+
+// Cancels from outside: pass `token()` in GatherOptions, call `cancel()` from any thread.
+class CancellationSource {
+ public:
+  CancellationSource() : state_(std::make_shared<detail::CancelState>()) {}
+  void cancel() noexcept { state_->cancel(); }
+  bool cancelled() const noexcept { return state_->cancelled.load(std::memory_order_acquire); }
+  CancellationToken token() const { return CancellationToken(state_); }
+
+ private:
+  std::shared_ptr<detail::CancelState> state_;
+};
+
+namespace detail {
+
+// A function's result as stored: void becomes std::monostate.
+template <class R>
+using stored_t = std::conditional_t<std::is_void_v<R>, std::monostate, R>;
+
+template <class F, class... Args>
+auto invoke_stored(F& f, Args&&... args) {
+  using R = std::invoke_result_t<F&, Args...>;
+  if constexpr (std::is_void_v<R>) {
+    std::invoke(f, std::forward<Args>(args)...);
+    return std::monostate{};
+  } else {
+    return std::invoke(f, std::forward<Args>(args)...);
+  }
+}
+
+// Calls f(arg, token) when f takes a token, f(arg) otherwise.
+template <class F, class Arg>
+auto invoke_with_token(F& f, Arg&& arg, const CancellationToken& token) {
+  if constexpr (std::is_invocable_v<F&, Arg, const CancellationToken&>) {
+    return invoke_stored(f, std::forward<Arg>(arg), token);
+  } else {
+    static_assert(std::is_invocable_v<F&, Arg>,
+                  "the task must be callable with (input) or (input, const CancellationToken&)");
+    return invoke_stored(f, std::forward<Arg>(arg));
+  }
+}
+
+inline std::size_t default_concurrency() noexcept {
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+template <class R>
+class TaskPool {
+ public:
+  using Clock = std::chrono::steady_clock;
+  using Work = std::function<R(std::size_t, const CancellationToken&)>;
+  enum class Status : unsigned char { pending, running, succeeded, failed };
+
+  struct Slot {
+    Status status = Status::pending;
+    std::optional<R> value;
+    std::exception_ptr error;
+    Clock::time_point started;
+    std::shared_ptr<CancelState> cancel;
+  };
+
+  // `window`: how many items may be claimed and not yet consumed (consume()).
+  TaskPool(std::size_t count, Work work, std::size_t workers, std::size_t window)
+      : work_(std::move(work)), slots_(count), window_(window) {
+    if (workers == 0) throw std::invalid_argument("the number of workers must be at least 1");
+    if (window == 0) throw std::invalid_argument("the window (depth) must be at least 1");
+    workers = std::min(workers, count);
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (std::size_t i = 0; i < workers; ++i) {
+      try {
+        ++active_workers_;
+        lock.unlock();
+        futures_.push_back(std::async(std::launch::async, [this] { run_worker(); }));
+        lock.lock();
+      } catch (...) {
+        if (!lock.owns_lock()) lock.lock();
+        --active_workers_;
+        // Fewer threads than asked still finish the work; none at all cannot.
+        if (futures_.empty()) throw;
+        break;
+      }
+    }
+  }
+
+  TaskPool(const TaskPool&) = delete;
+  TaskPool& operator=(const TaskPool&) = delete;
+
+  // No worker outlives the pool.
+  ~TaskPool() {
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      stop(lock);
+    }
+    join();
+  }
+
+  std::unique_lock<std::mutex> lock() { return std::unique_lock<std::mutex>(mutex_); }
+
+  // Waits for a change (an item finished, a worker exited) or until `deadline`.
+  void wait_until(std::unique_lock<std::mutex>& lock, Clock::time_point deadline) {
+    if (deadline == Clock::time_point::max()) {
+      progress_cv_.wait(lock);
+    } else {
+      progress_cv_.wait_until(lock, deadline);
+    }
+  }
+
+  std::size_t size() const noexcept { return slots_.size(); }
+  Slot& slot(std::size_t index) { return slots_[index]; }
+  const std::vector<std::size_t>& completion_order() const { return completion_order_; }
+  const std::vector<std::size_t>& running() const { return running_; }
+  std::size_t failed_count() const { return failed_; }
+  bool stopped() const { return stopping_; }
+  // True when every worker has exited: nothing runs and nothing more will start.
+  bool finished() const { return active_workers_ == 0; }
+
+  // The consumer took an item: the window moves on by one.
+  void consume(std::unique_lock<std::mutex>&) {
+    ++consumed_;
+    window_cv_.notify_all();
+  }
+
+  // Fails a running or pending item from outside (a timeout); a late result is dropped.
+  void fail(std::unique_lock<std::mutex>&, std::size_t index, std::exception_ptr error) {
+    Slot& slot = slots_[index];
+    if (slot.status != Status::running && slot.status != Status::pending) return;
+    if (slot.cancel) slot.cancel->cancel();
+    finish(index, std::nullopt, std::move(error));
+  }
+
+  // Starts nothing more and cancels what runs.
+  void stop(std::unique_lock<std::mutex>&) {
+    if (stopping_) return;
+    stopping_ = true;
+    for (auto index : running_) {
+      if (slots_[index].cancel) slots_[index].cancel->cancel();
+    }
+    window_cv_.notify_all();
+  }
+
+  // Waits for every worker to return. Call without the lock.
+  void join() noexcept {
+    for (auto& future : futures_) {
+      if (future.valid()) future.wait();
+    }
+  }
+
+ private:
+  void run_worker() noexcept {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      window_cv_.wait(lock, [this] {
+        return stopping_ || next_ >= slots_.size() || next_ - consumed_ < window_;
+      });
+      if (stopping_ || next_ >= slots_.size()) break;
+      const std::size_t index = next_++;
+      Slot& slot = slots_[index];
+      std::optional<R> value;
+      std::exception_ptr error;
+      try {
+        slot.cancel = std::make_shared<CancelState>();
+        slot.status = Status::running;
+        slot.started = Clock::now();
+        running_.push_back(index);
+        const CancellationToken token(slot.cancel);
+        lock.unlock();
+        try {
+          value.emplace(work_(index, token));
+        } catch (...) {
+          error = std::current_exception();
+        }
+        lock.lock();
+      } catch (...) {  // bookkeeping ran out of memory: the item fails, the pool goes on
+        if (!lock.owns_lock()) lock.lock();
+        error = std::current_exception();
+      }
+      running_.erase(std::remove(running_.begin(), running_.end(), index), running_.end());
+      if (slot.status == Status::running || slot.status == Status::pending) {
+        finish(index, std::move(value), std::move(error));
+      }
+    }
+    --active_workers_;
+    progress_cv_.notify_all();
+    window_cv_.notify_all();
+  }
+
+  void finish(std::size_t index, std::optional<R> value, std::exception_ptr error) {
+    Slot& slot = slots_[index];
+    if (error) {
+      slot.status = Status::failed;
+      slot.error = std::move(error);
+      ++failed_;
+    } else {
+      slot.status = Status::succeeded;
+      slot.value = std::move(value);
+    }
+    completion_order_.push_back(index);
+    progress_cv_.notify_all();
+  }
+
+  Work work_;
+  std::mutex mutex_;
+  std::condition_variable progress_cv_;  // the consumer waits here
+  std::condition_variable window_cv_;    // workers wait here for room in the window
+  std::vector<Slot> slots_;
+  std::vector<std::size_t> completion_order_;
+  std::vector<std::size_t> running_;
+  std::vector<std::future<void>> futures_;
+  std::size_t window_;
+  std::size_t next_ = 0;
+  std::size_t consumed_ = 0;
+  std::size_t failed_ = 0;
+  std::size_t active_workers_ = 0;
+  bool stopping_ = false;
+};
+
+}  // namespace detail
+}  // namespace torchguard

@@ -1,0 +1,727 @@
+#include "torchguard/async.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <iostream>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "support.hpp"
+#include "torchguard/detail/cuda_memory.hpp"
+
+using torchguard::BatchedInference;
+using torchguard::BatchedInferenceOptions;
+using torchguard::CancellationSource;
+using torchguard::CancellationToken;
+using torchguard::Cancelled;
+using torchguard::gather;
+using torchguard::gather_settled;
+using torchguard::GatherOptions;
+using torchguard::GatherProgress;
+using torchguard::Order;
+using torchguard::Prefetcher;
+using torchguard::PrefetchOptions;
+using torchguard::TaskError;
+using torchguard::TimeoutError;
+using torchguard::testing::CapturedLogger;
+using torchguard::testing::Contains;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::vector<int> iota(int count) {
+  std::vector<int> values(static_cast<std::size_t>(count));
+  for (int i = 0; i < count; ++i) values[static_cast<std::size_t>(i)] = i;
+  return values;
+}
+
+// Counts tasks running at once, and the most seen.
+struct ConcurrencyMeter {
+  std::atomic<int> running{0};
+  std::atomic<int> peak{0};
+  void enter() {
+    const int now = ++running;
+    int seen = peak.load();
+    while (now > seen && !peak.compare_exchange_weak(seen, now)) {
+    }
+  }
+  void leave() { --running; }
+};
+
+std::string message_of(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// gather over futures
+
+TEST_CASE("gather over futures returns values in input order", "[async][gather]") {
+  std::vector<std::future<int>> futures;
+  for (int i = 0; i < 5; ++i) {
+    futures.push_back(std::async(std::launch::async, [i] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5 * (5 - i)));  // last finishes first
+      return i * i;
+    }));
+  }
+  CHECK(gather(std::move(futures)) == std::vector<int>{0, 1, 4, 9, 16});
+}
+
+TEST_CASE("gather over futures waits for all, then throws the first error with its index",
+          "[async][gather]") {
+  std::atomic<bool> slow_one_finished{false};
+  std::vector<std::future<int>> futures;
+  futures.push_back(std::async(std::launch::async, [] { return 1; }));
+  futures.push_back(
+      std::async(std::launch::async, []() -> int { throw std::runtime_error("bad 1"); }));
+  futures.push_back(std::async(std::launch::async, [&] {
+    std::this_thread::sleep_for(50ms);
+    slow_one_finished = true;
+    return 3;
+  }));
+  futures.push_back(
+      std::async(std::launch::async, []() -> int { throw std::logic_error("bad 3"); }));
+  try {
+    gather(std::move(futures));
+    FAIL("gather did not throw");
+  } catch (const TaskError& error) {
+    CHECK(slow_one_finished);
+    CHECK(error.index() == 1);
+    CHECK_THAT(error.what(),
+               Contains("item 1 failed") && Contains("bad 1") && Contains("1 more failure"));
+    REQUIRE(error.others().size() == 1);
+    CHECK(error.others()[0].first == 3);
+    CHECK(message_of(error.others()[0].second) == "bad 3");
+    CHECK_THROWS_AS(error.rethrow_cause(), std::runtime_error);
+  }
+}
+
+TEST_CASE("gather over futures of different types gives a tuple", "[async][gather]") {
+  auto [number, text, nothing] =
+      gather(std::async(std::launch::async, [] { return 42; }),
+             std::async(std::launch::async, [] { return std::string("tensor"); }),
+             std::async(std::launch::async, [] {}));
+  CHECK(number == 42);
+  CHECK(text == "tensor");
+  (void)nothing;
+
+  CHECK_THROWS_MATCHES(
+      gather(std::async(std::launch::async, [] { return 1; }),
+             std::async(std::launch::async, []() -> int { throw std::runtime_error("second"); })),
+      TaskError, Catch::Predicate<TaskError>([](const TaskError& e) { return e.index() == 1; }));
+}
+
+TEST_CASE("gather over futures refuses an empty future", "[async][gather]") {
+  std::vector<std::future<int>> futures(1);
+  CHECK_THROWS_AS(gather(std::move(futures)), std::invalid_argument);
+}
+
+// ---------------------------------------------------------------------------------------------
+// gather over inputs
+
+TEST_CASE("gather runs every input and keeps input order", "[async][gather]") {
+  GatherOptions options;
+  options.max_in_flight = 3;
+  const auto results = gather(
+      iota(20),
+      [](int i) {
+        std::this_thread::sleep_for(std::chrono::microseconds(200 * (i % 4)));
+        return i * 10;
+      },
+      options);
+  REQUIRE(results.size() == 20);
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    CHECK(results[i].index == i);
+    CHECK(results[i].value == static_cast<int>(i) * 10);
+  }
+  CHECK(gather(std::vector<int>{}, [](int i) { return i; }).empty());
+}
+
+TEST_CASE("gather in completion order gives each result with its index", "[async][gather]") {
+  GatherOptions options;
+  options.max_in_flight = 4;
+  options.order = Order::completion;
+  // Item 0 is slow, so it cannot come first.
+  const auto results = gather(
+      iota(4),
+      [](int i) {
+        std::this_thread::sleep_for(i == 0 ? 200ms : 1ms);
+        return std::to_string(i);
+      },
+      options);
+  REQUIRE(results.size() == 4);
+  std::set<std::size_t> seen;
+  for (const auto& result : results) {
+    CHECK(result.value == std::to_string(result.index));
+    seen.insert(result.index);
+  }
+  CHECK(seen.size() == 4);
+  CHECK(results.back().index == 0);
+  CHECK(torchguard::values(std::vector<torchguard::Indexed<int>>{{1, 7}, {0, 8}}) ==
+        std::vector<int>{7, 8});
+}
+
+TEST_CASE("10,000 tiny tasks under max_in_flight 4 never run more than 4 at once",
+          "[async][gather]") {
+  ConcurrencyMeter meter;
+  std::mutex threads_mutex;
+  std::set<std::thread::id> threads;
+  GatherOptions options;
+  options.max_in_flight = 4;
+  const auto results = gather(
+      iota(10000),
+      [&](int i) {
+        meter.enter();
+        {
+          std::lock_guard<std::mutex> lock(threads_mutex);
+          threads.insert(std::this_thread::get_id());
+        }
+        meter.leave();
+        return i + 1;
+      },
+      options);
+  REQUIRE(results.size() == 10000);
+  long long sum = 0;
+  for (const auto& result : results) sum += result.value;
+  CHECK(sum == 10000LL * 10001 / 2);
+  CHECK(meter.peak <= 4);
+  CHECK(meter.peak >= 1);
+  CHECK(threads.size() <= 4);  // workers, not a thread per item
+}
+
+TEST_CASE("a full window is backpressure: max_in_flight tasks overlap, no more",
+          "[async][gather]") {
+  ConcurrencyMeter meter;
+  GatherOptions options;
+  options.max_in_flight = 3;
+  gather(
+      iota(9),
+      [&](int) {
+        meter.enter();
+        std::this_thread::sleep_for(30ms);
+        meter.leave();
+      },
+      options);
+  CHECK(meter.peak == 3);
+}
+
+TEST_CASE("fail-fast gather stops launching, cancels the running tasks and waits for them",
+          "[async][gather]") {
+  std::atomic<int> started{0};
+  std::atomic<int> running{0};
+  std::atomic<int> saw_cancel{0};
+  GatherOptions options;
+  options.max_in_flight = 3;
+  try {
+    gather(
+        iota(100),
+        [&](int i, const CancellationToken& token) {
+          ++started;
+          ++running;
+          if (i == 4) {
+            std::this_thread::sleep_for(50ms);  // items 5 and 6 start meanwhile
+            --running;
+            throw std::runtime_error("item four is broken");
+          }
+          if (i > 4 && token.wait_for(5s)) ++saw_cancel;
+          --running;
+          return i;
+        },
+        options);
+    FAIL("gather did not throw");
+  } catch (const TaskError& error) {
+    CHECK(running == 0);  // no task outlives the gather
+    CHECK(error.index() == 4);
+    CHECK_THAT(error.what(), Contains("item 4 failed") && Contains("item four is broken"));
+    CHECK(started < 100);
+    CHECK(saw_cancel >= 1);
+  }
+}
+
+TEST_CASE("fail-fast gather keeps the failures after the first", "[async][gather]") {
+  GatherOptions options;
+  options.max_in_flight = 2;
+  try {
+    gather(
+        iota(2),
+        [](int i) -> int {
+          std::this_thread::sleep_for(i == 0 ? 1ms : 100ms);
+          throw std::runtime_error("failure " + std::to_string(i));
+        },
+        options);
+    FAIL("gather did not throw");
+  } catch (const TaskError& error) {
+    CHECK(error.index() == 0);  // the first to fail, in time
+    REQUIRE(error.others().size() == 1);
+    CHECK(error.others()[0].first == 1);
+    CHECK(message_of(error.others()[0].second) == "failure 1");
+  }
+}
+
+TEST_CASE("gather_settled returns every value and every error with its index", "[async][gather]") {
+  GatherOptions options;
+  options.max_in_flight = 4;
+  auto results = gather_settled(
+      iota(50),
+      [](int i) {
+        if (i % 7 == 3) throw std::runtime_error("bad " + std::to_string(i));
+        return i * 2;
+      },
+      options);
+  REQUIRE(results.size() == 50);
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    CHECK(results[i].index == i);
+    if (i % 7 == 3) {
+      CHECK_FALSE(results[i].ok());
+      CHECK(message_of(results[i].error) == "bad " + std::to_string(i));
+      CHECK_THROWS_AS(results[i].get(), std::runtime_error);
+    } else {
+      REQUIRE(results[i].ok());
+      CHECK(results[i].get() == static_cast<int>(i) * 2);
+    }
+  }
+}
+
+TEST_CASE("gather_settled with every task failing", "[async][gather]") {
+  auto results = gather_settled(iota(10), [](int) -> int { throw std::out_of_range("nope"); });
+  REQUIRE(results.size() == 10);
+  for (auto& result : results) CHECK_THROWS_AS(result.get(), std::out_of_range);
+  CHECK_THROWS_AS(gather(iota(10), [](int) -> int { throw std::out_of_range("nope"); }), TaskError);
+}
+
+TEST_CASE("a gather is cancelled from outside through a CancellationSource", "[async][gather]") {
+  CancellationSource source;
+  std::atomic<int> started{0};
+  std::atomic<int> running{0};
+  GatherOptions options;
+  options.max_in_flight = 2;
+  options.cancellation = source.token();
+  std::thread canceller([&] {
+    while (started < 2) std::this_thread::yield();
+    source.cancel();
+  });
+  try {
+    gather(
+        iota(1000),
+        [&](int, const CancellationToken& token) {
+          ++started;
+          ++running;
+          token.wait_for(10s);
+          --running;
+        },
+        options);
+    FAIL("gather did not throw");
+  } catch (const Cancelled& error) {
+    CHECK(running == 0);
+    CHECK_THAT(error.what(), Contains("cancelled"));
+  }
+  canceller.join();
+  CHECK(started < 1000);
+}
+
+TEST_CASE("an item that runs past its timeout fails with TimeoutError", "[async][gather]") {
+  GatherOptions options;
+  options.max_in_flight = 2;
+  options.item_timeout = 50ms;
+  const auto started = std::chrono::steady_clock::now();
+  auto results = gather_settled(
+      iota(4),
+      [](int i, const CancellationToken& token) {
+        if (i == 1) token.wait_for(20s);  // returns when the timeout cancels it
+        return i;
+      },
+      options);
+  CHECK(std::chrono::steady_clock::now() - started < 10s);  // not the task's 20 s
+  REQUIRE(results.size() == 4);
+  CHECK(results[0].ok());
+  CHECK(results[2].ok());
+  CHECK(results[3].ok());
+  REQUIRE_FALSE(results[1].ok());
+  CHECK_THROWS_AS(results[1].get(), TimeoutError);
+  CHECK_THAT(message_of(results[1].error), Contains("item 1 timed out after"));
+
+  // Fail-fast: the timeout is the gather's error, with the item's index.
+  try {
+    gather(
+        iota(4),
+        [](int i, const CancellationToken& token) {
+          if (i == 2) token.wait_for(20s);
+          return i;
+        },
+        options);
+    FAIL("gather did not throw");
+  } catch (const TaskError& error) {
+    CHECK(error.index() == 2);
+    CHECK_THROWS_AS(error.rethrow_cause(), TimeoutError);
+  }
+}
+
+TEST_CASE("a gather that runs past its own timeout throws TimeoutError", "[async][gather]") {
+  std::atomic<int> running{0};
+  GatherOptions options;
+  options.max_in_flight = 2;
+  options.timeout = 100ms;
+  auto slow = [&](int, const CancellationToken& token) {
+    ++running;
+    token.wait_for(20s);
+    --running;
+  };
+  try {
+    gather(iota(6), slow, options);
+    FAIL("gather did not throw");
+  } catch (const TimeoutError& error) {
+    CHECK(running == 0);
+    CHECK_THAT(error.what(), Contains("gather timed out after") && Contains("0 of 6 items done"));
+  }
+  // Settled: every unfinished item carries the timeout.
+  auto results = gather_settled(iota(6), slow, options);
+  REQUIRE(results.size() == 6);
+  for (auto& result : results) CHECK_THROWS_AS(result.get(), TimeoutError);
+}
+
+TEST_CASE("gather reports progress, and a throwing progress callback stops it", "[async][gather]") {
+  std::vector<GatherProgress> reports;
+  GatherOptions options;
+  options.max_in_flight = 2;
+  options.on_progress = [&](const GatherProgress& progress) { reports.push_back(progress); };
+  auto results = gather_settled(
+      iota(10),
+      [](int i) {
+        if (i == 5) throw std::runtime_error("five");
+        return i;
+      },
+      options);
+  REQUIRE_FALSE(reports.empty());
+  CHECK(reports.back().done == 10);
+  CHECK(reports.back().failed == 1);
+  CHECK(reports.back().total == 10);
+  for (std::size_t i = 1; i < reports.size(); ++i) CHECK(reports[i].done > reports[i - 1].done);
+
+  std::atomic<int> started{0};
+  options.on_progress = [](const GatherProgress&) { throw std::runtime_error("display broke"); };
+  CHECK_THROWS_WITH(gather(
+                        iota(1000),
+                        [&](int i) {
+                          ++started;
+                          std::this_thread::sleep_for(1ms);
+                          return i;
+                        },
+                        options),
+                    Contains("display broke"));
+  CHECK(started < 1000);
+}
+
+TEST_CASE("gather refuses max_in_flight 0", "[async][gather]") {
+  GatherOptions options;
+  options.max_in_flight = 0;
+  CHECK_THROWS_WITH(gather(
+                        iota(3), [](int i) { return i; }, options),
+                    Contains("max_in_flight must be at least 1"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefetcher
+
+TEST_CASE("Prefetcher yields every item in order, at most depth ahead", "[async][prefetcher]") {
+  // Items the consumer has asked for (next() calls begun): a load may start only for an index
+  // below requested + depth.
+  std::atomic<long> requested{0};
+  std::atomic<long> most_ahead{0};
+  PrefetchOptions options;
+  options.depth = 3;
+  Prefetcher<int> items(
+      50,
+      [&](std::size_t index) {
+        const long ahead = static_cast<long>(index) + 1 - requested.load();
+        long seen = most_ahead.load();
+        while (ahead > seen && !most_ahead.compare_exchange_weak(seen, ahead)) {
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(300 * (index % 3)));
+        return static_cast<int>(index) * 3;
+      },
+      options);
+  CHECK(items.size() == 50);
+  int expected = 0;
+  for (;;) {
+    ++requested;
+    auto item = items.next_indexed();
+    if (!item) break;
+    CHECK(item->index == static_cast<std::size_t>(expected));
+    CHECK(item->value == expected * 3);
+    ++expected;
+  }
+  CHECK(expected == 50);
+  CHECK(most_ahead == 3);     // the window was full, never overfull
+  CHECK_FALSE(items.next());  // stays at the end
+}
+
+TEST_CASE("Prefetcher in completion order yields each item once", "[async][prefetcher]") {
+  PrefetchOptions options;
+  options.depth = 4;
+  options.order = Order::completion;
+  Prefetcher<std::string> items(
+      12,
+      [](std::size_t index) {
+        std::this_thread::sleep_for(index == 0 ? 100ms : 1ms);
+        return std::to_string(index);
+      },
+      options);
+  std::vector<std::size_t> order;
+  while (auto item = items.next_indexed()) {
+    CHECK(item->value == std::to_string(item->index));
+    order.push_back(item->index);
+  }
+  REQUIRE(order.size() == 12);
+  CHECK(order.front() != 0);
+  std::sort(order.begin(), order.end());
+  for (std::size_t i = 0; i < order.size(); ++i) CHECK(order[i] == i);
+}
+
+TEST_CASE("Prefetcher delivers an item's error at that item's turn and goes on",
+          "[async][prefetcher]") {
+  Prefetcher<int> items(6, [](std::size_t index) {
+    if (index == 2) throw std::runtime_error("corrupt record");
+    return static_cast<int>(index);
+  });
+  CHECK(*items.next() == 0);
+  CHECK(*items.next() == 1);
+  try {
+    items.next();
+    FAIL("no error at item 2");
+  } catch (const TaskError& error) {
+    CHECK(error.index() == 2);
+    CHECK_THAT(error.what(), Contains("corrupt record"));
+  }
+  std::vector<int> rest;
+  for (int value : items) rest.push_back(value);
+  CHECK(rest == std::vector<int>{3, 4, 5});
+}
+
+TEST_CASE("Prefetcher's destructor cancels loads in flight and waits for them",
+          "[async][prefetcher]") {
+  std::atomic<int> running{0};
+  std::atomic<int> cancelled{0};
+  const auto started = std::chrono::steady_clock::now();
+  {
+    PrefetchOptions options;
+    options.depth = 4;
+    Prefetcher<torch::Tensor> items(
+        1000,
+        [&](std::size_t index, const CancellationToken& token) {
+          ++running;
+          auto tensor = torch::full({64}, static_cast<double>(index));
+          if (index > 0 && token.wait_for(30s)) ++cancelled;
+          --running;
+          return tensor;
+        },
+        options);
+    auto first = items.next();
+    REQUIRE(first);
+    CHECK(first->index({0}).item<double>() == 0.0);
+    while (running < 4) std::this_thread::yield();
+  }
+  CHECK(running == 0);
+  CHECK(cancelled == 4);
+  CHECK(std::chrono::steady_clock::now() - started < 20s);
+}
+
+TEST_CASE("Prefetcher checks its options", "[async][prefetcher]") {
+  auto load = [](std::size_t index) { return torch::zeros({1}) + static_cast<double>(index); };
+  PrefetchOptions options;
+  options.depth = 0;
+  CHECK_THROWS_WITH(Prefetcher<torch::Tensor>(3, load, options), Contains("depth"));
+  options.depth = 2;
+  options.workers = 3;
+  CHECK_THROWS_WITH(Prefetcher<torch::Tensor>(3, load, options), Contains("must not exceed depth"));
+  options.workers = 0;
+  options.device = torch::Device(torch::kCPU);
+  CHECK_THROWS_WITH(Prefetcher<torch::Tensor>(3, load, options), Contains("CUDA device"));
+  options.device = torch::Device(torch::kCUDA);
+  CHECK_THROWS_WITH(Prefetcher<int>(
+                        3, [](std::size_t) { return 1; }, options),
+                    Contains("items made of tensors"));
+  if (!torchguard::detail::cuda_usable()) {
+    CHECK_THROWS_AS(Prefetcher<torch::Tensor>(3, load, options), std::invalid_argument);
+  }
+}
+
+TEST_CASE("Prefetcher stages batches on the GPU from pinned memory on a side stream",
+          "[async][prefetcher][cuda]") {
+  if (!torchguard::detail::cuda_usable()) {
+    std::cout << "SKIPPED: no CUDA device (or a CPU-only LibTorch)" << std::endl;
+    return;
+  }
+  PrefetchOptions options;
+  options.depth = 3;
+  options.device = torch::Device(torch::kCUDA, 0);
+  using Batch = torch::data::Example<>;
+  Prefetcher<Batch> batches(
+      8,
+      [](std::size_t index) {
+        return Batch(torch::full({256, 1024}, static_cast<double>(index)),
+                     torch::full({256}, static_cast<std::int64_t>(index)));
+      },
+      options);
+  std::size_t expected = 0;
+  for (auto& batch : batches) {
+    REQUIRE(batch.data.is_cuda());
+    REQUIRE(batch.target.is_cuda());
+    // Compute on the consumer's stream reads the copied values.
+    CHECK(batch.data.sum().item<double>() == 256.0 * 1024.0 * static_cast<double>(expected));
+    CHECK(batch.target.max().item<std::int64_t>() == static_cast<std::int64_t>(expected));
+    ++expected;
+  }
+  CHECK(expected == 8);
+}
+
+// ---------------------------------------------------------------------------------------------
+// BatchedInference
+
+TEST_CASE("BatchedInference gives each caller what a one-by-one call gives", "[async][batched]") {
+  torch::manual_seed(3);
+  torch::nn::Sequential model(torch::nn::Linear(16, 32), torch::nn::ReLU(),
+                              torch::nn::Linear(32, 4));
+  model->eval();
+  const int callers = 16;
+  const int per_caller = 8;
+  std::vector<torch::Tensor> inputs;
+  for (int i = 0; i < callers * per_caller; ++i) inputs.push_back(torch::randn({16}));
+  std::vector<torch::Tensor> expected;
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& input : inputs) expected.push_back(model->forward(input.unsqueeze(0))[0]);
+  }
+  std::vector<torch::Tensor> outputs(inputs.size());
+  BatchedInferenceOptions options;
+  options.max_batch = 16;
+  options.max_delay = std::chrono::milliseconds(20);
+  BatchedInference server(model, options);
+  std::vector<std::thread> threads;
+  for (int caller = 0; caller < callers; ++caller) {
+    threads.emplace_back([&, caller] {
+      std::vector<std::future<torch::Tensor>> futures;
+      for (int j = 0; j < per_caller; ++j) {
+        futures.push_back(server.submit(inputs[static_cast<std::size_t>(caller * per_caller + j)]));
+      }
+      for (int j = 0; j < per_caller; ++j) {
+        outputs[static_cast<std::size_t>(caller * per_caller + j)] =
+            futures[static_cast<std::size_t>(j)].get();
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    REQUIRE(outputs[i].sizes() == expected[i].sizes());
+    CHECK(torch::allclose(outputs[i], expected[i], 1e-5, 1e-6));
+  }
+  const auto stats = server.stats();
+  CHECK(stats.requests == inputs.size());
+  CHECK(stats.failed == 0);
+  CHECK(stats.largest_batch > 1);
+  CHECK(stats.largest_batch <= 16);
+  CHECK(stats.batches < inputs.size());
+}
+
+TEST_CASE("BatchedInference fails only the request the model fails on", "[async][batched]") {
+  CapturedLogger captured;
+  // Refuses any batch holding a negative first feature.
+  auto model = [](const torch::Tensor& batch) {
+    if ((batch.select(1, 0) < 0).any().item<bool>()) {
+      throw std::domain_error("negative feature");
+    }
+    return batch * 2;
+  };
+  BatchedInferenceOptions options;
+  options.max_batch = 8;
+  options.max_delay = std::chrono::milliseconds(50);
+  options.logger = captured.logger;
+  BatchedInference server(model, options);
+  std::vector<std::future<torch::Tensor>> futures;
+  for (int i = 0; i < 8; ++i) {
+    futures.push_back(server.submit(torch::full({3}, i == 5 ? -1.0 : static_cast<double>(i))));
+  }
+  for (int i = 0; i < 8; ++i) {
+    if (i == 5) {
+      CHECK_THROWS_WITH(futures[5].get(), Contains("negative feature"));
+    } else {
+      CHECK(futures[static_cast<std::size_t>(i)].get()[0].item<double>() == 2.0 * i);
+    }
+  }
+  server.close();
+  CHECK(server.stats().failed == 1);
+}
+
+TEST_CASE("BatchedInference batches inputs of one shape together only", "[async][batched]") {
+  BatchedInference server([](const torch::Tensor& batch) { return batch.sum(1); }, 8,
+                          std::chrono::milliseconds(20));
+  auto small = server.submit(torch::ones({2}));
+  auto large = server.submit(torch::ones({5}));
+  auto small_too = server.submit(torch::ones({2}));
+  CHECK(small.get().item<double>() == 2.0);
+  CHECK(large.get().item<double>() == 5.0);
+  CHECK(small_too.get().item<double>() == 2.0);
+}
+
+TEST_CASE("BatchedInference names a model that returns the wrong number of rows",
+          "[async][batched]") {
+  CapturedLogger captured;
+  BatchedInferenceOptions options;
+  options.logger = captured.logger;
+  BatchedInference server(
+      [](const torch::Tensor&) {
+        return torch::zeros({1, 3, 3}).sum(0);
+      },
+      options);
+  auto future = server.submit(torch::ones({4}));
+  CHECK_THROWS_WITH(future.get(), Contains("one output row per input") && Contains("[3, 3]"));
+}
+
+TEST_CASE("BatchedInference drains pending requests on close, then refuses new ones",
+          "[async][batched]") {
+  std::atomic<int> calls{0};
+  BatchedInferenceOptions options;
+  options.max_batch = 4;
+  options.max_delay = std::chrono::seconds(5);  // close() must not wait for it
+  std::vector<std::future<torch::Tensor>> futures;
+  const auto started = std::chrono::steady_clock::now();
+  {
+    BatchedInference server(
+        [&](const torch::Tensor& batch) {
+          ++calls;
+          std::this_thread::sleep_for(2ms);
+          return batch + 1;
+        },
+        options);
+    for (int i = 0; i < 30; ++i) futures.push_back(server.submit(torch::full({1}, double(i))));
+    server.close();
+    CHECK_THROWS_AS(server.submit(torch::ones({1})), std::logic_error);
+    CHECK(server.stats().requests == 30);
+    CHECK(server.stats().largest_batch <= 4);
+  }
+  CHECK(std::chrono::steady_clock::now() - started < 4s);
+  for (int i = 0; i < 30; ++i) {
+    CHECK(futures[static_cast<std::size_t>(i)].get().item<double>() == i + 1.0);
+  }
+  CHECK(calls >= 8);
+}
+
+TEST_CASE("BatchedInference checks its arguments", "[async][batched]") {
+  auto identity = [](const torch::Tensor& x) { return x; };
+  CHECK_THROWS_WITH(BatchedInference(identity, 0, std::chrono::milliseconds(1)),
+                    Contains("max_batch must be at least 1"));
+  BatchedInference server(identity, 4, std::chrono::milliseconds(1));
+  CHECK_THROWS_WITH(server.submit(torch::Tensor()), Contains("undefined"));
+}
