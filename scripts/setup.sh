@@ -7,7 +7,9 @@
 set -euo pipefail
 
 packages=(build-essential cmake ninja-build git libtorch-dev libspdlog-dev catch2
-          nlohmann-json3-dev libxxhash-dev zlib1g-dev)
+          nlohmann-json3-dev libxxhash-dev zlib1g-dev libopenblas0-pthread)
+# libopenblas0-pthread: Debian's LibTorch calls the system BLAS, and the default one is the
+# unoptimised reference implementation (a batched matmul no faster than one row at a time).
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||
