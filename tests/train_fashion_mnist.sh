@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The training demo's behaviour, end to end: tests/train_fashion_mnist.sh <binary> <case>
+#   short       a short run writes its run directory
+#   resume      SIGINT saves and exits 130; the rerun resumes and ends bitwise equal to a run
+#               that was never interrupted
+#   bad-data    a missing directory, a truncated file and a bad magic number: clear errors
+#   fallback    a corrupt newest checkpoint is quarantined; the run resumes from the previous one
+#               and still ends equal to an uninterrupted run
+set -uo pipefail
+binary=$1
+case_name=$2
+work=$(mktemp -d "${TMPDIR:-/tmp}/torchguard-demo-XXXXXX")
+trap 'rm -rf "$work"' EXIT
+# Small and quick, and the same in every run: the thread count fixes the arithmetic.
+common=(--threads 2 --no-plots --eval-samples 1000 --log-every 10)
+
+fail() { echo "FAILED: $*"; exit 1; }
+expect_in() {  # expect_in <file> <text>
+  grep -qF -- "$2" "$1" || { echo "--- $1"; cat "$1"; fail "'$2' not in $1"; }
+}
+fingerprint() { cat "$1/parameters.xxh3"; }
+
+case "$case_name" in
+  short)
+    "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 30 > "$work/out" 2>&1 ||
+      { cat "$work/out"; fail "exit status $?"; }
+    expect_in "$work/out" "finished at step 30"
+    for file in train.log metrics.csv epochs.csv metrics.jsonl parameters.xxh3; do
+      [ -s "$work/run/$file" ] || fail "$file missing from the run directory"
+    done
+    expect_in "$work/run/metrics.csv" "step,epoch,loss"
+    [ "$(ls -d "$work/run/checkpoints"/ckpt-* | wc -l)" -ge 1 ] || fail "no checkpoint"
+    "$binary" --help > "$work/help" 2>&1 || fail "--help failed"
+    expect_in "$work/help" "--max-steps"
+    ;;
+  resume)
+    "$binary" "${common[@]}" --run-dir "$work/straight" --max-steps 400 > "$work/straight.out" 2>&1 ||
+      { cat "$work/straight.out"; fail "the uninterrupted run failed"; }
+    "$binary" "${common[@]}" --run-dir "$work/interrupted" --max-steps 400 \
+      > "$work/first.out" 2>&1 &
+    pid=$!
+    # Interrupt once it has trained a little (metrics.csv gets a row every 10 steps).
+    for _ in $(seq 600); do
+      rows=$(wc -l < "$work/interrupted/metrics.csv" 2>/dev/null || echo 0)
+      [ "$rows" -ge 4 ] && break
+      sleep 0.1
+    done
+    kill -INT "$pid"
+    wait "$pid"
+    status=$?
+    [ "$status" -eq 130 ] || { cat "$work/first.out"; fail "interrupted run exited $status, not 130"; }
+    expect_in "$work/first.out" "interrupted at step"
+    "$binary" "${common[@]}" --run-dir "$work/interrupted" --max-steps 400 > "$work/second.out" 2>&1 ||
+      { cat "$work/second.out"; fail "the resumed run failed"; }
+    expect_in "$work/second.out" "resumed from step"
+    expect_in "$work/second.out" "finished at step 400"
+    [ "$(fingerprint "$work/straight")" = "$(fingerprint "$work/interrupted")" ] ||
+      fail "parameters differ: $(fingerprint "$work/straight") uninterrupted," \
+           "$(fingerprint "$work/interrupted") interrupted and resumed"
+    ;;
+  bad-data)
+    "$binary" "${common[@]}" --run-dir "$work/run" --data-dir "$work/nowhere" > "$work/out" 2>&1 &&
+      fail "a missing data directory was accepted"
+    expect_in "$work/out" "$work/nowhere"
+    expect_in "$work/out" "does not exist"
+    mkdir "$work/data"
+    "$binary" "${common[@]}" --run-dir "$work/run" --data-dir "$work/data" > "$work/out" 2>&1 &&
+      fail "an empty data directory was accepted"
+    expect_in "$work/out" "train-images-idx3-ubyte.gz"
+    cp /usr/share/datasets/fashion-mnist/*.gz "$work/data/"
+    # Truncated: the first half of the compressed training images.
+    size=$(stat -c %s "$work/data/train-images-idx3-ubyte.gz")
+    truncate -s $((size / 2)) "$work/data/train-images-idx3-ubyte.gz"
+    "$binary" "${common[@]}" --run-dir "$work/run" --data-dir "$work/data" > "$work/out" 2>&1 &&
+      fail "a truncated file was accepted"
+    expect_in "$work/out" "train-images-idx3-ubyte.gz"
+    expect_in "$work/out" "truncated"
+    # Labels where images belong: a bad magic number.
+    cp /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz "$work/data/train-images-idx3-ubyte.gz"
+    "$binary" "${common[@]}" --run-dir "$work/run" --data-dir "$work/data" > "$work/out" 2>&1 &&
+      fail "a labels file was accepted as images"
+    expect_in "$work/out" "bad magic number"
+    [ ! -e "$work/run/checkpoints" ] || [ -z "$(ls "$work/run/checkpoints")" ] ||
+      fail "a failed start wrote a checkpoint"
+    ;;
+  fallback)
+    "$binary" "${common[@]}" --run-dir "$work/straight" --max-steps 40 > "$work/straight.out" 2>&1 ||
+      { cat "$work/straight.out"; fail "the uninterrupted run failed"; }
+    "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 30 --checkpoint-every 10 \
+      > "$work/first.out" 2>&1 || { cat "$work/first.out"; fail "the first run failed"; }
+    newest=$(ls -d "$work/run/checkpoints"/ckpt-* | sort | tail -1)
+    case "$newest" in *-step-30) ;; *) fail "newest checkpoint is $newest, not step 30" ;; esac
+    # Flip one byte in the middle of the newest checkpoint's tensors.
+    tensors="$newest/tensors.bin"
+    offset=$(($(stat -c %s "$tensors") / 2))
+    byte=$(od -An -tu1 -j "$offset" -N1 "$tensors" | tr -d ' ')
+    printf "$(printf '\\%03o' $(((byte + 1) % 256)))" |
+      dd of="$tensors" bs=1 seek="$offset" conv=notrunc status=none
+    "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 40 --checkpoint-every 10 \
+      > "$work/second.out" 2>&1 || { cat "$work/second.out"; fail "the resumed run failed"; }
+    expect_in "$work/second.out" "resumed from step 20"
+    expect_in "$work/second.out" "quarantine"
+    [ -n "$(ls "$work/run/checkpoints/quarantine")" ] || fail "nothing in quarantine/"
+    [ "$(fingerprint "$work/straight")" = "$(fingerprint "$work/run")" ] ||
+      fail "parameters differ after the fallback"
+    ;;
+  *)
+    fail "unknown case '$case_name'"
+    ;;
+esac
+echo "passed: $case_name"
