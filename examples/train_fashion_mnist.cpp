@@ -10,9 +10,6 @@
 // Ctrl-C (or SIGTERM) saves a checkpoint and exits with status 130; the same command resumes
 // from it ("resumed from step X") and ends with the same parameters as a run that was never
 // interrupted (bitwise on the CPU with a fixed thread count).
-#define XXH_INLINE_ALL  // header-only, as torchguard uses it
-#include <xxhash.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -32,9 +29,11 @@
 #include <torchguard/torchguard.hpp>
 
 #include "fashion_mnist.hpp"
+#include "fashion_mnist_model.hpp"
 #include "run_report.hpp"
 
 namespace fs = std::filesystem;
+using fashion_mnist::Net;
 using Clock = std::chrono::steady_clock;
 
 namespace {
@@ -56,72 +55,6 @@ struct Config {
   bool plots = true;
 };
 
-// Two convolutions and two linear layers: about 0.91 test accuracy after a few epochs.
-struct NetImpl : torch::nn::Module {
-  NetImpl()
-      : conv1(register_module("conv1",
-                              torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3).padding(1)))),
-        conv2(register_module("conv2",
-                              torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3).padding(1)))),
-        fc1(register_module("fc1", torch::nn::Linear(64 * 7 * 7, 128))),
-        fc2(register_module("fc2", torch::nn::Linear(128, 10))),
-        dropout(register_module("dropout", torch::nn::Dropout(0.25))) {}
-
-  torch::Tensor forward(torch::Tensor x) {
-    x = torch::max_pool2d(torch::relu(conv1->forward(x)), 2);
-    x = torch::max_pool2d(torch::relu(conv2->forward(x)), 2);
-    x = dropout->forward(torch::relu(fc1->forward(x.flatten(1))));
-    return fc2->forward(x);
-  }
-
-  torch::nn::Conv2d conv1, conv2;
-  torch::nn::Linear fc1, fc2;
-  torch::nn::Dropout dropout;
-};
-TORCH_MODULE(Net);
-
-torch::Device pick_device(const std::string& name) {
-  if (name == "auto") return torch::cuda::is_available() ? torch::kCUDA : torch::kCPU;
-  torch::Device device(name);  // throws for a malformed name
-  if (device.is_cuda() && !torch::cuda::is_available()) {
-    throw std::runtime_error("--device " + name + ": no CUDA device is available");
-  }
-  return device;
-}
-
-// The four files, decompressed and parsed concurrently.
-std::pair<fashion_mnist::Split, fashion_mnist::Split> load_dataset(const std::string& dir) {
-  fashion_mnist::check_data_dir(dir);
-  struct File {
-    std::string split, kind;
-  };
-  const std::vector<File> files{
-      {"train", "images"}, {"train", "labels"}, {"t10k", "images"}, {"t10k", "labels"}};
-  torchguard::GatherOptions options;
-  options.max_in_flight = files.size();
-  auto tensors = torchguard::values(torchguard::gather(
-      files,
-      [&dir](const File& file) {
-        const auto path = fashion_mnist::file_path(dir, file.split, file.kind);
-        return file.kind == "images" ? fashion_mnist::read_images(path)
-                                     : fashion_mnist::read_labels(path);
-      },
-      options));
-  return {fashion_mnist::make_split(tensors[0], tensors[1], "training set in " + dir),
-          fashion_mnist::make_split(tensors[2], tensors[3], "test set in " + dir)};
-}
-
-// The epoch's sample order: a function of the seed and the epoch only, so a resumed run sees the
-// batches the interrupted one would have.
-std::vector<std::int64_t> epoch_order(std::int64_t samples, std::uint64_t seed,
-                                      std::int64_t epoch) {
-  std::vector<std::int64_t> order(static_cast<std::size_t>(samples));
-  std::iota(order.begin(), order.end(), 0);
-  std::mt19937_64 random(seed * 1000003u + static_cast<std::uint64_t>(epoch));
-  std::shuffle(order.begin(), order.end(), random);
-  return order;
-}
-
 // The process's peak resident memory since the last reset_peak_rss() (Linux: VmHWM), in MiB:
 // what "memory per epoch" means on the CPU.
 double peak_rss_mib() {
@@ -134,57 +67,9 @@ double peak_rss_mib() {
 }
 void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
 
-struct Evaluation {
-  double loss = 0;
-  double accuracy = 0;
-};
-
-// One request per test image through BatchedInference; the futures are gathered in order.
-Evaluation evaluate(Net& model, const fashion_mnist::Split& test, std::int64_t count,
-                    torch::Device device) {
-  model->eval();
-  torchguard::BatchedInferenceOptions options;
-  options.max_batch = 500;
-  options.max_delay = std::chrono::milliseconds(2);
-  options.device = device;
-  std::vector<torch::Tensor> logits;
-  {
-    torchguard::BatchedInference server(
-        [&model](const torch::Tensor& batch) { return model->forward(batch); }, options);
-    std::vector<std::future<torch::Tensor>> futures;
-    futures.reserve(static_cast<std::size_t>(count));
-    for (std::int64_t i = 0; i < count; ++i) {
-      futures.push_back(server.submit(test.images[i]));
-    }
-    logits = torchguard::gather(std::move(futures));
-  }
-  model->train();
-  const auto all = torch::stack(logits).to(torch::kCPU);
-  Evaluation result;
-  const auto labels = test.labels.slice(0, 0, count);
-  result.loss = torch::nn::functional::cross_entropy(all, labels).item<double>();
-  result.accuracy = all.argmax(1).eq(labels).to(torch::kDouble).mean().item<double>();
-  return result;
-}
-
-// A fingerprint of every parameter's bytes: equal runs print equal fingerprints.
-std::string parameter_fingerprint(Net& model) {
-  XXH3_state_t* state = XXH3_createState();
-  XXH3_64bits_reset(state);
-  for (const auto& parameter : model->named_parameters()) {
-    const auto values = parameter.value().detach().to(torch::kCPU).contiguous();
-    XXH3_64bits_update(state, values.data_ptr(), values.numel() * values.element_size());
-  }
-  char text[17];
-  std::snprintf(text, sizeof text, "%016llx",
-                static_cast<unsigned long long>(XXH3_64bits_digest(state)));
-  XXH3_freeState(state);
-  return text;
-}
-
 int train(const Config& config) {
   at::set_num_threads(config.threads);  // fixed: results depend on it
-  const auto device = pick_device(config.device);
+  const auto device = fashion_mnist::pick_device(config.device);
   fs::create_directories(config.run_dir);
   const fs::path run_dir = config.run_dir;
   const fs::path checkpoint_dir =
@@ -202,7 +87,7 @@ int train(const Config& config) {
     log->info("device {}, {} intra-op threads, seed {}, batch {}, learning rate {}", device.str(),
               at::get_num_threads(), config.seed, config.batch_size, config.learning_rate);
     const auto load_start = Clock::now();
-    const auto [train_set, test_set] = load_dataset(config.data_dir);
+    const auto [train_set, test_set] = fashion_mnist::load_dataset(config.data_dir);
     log->info("loaded {} training and {} test images from {} in {:.2f} s", train_set.images.size(0),
               test_set.images.size(0), config.data_dir,
               std::chrono::duration<double>(Clock::now() - load_start).count());
@@ -256,7 +141,7 @@ int train(const Config& config) {
       reset_peak_rss();
 
       // Batches are assembled on two workers, four ahead of the step.
-      const auto order = torch::tensor(epoch_order(samples, config.seed, epoch));
+      const auto order = torch::tensor(fashion_mnist::epoch_order(samples, config.seed, epoch));
       torchguard::PrefetchOptions prefetch;
       prefetch.depth = 4;
       prefetch.workers = 2;
@@ -317,11 +202,11 @@ int train(const Config& config) {
       progress.finish();
       if (stopped) break;
       // The end of an epoch, or of a --max-steps run inside one: evaluate.
-      const auto evaluation =
-          evaluate(model, test_set,
-                   config.eval_samples > 0 ? std::min(config.eval_samples, test_set.images.size(0))
-                                           : test_set.images.size(0),
-                   device);
+      const auto evaluation = fashion_mnist::evaluate(
+          model, test_set,
+          config.eval_samples > 0 ? std::min(config.eval_samples, test_set.images.size(0))
+                                  : test_set.images.size(0),
+          device);
       memory.close(torchguard::Outcome::success);
       run_report::EpochRow row;
       row.epoch = epoch + 1;
@@ -375,7 +260,7 @@ int train(const Config& config) {
         log->info("plots not drawn: gnuplot is not installed (apt-get install gnuplot-nox)");
       }
     }
-    const auto fingerprint = parameter_fingerprint(model);
+    const auto fingerprint = fashion_mnist::parameter_fingerprint(model);
     std::printf("finished at step %lld; this run: %s, %.0f samples/s; parameters %s\n",
                 static_cast<long long>(checkpoint.current_step()),
                 run_report::format_duration(seconds).c_str(),
