@@ -7,9 +7,11 @@
 set -euo pipefail
 
 packages=(build-essential cmake ninja-build git libtorch-dev libspdlog-dev catch2
-          nlohmann-json3-dev libxxhash-dev zlib1g-dev libopenblas0-pthread)
+          nlohmann-json3-dev libxxhash-dev zlib1g-dev libopenblas0-pthread libcli11-dev
+          dataset-fashion-mnist gnuplot-nox libgloo-dev)
 # libopenblas0-pthread: Debian's LibTorch calls the system BLAS, and the default one is the
 # unoptimised reference implementation (a batched matmul no faster than one row at a time).
+# libgloo-dev: LibTorch's c10d headers include Gloo's, which libtorch-dev does not carry.
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||

@@ -16,7 +16,10 @@ inline auto Contains(const std::string& text) { return Catch::Matchers::Contains
 }  // namespace torchguard::testing
 #endif
 
+#include <fcntl.h>
+#include <spawn.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -103,6 +106,34 @@ struct TempDir {
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;
 };
+
+// Starts this test program again, running only the (hidden) test `test_tag`, with `extra_env`
+// ("NAME=value") added to our environment. Its stdout goes to `output` (empty: /dev/null), and
+// `fd3`, when not -1, becomes its fd 3. Returns the child's pid.
+inline pid_t spawn_test_child(const std::string& test_tag,
+                              const std::vector<std::string>& extra_env,
+                              const std::string& output = "", int fd3 = -1) {
+  const std::string exe = std::filesystem::read_symlink("/proc/self/exe").string();
+  std::vector<std::string> env_strings;
+  for (char** e = ::environ; *e; ++e) env_strings.emplace_back(*e);
+  env_strings.insert(env_strings.end(), extra_env.begin(), extra_env.end());
+  std::vector<char*> envp;
+  for (auto& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  if (fd3 != -1) posix_spawn_file_actions_adddup2(&actions, fd3, 3);
+  const std::string out = output.empty() ? "/dev/null" : output;
+  posix_spawn_file_actions_addopen(&actions, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  std::string arg0 = exe, arg1 = test_tag;
+  char* argv[] = {arg0.data(), arg1.data(), nullptr};
+  pid_t pid = 0;
+  const int error = ::posix_spawn(&pid, exe.c_str(), &actions, nullptr, argv, envp.data());
+  posix_spawn_file_actions_destroy(&actions);
+  REQUIRE(error == 0);
+  return pid;
+}
 
 inline std::string read_text(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);

@@ -25,8 +25,6 @@
 
 #include "support.hpp"
 
-extern char** environ;
-
 namespace fs = std::filesystem;
 using torchguard::CheckpointError;
 using torchguard::CheckpointGuard;
@@ -719,28 +717,14 @@ TEST_CASE("crash child: save at every step until killed", "[.crash_child]") {
 TEST_CASE("a writer SIGKILLed at any moment leaves a complete checkpoint, never an older one",
           "[checkpoint][crash]") {
   TempDir dir;
-  const std::string exe = fs::read_symlink("/proc/self/exe").string();
-  std::vector<std::string> env_strings;
-  for (char** e = environ; *e; ++e) env_strings.emplace_back(*e);
-  env_strings.push_back("TORCHGUARD_CRASH_DIR=" + dir.path.string());
-  std::vector<char*> envp;
-  for (auto& e : env_strings) envp.push_back(e.data());
-  envp.push_back(nullptr);
 
   std::int64_t committed = 0;  // the newest step some child reported committed
   constexpr int kills = 24;
   for (int round = 0; round < kills; ++round) {
     int report[2];
     REQUIRE(::pipe(report) == 0);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, report[1], 3);
-    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
-    std::string arg0 = exe, arg1 = "[.crash_child]";
-    char* argv[] = {arg0.data(), arg1.data(), nullptr};
-    pid_t pid = 0;
-    REQUIRE(::posix_spawn(&pid, exe.c_str(), &actions, nullptr, argv, envp.data()) == 0);
-    posix_spawn_file_actions_destroy(&actions);
+    const pid_t pid = torchguard::testing::spawn_test_child(
+        "[.crash_child]", {"TORCHGUARD_CRASH_DIR=" + dir.path.string()}, "", report[1]);
     ::close(report[1]);
 
     // Wait for the first commit of this run (restore done, saving in a loop), then kill it at

@@ -3,6 +3,10 @@
 
 #include "torchguard/async.hpp"
 #include "torchguard/checkpoint_guard.hpp"
+// ProcessGroupGuard needs LibTorch's distributed build and Gloo's headers (Debian: libgloo-dev).
+#if defined(USE_DISTRIBUTED) && __has_include(<gloo/rendezvous/store.h>)
+#include "torchguard/distributed.hpp"
+#endif
 #include "torchguard/gpu_memory_guard.hpp"
 #include "torchguard/scope_stack.hpp"
 #include "torchguard/training_session.hpp"

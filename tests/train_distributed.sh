@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The data-parallel demo through scripts/launch.sh, end to end:
+#   tests/train_distributed.sh <launch.sh> <train_distributed binary>
+# Two ranks train; SIGINT to the launcher reaches both, which agree on a step, save and exit 130;
+# the same command resumes both from that step and finishes.
+set -uo pipefail
+launch=$1
+binary=$2
+work=$(mktemp -d "${TMPDIR:-/tmp}/torchguard-distributed-XXXXXX")
+trap 'rm -rf "$work"' EXIT
+fail() { echo "FAILED: $*"; exit 1; }
+run=("$launch" --grace 20 2 "$binary" --run-dir "$work/run" --max-steps 300 --checkpoint-every 25
+     --timeout 60)
+
+# Job control on: a background job of a script would otherwise start with SIGINT ignored.
+set -m
+"${run[@]}" > "$work/first.out" 2>&1 &
+pid=$!
+set +m
+# Interrupt after the first checkpoint.
+for _ in $(seq 900); do
+  ls -d "$work/run/checkpoints"/ckpt-* > /dev/null 2>&1 && break
+  sleep 0.1
+done
+kill -INT "$pid"
+wait "$pid"
+status=$?
+[ "$status" -eq 130 ] || { cat "$work/first.out"; fail "the interrupted job exited $status, not 130"; }
+grep -q "interrupted at step" "$work/first.out" || { cat "$work/first.out"; fail "no stop message"; }
+
+"${run[@]}" > "$work/second.out" 2>&1 || { cat "$work/second.out"; fail "the resumed job failed"; }
+grep -q "\[rank 0\] resumed from step" "$work/second.out" || { cat "$work/second.out"; fail "did not resume"; }
+grep -q "\[rank 0\] 2 ranks: 300 steps" "$work/second.out" || { cat "$work/second.out"; fail "did not finish"; }
+echo "passed"
