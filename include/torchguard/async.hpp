@@ -42,6 +42,7 @@
 #include <utility>
 #include <vector>
 
+#include <ATen/ThreadLocalState.h>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
@@ -174,6 +175,26 @@ inline std::string timeout_text(std::chrono::steady_clock::duration duration) {
   return format_duration(std::chrono::duration_cast<std::chrono::nanoseconds>(duration));
 }
 
+// `from + duration`, or the end of time when that would overflow ("no limit").
+inline std::chrono::steady_clock::time_point saturating_add(
+    std::chrono::steady_clock::time_point from, std::chrono::steady_clock::duration duration) {
+  using Clock = std::chrono::steady_clock;
+  if (duration >= Clock::time_point::max() - from) return Clock::time_point::max();
+  return from + duration;
+}
+
+inline void check_gather_options(const GatherOptions& options) {
+  if (options.max_in_flight == 0) {
+    throw std::invalid_argument("gather: max_in_flight must be at least 1");
+  }
+  if (options.timeout && options.timeout->count() <= 0) {
+    throw std::invalid_argument("gather: the timeout must be positive");
+  }
+  if (options.item_timeout && options.item_timeout->count() <= 0) {
+    throw std::invalid_argument("gather: item_timeout must be positive");
+  }
+}
+
 // Why a gather ended early as a whole, if it did.
 struct GatherEnd {
   std::exception_ptr error;      // TimeoutError, Cancelled, or the progress callback's error
@@ -187,7 +208,8 @@ template <class R>
 GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
-  const auto deadline = options.timeout ? start + *options.timeout : Clock::time_point::max();
+  const auto deadline =
+      options.timeout ? saturating_add(start, *options.timeout) : Clock::time_point::max();
   GatherEnd end;
   auto end_all = [&](std::unique_lock<std::mutex>& lock, std::exception_ptr error) {
     end.error = error;
@@ -210,7 +232,8 @@ GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast)
       } else if (options.item_timeout) {
         const auto running = pool.running();  // a copy: fail() may change the list
         for (auto index : running) {
-          if (pool.slot(index).started + *options.item_timeout <= now) {
+          if (pool.is_running(index) &&
+              saturating_add(pool.slot(index).started, *options.item_timeout) <= now) {
             pool.fail(lock, index,
                       std::make_exception_ptr(TimeoutError("item " + std::to_string(index) +
                                                            " timed out after " +
@@ -235,10 +258,14 @@ GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast)
       continue;
     }
     if (pool.finished()) break;
-    auto wake = deadline;
+    // Once stopped, only the workers' exits are awaited: they notify.
+    auto wake = pool.stopped() ? Clock::time_point::max() : deadline;
     if (options.item_timeout && !pool.stopped()) {
       for (auto index : pool.running()) {
-        wake = std::min(wake, pool.slot(index).started + *options.item_timeout);
+        // A timed-out item still running (it ignores its token) has no deadline left.
+        if (pool.is_running(index)) {
+          wake = std::min(wake, saturating_add(pool.slot(index).started, *options.item_timeout));
+        }
       }
     }
     if (options.cancellation.can_be_cancelled() && !pool.stopped()) {
@@ -255,17 +282,32 @@ GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast)
 template <class R, class Range, class F>
 std::unique_ptr<TaskPool<R>> start_gather(const Range& inputs, F& fn,
                                           const GatherOptions& options) {
-  if (options.max_in_flight == 0) {
-    throw std::invalid_argument("gather: max_in_flight must be at least 1");
-  }
-  const auto count = range_size(inputs);
+  check_gather_options(options);
   auto first = std::begin(inputs);
+  static_assert(
+      std::is_base_of_v<std::random_access_iterator_tag,
+                        typename std::iterator_traits<decltype(first)>::iterator_category>,
+      "gather: the inputs must be a random-access range (a vector, an array, a deque)");
+  const auto count = range_size(inputs);
+  // Tasks run with the caller's LibTorch thread-local state: grad mode, inference mode, ...
   return std::make_unique<TaskPool<R>>(
       count,
-      [first, &fn](std::size_t index, const CancellationToken& token) -> R {
-        return invoke_with_token(fn, *std::next(first, static_cast<std::ptrdiff_t>(index)), token);
+      [first, &fn, state = at::ThreadLocalState()](std::size_t index,
+                                                   const CancellationToken& token) -> R {
+        at::ThreadLocalStateGuard caller_state(state);
+        return invoke_with_token(fn, first[static_cast<std::ptrdiff_t>(index)], token);
       },
       options.max_in_flight, count + 1);
+}
+
+inline bool is_cancellation(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const Cancelled&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
 }
 
 template <class R>
@@ -307,10 +349,10 @@ std::vector<Indexed<detail::gather_result_t<Range, F>>> gather(const Range& inpu
     for (auto index : order) {
       auto& slot = pool->slot(index);
       if (!slot.error) continue;
-      if (first) {
-        others.emplace_back(index, slot.error);
-      } else {
+      if (!first) {
         first = index;
+      } else if (!detail::is_cancellation(slot.error)) {  // the gather's own doing, not a failure
+        others.emplace_back(index, slot.error);
       }
     }
     throw TaskError(*first, pool->slot(*first).error, std::move(others));
@@ -375,7 +417,7 @@ class Prefetcher {
             "Prefetcher: a staging device needs items made of tensors (a tensor, an Example, or "
             "vectors, pairs and tuples of them)");
       }
-      detail::check_stage_device(*options_.device);
+      options_.device = detail::check_stage_device(*options_.device);  // with its index
     }
     const std::size_t workers = options_.workers ? options_.workers : options_.depth;
     if (workers > options_.depth) {
@@ -383,12 +425,15 @@ class Prefetcher {
                                   ") must not exceed depth (" + std::to_string(options_.depth) +
                                   ")");
     }
+    // Loads run concurrently on the workers, with the caller's LibTorch thread-local state.
     pool_ = std::make_unique<detail::TaskPool<Item>>(
         count,
-        [load = std::move(load), device = options_.device, pin = options_.pin_memory](
+        [load = std::make_shared<Load>(std::move(load)), device = options_.device,
+         pin = options_.pin_memory, state = at::ThreadLocalState()](
             std::size_t index, const CancellationToken& token) -> Item {
           (void)pin;
-          Item item{detail::invoke_with_token(load, index, token), {}};
+          at::ThreadLocalStateGuard caller_state(state);
+          Item item{detail::invoke_with_token(*load, index, token), {}};
           if constexpr (detail::stageable<T>::value) {
             if (device) item.ready = detail::stage_to_device(item.value, *device, pin);
           }
@@ -570,7 +615,9 @@ class BatchedInference {
       closing_ = true;
     }
     cv_.notify_one();
-    if (worker_.joinable()) worker_.join();
+    std::call_once(joined_, [this] {  // close() from two threads: one joins, both return
+      if (worker_.joinable()) worker_.join();
+    });
   }
 
   BatchedInferenceStats stats() const {
@@ -666,30 +713,42 @@ class BatchedInference {
       for (auto& request : batch) inputs.push_back(request.input);
       auto output = forward(torch::stack(inputs), batch.size());
       for (std::size_t i = 0; i < batch.size(); ++i) {
-        batch[i].promise.set_value(output[static_cast<std::int64_t>(i)]);
+        batch[i].promise.set_value(own_row(output, static_cast<std::int64_t>(i)));
       }
       return 0;
     } catch (...) {
-      if (batch.size() > 1) {
-        logger_->warn(
-            "BatchedInference: a batch of {} failed ({}); running its requests one by one",
-            batch.size(), detail::describe_exception(std::current_exception()));
+      if (batch.size() == 1) {  // nothing to isolate: running it again would only cost twice
+        set_error(batch.front(), std::current_exception());
+        return 1;
       }
+      logger_->warn("BatchedInference: a batch of {} failed ({}); running its requests one by one",
+                    batch.size(), detail::describe_exception(std::current_exception()));
     }
     std::size_t failed = 0;
     for (auto& request : batch) {
       try {
         auto output = forward(request.input.unsqueeze(0), 1);
-        request.promise.set_value(output[0]);
+        request.promise.set_value(own_row(output, 0));
       } catch (...) {
         ++failed;
-        try {
-          request.promise.set_exception(std::current_exception());
-        } catch (...) {  // already satisfied: nothing more to tell
-        }
+        set_error(request, std::current_exception());
       }
     }
     return failed;
+  }
+
+  // A caller's row as a tensor of its own: a normal tensor (the batch ran under inference mode,
+  // whose tensors refuse in-place updates and autograd outside it) that does not keep the whole
+  // batch's output alive.
+  static torch::Tensor own_row(const torch::Tensor& output, std::int64_t row) {
+    return output[row].clone();
+  }
+
+  static void set_error(Request& request, std::exception_ptr error) noexcept {
+    try {
+      request.promise.set_exception(std::move(error));
+    } catch (...) {  // already satisfied: nothing more to tell
+    }
   }
 
   Model model_;
@@ -700,6 +759,7 @@ class BatchedInference {
   std::deque<Request> queue_;
   bool closing_ = false;
   BatchedInferenceStats stats_;
+  std::once_flag joined_;
   std::thread worker_;  // last: starts after everything it uses is built
 };
 

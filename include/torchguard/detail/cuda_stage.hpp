@@ -19,6 +19,7 @@
 
 #if TORCHGUARD_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -76,8 +77,10 @@ void for_each_tensor(std::tuple<T...>& tuple, F& f) {
   std::apply([&f](auto&... items) { (for_each_tensor(items, f), ...); }, tuple);
 }
 
-// Throws unless items can be staged on `device` in this build and on this machine.
-inline void check_stage_device(const torch::Device& device) {
+// Throws unless items can be staged on `device` in this build and on this machine. Returns the
+// device with its index: the caller's current device when none was given (workers' threads have
+// their own current device).
+inline torch::Device check_stage_device(const torch::Device& device) {
   if (!device.is_cuda()) {
     throw std::invalid_argument("Prefetcher: the staging device must be a CUDA device, not " +
                                 device.str());
@@ -87,6 +90,11 @@ inline void check_stage_device(const torch::Device& device) {
     throw std::invalid_argument("Prefetcher: staging on " + device.str() +
                                 " needs a GPU, and none is visible");
   }
+  const auto index = device.has_index() ? device.index() : c10::cuda::current_device();
+  if (index >= static_cast<c10::DeviceIndex>(torch::cuda::device_count())) {
+    throw std::invalid_argument("Prefetcher: there is no " + device.str() + " on this machine");
+  }
+  return torch::Device(torch::kCUDA, index);
 #else
   throw std::invalid_argument("Prefetcher: staging on " + device.str() +
                               " needs a CUDA-enabled LibTorch; torchguard was built against a "

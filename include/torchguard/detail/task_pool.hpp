@@ -174,7 +174,8 @@ auto invoke_with_token(F& f, Arg&& arg, const CancellationToken& token) {
     return invoke_stored(f, std::forward<Arg>(arg), token);
   } else {
     static_assert(std::is_invocable_v<F&, Arg>,
-                  "the task must be callable with (input) or (input, const CancellationToken&)");
+                  "the task must be callable with (input) or (input, const CancellationToken&); "
+                  "it is called from several threads at once, so it should not mutate state");
     return invoke_stored(f, std::forward<Arg>(arg));
   }
 }
@@ -204,6 +205,10 @@ class TaskPool {
     if (workers == 0) throw std::invalid_argument("the number of workers must be at least 1");
     if (window == 0) throw std::invalid_argument("the window (depth) must be at least 1");
     workers = std::min(workers, count);
+    // Reserved up front: nothing allocates once workers run (run_worker is noexcept).
+    futures_.reserve(workers);
+    completion_order_.reserve(count);
+    running_.reserve(workers);
     std::unique_lock<std::mutex> lock(mutex_);
     for (std::size_t i = 0; i < workers; ++i) {
       try {
@@ -250,6 +255,7 @@ class TaskPool {
   const std::vector<std::size_t>& running() const { return running_; }
   std::size_t failed_count() const { return failed_; }
   bool stopped() const { return stopping_; }
+  bool is_running(std::size_t index) const { return slots_[index].status == Status::running; }
   // True when every worker has exited: nothing runs and nothing more will start.
   bool finished() const { return active_workers_ == 0; }
 
