@@ -1,0 +1,1 @@
+// Compiles the precompiled header (CMakeLists.txt: torchguard_pch); nothing else.
