@@ -214,6 +214,9 @@ TEST_CASE("distributed child: one rank of a scenario", "[.distributed_child]") {
   ProcessGroupOptions options;
   options.timeout = 20s;
   options.logger = quiet();
+  if (const char* file_store = std::getenv("TORCHGUARD_DIST_FILE_STORE")) {
+    options.file_store = file_store;
+  }
   try {
     ProcessGroupGuard group(options);
     if (scenario == "train") child_train(group, dir, false);
@@ -271,6 +274,17 @@ TEST_CASE(
       CHECK(torch::allclose(rank0[i], reference[i], 1e-5, 1e-6));
     }
   }
+}
+
+TEST_CASE("ranks meet through a FileStore instead of TCP", "[distributed]") {
+  TempDir dir;
+  auto children = start_ranks(2, "train", dir.path, free_port(),
+                              {"TORCHGUARD_DIST_FILE_STORE=" + (dir.path / "store").string()});
+  const auto statuses = children.wait_all();
+  INFO(logs_of(dir.path, 2));
+  REQUIRE(statuses == std::vector<int>{0, 0});
+  CHECK(bitwise_equal(load_parameters(dir.path / "params-0.pt"),
+                      load_parameters(dir.path / "params-1.pt")));
 }
 
 TEST_CASE("a rank that dies makes the others fail clearly within the timeout, not hang",
