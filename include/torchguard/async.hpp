@@ -55,6 +55,43 @@ namespace torchguard {
 // ---------------------------------------------------------------------------------------------
 // gather over futures
 
+namespace detail {
+
+// A gather's failures in the order recorded: the first is thrown as TaskError, with the others.
+class Failures {
+ public:
+  void add(std::size_t index, std::exception_ptr error) {
+    if (first_error_) {
+      others_.emplace_back(index, std::move(error));
+    } else {
+      first_index_ = index;
+      first_error_ = std::move(error);
+    }
+  }
+  bool empty() const noexcept { return !first_error_; }
+  void throw_if_any() {
+    if (first_error_) throw TaskError(first_index_, first_error_, std::move(others_));
+  }
+
+ private:
+  std::size_t first_index_ = 0;
+  std::exception_ptr first_error_;
+  std::vector<TaskError::Failure> others_;
+};
+
+// A future's value as gather stores it (void: std::monostate).
+template <class T>
+stored_t<T> get_stored(std::future<T>& future) {
+  if constexpr (std::is_void_v<T>) {
+    future.get();
+    return {};
+  } else {
+    return future.get();
+  }
+}
+
+}  // namespace detail
+
 // Waits for every future, then returns their values in input order. The first failed future (by
 // index) is thrown as TaskError with the later failures in others(); every future is waited for
 // even when one fails, so nothing keeps running behind the caller's back.
@@ -66,27 +103,15 @@ std::vector<detail::stored_t<T>> gather(std::vector<std::future<T>> futures) {
   for (auto& future : futures) future.wait();
   std::vector<detail::stored_t<T>> values;
   values.reserve(futures.size());
-  std::optional<std::size_t> first;
-  std::exception_ptr first_error;
-  std::vector<TaskError::Failure> others;
+  detail::Failures failures;
   for (std::size_t i = 0; i < futures.size(); ++i) {
     try {
-      if constexpr (std::is_void_v<T>) {
-        futures[i].get();
-        values.emplace_back();
-      } else {
-        values.push_back(futures[i].get());
-      }
+      values.push_back(detail::get_stored(futures[i]));
     } catch (...) {
-      if (first) {
-        others.emplace_back(i, std::current_exception());
-      } else {
-        first = i;
-        first_error = std::current_exception();
-      }
+      failures.add(i, std::current_exception());
     }
   }
-  if (first) throw TaskError(*first, first_error, std::move(others));
+  failures.throw_if_any();
   return values;
 }
 
@@ -94,34 +119,21 @@ std::vector<detail::stored_t<T>> gather(std::vector<std::future<T>> futures) {
 template <class... T, class = std::enable_if_t<(sizeof...(T) > 0)>>
 std::tuple<detail::stored_t<T>...> gather(std::future<T>&&... futures) {
   (futures.wait(), ...);
-  std::optional<std::size_t> first;
-  std::exception_ptr first_error;
-  std::vector<TaskError::Failure> others;
+  detail::Failures failures;
   std::size_t index = 0;
   auto take = [&](auto& future) {
-    using Value = detail::stored_t<decltype(future.get())>;
-    std::optional<Value> value;
+    std::optional<decltype(detail::get_stored(future))> value;
     try {
-      if constexpr (std::is_void_v<decltype(future.get())>) {
-        future.get();
-        value.emplace();
-      } else {
-        value.emplace(future.get());
-      }
+      value.emplace(detail::get_stored(future));
     } catch (...) {
-      if (first) {
-        others.emplace_back(index, std::current_exception());
-      } else {
-        first = index;
-        first_error = std::current_exception();
-      }
+      failures.add(index, std::current_exception());
     }
     ++index;
     return value;
   };
   // Braces: the futures are taken left to right, so each index is its position.
   std::tuple<std::optional<detail::stored_t<T>>...> taken{take(futures)...};
-  if (first) throw TaskError(*first, first_error, std::move(others));
+  failures.throw_if_any();
   return std::apply([](auto&... value) { return std::make_tuple(std::move(*value)...); }, taken);
 }
 
@@ -342,21 +354,13 @@ std::vector<Indexed<detail::gather_result_t<Range, F>>> gather(const Range& inpu
   auto pool = detail::start_gather<R>(inputs, fn, options);
   const auto end = detail::drive(*pool, options, /*fail_fast=*/true);
   if (end.error) std::rethrow_exception(end.error);
-  if (pool->failed_count() > 0) {
-    const auto& order = pool->completion_order();
-    std::optional<std::size_t> first;
-    std::vector<TaskError::Failure> others;
-    for (auto index : order) {
-      auto& slot = pool->slot(index);
-      if (!slot.error) continue;
-      if (!first) {
-        first = index;
-      } else if (!detail::is_cancellation(slot.error)) {  // the gather's own doing, not a failure
-        others.emplace_back(index, slot.error);
-      }
-    }
-    throw TaskError(*first, pool->slot(*first).error, std::move(others));
+  detail::Failures failures;
+  for (auto index : pool->completion_order()) {
+    const auto& error = pool->slot(index).error;
+    // After the first failure, cancellations are the gather's own doing, not failures.
+    if (error && (failures.empty() || !detail::is_cancellation(error))) failures.add(index, error);
   }
+  failures.throw_if_any();
   std::vector<Indexed<R>> results;
   results.reserve(pool->size());
   for (auto index : detail::result_order(*pool, options.order)) {
