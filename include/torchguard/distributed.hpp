@@ -206,15 +206,10 @@ class ProcessGroupGuard {
       }
     }
     if (gradients.empty() || world_size_ == 1) return;
-    std::vector<torch::Tensor> flat{torch::cat(flatten_all(gradients))};
+    std::vector<torch::Tensor> flat{flatten(gradients)};
     allreduce(flat, "allreduce_gradients");
     flat[0].div_(world_size_);
-    std::int64_t offset = 0;
-    for (auto& gradient : gradients) {
-      const auto count = gradient.numel();
-      gradient.copy_(flat[0].slice(0, offset, offset + count).view_as(gradient));
-      offset += count;
-    }
+    unflatten_into(flat[0], gradients);
   }
 
   // Copies rank `root`'s parameters and buffers to every rank.
@@ -228,17 +223,12 @@ class ProcessGroupGuard {
     for (auto& buffer : module.buffers()) tensors.push_back(buffer);
     if (tensors.empty() || world_size_ == 1) return;
     torch::NoGradGuard no_grad;
-    std::vector<torch::Tensor> flat{torch::cat(flatten_all(tensors))};
+    std::vector<torch::Tensor> flat{flatten(tensors)};
     c10d::BroadcastOptions broadcast_options;
     broadcast_options.rootRank = root;
     broadcast_options.timeout = options_.timeout;
     wait(group()->broadcast(flat, broadcast_options), "broadcast_parameters");
-    std::int64_t offset = 0;
-    for (auto& tensor : tensors) {
-      const auto count = tensor.numel();
-      tensor.copy_(flat[0].slice(0, offset, offset + count).view_as(tensor));
-      offset += count;
-    }
+    unflatten_into(flat[0], tensors);
   }
 
   // Throws unless every rank passes the same value (a restored step, a config hash).
@@ -285,11 +275,21 @@ class ProcessGroupGuard {
                                      result.data_ptr<std::int64_t>() + result.numel());
   }
 
-  static std::vector<torch::Tensor> flatten_all(const std::vector<torch::Tensor>& tensors) {
+  // One collective over a flat buffer instead of one per tensor.
+  static torch::Tensor flatten(const std::vector<torch::Tensor>& tensors) {
     std::vector<torch::Tensor> flat;
     flat.reserve(tensors.size());
     for (const auto& tensor : tensors) flat.push_back(tensor.detach().reshape(-1));
-    return flat;
+    return torch::cat(flat);
+  }
+
+  static void unflatten_into(const torch::Tensor& flat, std::vector<torch::Tensor>& tensors) {
+    std::int64_t offset = 0;
+    for (auto& tensor : tensors) {
+      const auto count = tensor.numel();
+      tensor.copy_(flat.slice(0, offset, offset + count).view_as(tensor));
+      offset += count;
+    }
   }
 
   void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) {
