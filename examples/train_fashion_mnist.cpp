@@ -17,8 +17,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <numeric>
-#include <random>
 #include <string>
 #include <thread>
 #include <utility>

@@ -34,7 +34,9 @@ case "$config" in
     # The wheel's CUDA libraries (nvidia/*/lib) must win over an older system CUDA at link time.
     rpath_link=$(find "$site/nvidia" -mindepth 2 -maxdepth 3 -type d -name lib 2>/dev/null |
                  sed 's/^/-Wl,-rpath-link,/' | tr '\n' ' ')
+    # Benchmarks are built and measured in the default configuration.
     cmake_args+=(-DCMAKE_CXX_STANDARD=20 "-DCMAKE_PREFIX_PATH=$site/torch/share/cmake"
+                 -DTORCHGUARD_BUILD_BENCHMARKS=OFF
                  "-DCMAKE_EXE_LINKER_FLAGS=$rpath_link")
     # Torch's CMake package probes the GPUs unless told which architectures to target; the guards
     # compile no kernels, so any list will do.
