@@ -27,6 +27,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -372,7 +373,8 @@ class ProcessGroupGuard {
       store_options.port = static_cast<std::uint16_t>(port);
       // Under torchrun, its agent may serve the store already (as Python's env:// knows).
       const char* agent_store = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
-      store_options.isServer = rank_ == 0 && !(agent_store && std::string(agent_store) == "True");
+      serves_store_ = rank_ == 0 && !(agent_store && std::string(agent_store) == "True");
+      store_options.isServer = serves_store_;
       store_options.numWorkers = static_cast<std::size_t>(world_size_);
       store_options.waitWorkers = false;  // the rendezvous below waits, and says who is missing
       store_options.timeout = options_.timeout;
@@ -393,38 +395,69 @@ class ProcessGroupGuard {
   }
 
   // Every rank announces its rank and world size; each checks the others against its own.
+  // A rank that serves the store keeps it up, on a mismatch, until every rank that joined has
+  // read what it needs: otherwise the other ranks would see a closed connection, not the cause.
   void rendezvous() {
     const std::string mine = std::to_string(world_size_);
+    const auto lost = [&](const std::exception& e) {
+      return DistributedError("ProcessGroupGuard: rank " + std::to_string(rank_) +
+                              " lost the store at " + where_ +
+                              " during the rendezvous: " + detail::first_part_of_message(e.what()));
+    };
     try {
       if (store_->add("rank/" + std::to_string(rank_), 1) > 1) {
         throw DistributedError("ProcessGroupGuard: two processes claim RANK " +
                                std::to_string(rank_) + " (at " + where_ + ")");
       }
+      // Counted before the key is visible, so a rank that sees the key also sees the count.
+      store_->add("joined", 1);
       store_->set("world_size/" + std::to_string(rank_), detail::to_bytes(mine));
     } catch (const DistributedError&) {
       throw;
     } catch (const std::exception& e) {
-      throw DistributedError("ProcessGroupGuard: rendezvous at " + where_ +
-                             " failed: " + detail::first_part_of_message(e.what()));
+      throw lost(e);
     }
-    for (int other = 0; other < world_size_; ++other) {
+    std::optional<DistributedError> mismatch;
+    for (int other = 0; other < world_size_ && !mismatch; ++other) {
       const std::string key = "world_size/" + std::to_string(other);
+      const auto started = std::chrono::steady_clock::now();
       try {
         store_->wait({key}, options_.timeout);
       } catch (const std::exception& e) {
+        if (std::chrono::steady_clock::now() - started < options_.timeout) throw lost(e);
         throw DistributedError(
             "ProcessGroupGuard: rank " + std::to_string(other) + " did not join at " + where_ +
             " within " + detail::format_duration(options_.timeout) + " (WORLD_SIZE is " + mine +
-            " here: is it the same on every rank, and did every "
-            "rank start?)");
+            " here: is it the same on every rank, and did every rank start?)");
       }
-      const auto theirs = detail::to_text(store_->get(key));
+      std::string theirs;
+      try {
+        theirs = detail::to_text(store_->get(key));
+      } catch (const std::exception& e) {
+        throw lost(e);
+      }
       if (theirs != mine) {
-        throw DistributedError("ProcessGroupGuard: WORLD_SIZE differs between ranks: rank " +
-                               std::to_string(other) + " has " + theirs + ", rank " +
-                               std::to_string(rank_) + " has " + mine);
+        mismatch.emplace("ProcessGroupGuard: WORLD_SIZE differs between ranks: rank " +
+                         std::to_string(other) + " has " + theirs + ", rank " +
+                         std::to_string(rank_) + " has " + mine);
       }
     }
+    if (!mismatch) return;
+    try {
+      const auto checked = store_->add("checked", 1);
+      if (serves_store_) {
+        // Bounded: a rank that joined but hangs must not hold this one past the timeout.
+        const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
+        auto done = checked;
+        while (done < store_->add("joined", 0) && std::chrono::steady_clock::now() < deadline) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+          done = store_->add("checked", 0);
+        }
+      }
+    } catch (const std::exception&) {
+      // The mismatch is the error to report; a store gone by now changes nothing.
+    }
+    throw *mismatch;
   }
 
   void create_group() {
@@ -457,6 +490,7 @@ class ProcessGroupGuard {
   bool nccl_ = false;
   torch::Device device_{torch::kCPU};
   std::string where_;
+  bool serves_store_ = false;  // this rank's process is the TCPStore's server
   c10::intrusive_ptr<c10d::Store> store_;
   c10::intrusive_ptr<detail::ProcessGroupBase> group_;
   bool closed_ = false;
