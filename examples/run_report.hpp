@@ -23,6 +23,7 @@
 #include <iterator>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -203,9 +204,16 @@ inline std::string read_tail(const std::string& path, std::size_t max_chars) {
 
 // Appends rows of numbers to a CSV file. Writes the header only into a new or empty file and
 // refuses a file whose header differs, so a resumed run appends to the same table.
+//
+// With `keep_through_step`, the table must have a "step" column and is cut back to the rows at
+// or before that step: a run resumed from an older checkpoint (after a fallback, or after a
+// crash between the last row and the next commit) redoes those steps and would otherwise list
+// them twice. A partial last row, left by a run killed mid-write, is dropped as well. The file
+// is rewritten through a temporary file and a rename, so an interruption keeps the old table.
 class CsvWriter {
  public:
-  CsvWriter(std::string path, std::vector<std::string> columns)
+  CsvWriter(std::string path, std::vector<std::string> columns,
+            std::optional<std::int64_t> keep_through_step = std::nullopt)
       : path_(std::move(path)), columns_(std::move(columns)) {
     if (columns_.empty()) throw std::invalid_argument("CsvWriter " + path_ + ": no columns");
     for (const std::string& column : columns_) {
@@ -213,31 +221,62 @@ class CsvWriter {
         throw std::invalid_argument("CsvWriter " + path_ + ": bad column name \"" + column + "\"");
       }
     }
-    const std::string header = detail::join(columns_, ",");
-    file_.reset(std::fopen(path_.c_str(), "a+"));
-    if (!file_) fail("cannot open");
-    std::FILE* file = file_.get();
-    if (std::fseek(file, 0, SEEK_END) != 0) fail("cannot seek");
-    const long size = std::ftell(file);
-    if (size > 0) {
-      std::rewind(file);
-      std::string first_line;
-      for (int c = std::fgetc(file); c != EOF && c != '\n'; c = std::fgetc(file)) {
-        if (c != '\r') first_line += static_cast<char>(c);
-      }
-      if (first_line != header) {
-        throw std::runtime_error(path_ + ": existing header \"" + first_line +
-                                 "\" differs from \"" + header +
-                                 "\"; use a new run directory or remove the file");
-      }
-      // A run killed mid-row leaves a partial line: end it so the next row starts cleanly.
-      if (std::fseek(file, size - 1, SEEK_SET) != 0) fail("cannot seek");
-      const bool ends_with_newline = std::fgetc(file) == '\n';
-      if (std::fseek(file, 0, SEEK_END) != 0) fail("cannot seek");
-      if (!ends_with_newline) write_line("");
-    } else {
-      write_line(header);
+    const auto step_column = std::find(columns_.begin(), columns_.end(), "step");
+    if (keep_through_step && step_column == columns_.end()) {
+      throw std::invalid_argument("CsvWriter " + path_ + ": keep_through_step needs a step column");
     }
+    const std::string header = detail::join(columns_, ",");
+    std::string text;
+    {
+      std::ifstream in(path_, std::ios::binary);
+      if (in) text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+      if (in.bad()) fail("cannot read");
+    }
+    if (text.empty()) {
+      open("w");
+      write_line(header);
+      return;
+    }
+    std::string first_line = text.substr(0, text.find('\n'));
+    if (!first_line.empty() && first_line.back() == '\r') first_line.pop_back();
+    if (first_line != header) {
+      throw std::runtime_error(path_ + ": existing header \"" + first_line + "\" differs from \"" +
+                               header + "\"; use a new run directory or remove the file");
+    }
+    // Complete lines only; with a limit, only rows whose step is within it.
+    const auto step_index = static_cast<std::size_t>(step_column - columns_.begin());
+    std::string kept = header + "\n";
+    std::size_t at = text.find('\n');
+    while (at != std::string::npos && at + 1 < text.size()) {
+      const std::size_t end = text.find('\n', at + 1);
+      if (end == std::string::npos) break;  // a partial row
+      const std::string line = text.substr(at + 1, end - at - 1);
+      at = end;
+      if (keep_through_step) {
+        const std::vector<std::string> fields = detail::split_line(line);
+        if (fields.size() <= step_index) continue;
+        char* parsed_end = nullptr;
+        const double step = std::strtod(fields[step_index].c_str(), &parsed_end);
+        if (parsed_end == fields[step_index].c_str() ||
+            step > static_cast<double>(*keep_through_step)) {
+          continue;
+        }
+      }
+      kept += line + "\n";
+    }
+    if (kept.size() != text.size()) {
+      const std::string temporary = path_ + ".tmp";
+      {
+        detail::File out(std::fopen(temporary.c_str(), "w"));
+        if (!out || std::fputs(kept.c_str(), out.get()) == EOF || std::fflush(out.get()) != 0) {
+          const int error = errno;
+          std::remove(temporary.c_str());
+          throw std::runtime_error(temporary + ": cannot write: " + detail::errno_text(error));
+        }
+      }
+      if (std::rename(temporary.c_str(), path_.c_str()) != 0) fail("cannot replace");
+    }
+    open("a");
   }
 
   // One value per column; integers up to 1e12 are written exactly.
@@ -260,6 +299,11 @@ class CsvWriter {
  private:
   [[noreturn]] void fail(const char* what) const {
     throw std::runtime_error(path_ + ": " + what + ": " + detail::errno_text(errno));
+  }
+
+  void open(const char* mode) {
+    file_.reset(std::fopen(path_.c_str(), mode));
+    if (!file_) fail("cannot open");
   }
 
   // Flushed per row so a crash loses at most the row being written.

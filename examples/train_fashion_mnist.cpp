@@ -117,10 +117,11 @@ int train(const Config& config) {
     std::int64_t total_steps = steps_per_epoch * config.epochs;
     if (config.max_steps > 0) total_steps = std::min(total_steps, config.max_steps);
 
+    // Rows past the restored step are redone by this run: the tables drop them first.
     run_report::CsvWriter step_csv((run_dir / run_report::kStepsCsv).string(),
-                                   run_report::StepRow::columns());
+                                   run_report::StepRow::columns(), checkpoint.current_step());
     run_report::CsvWriter epoch_csv((run_dir / run_report::kEpochsCsv).string(),
-                                    run_report::EpochRow::columns());
+                                    run_report::EpochRow::columns(), checkpoint.current_step());
     bool stopped = false;
     const auto run_start = Clock::now();
     std::int64_t samples_this_run = 0;
