@@ -549,6 +549,37 @@ TEST_CASE("Prefetcher's destructor cancels loads in flight and waits for them",
   CHECK(std::chrono::steady_clock::now() - started < 20s);
 }
 
+TEST_CASE("Prefetcher::cancel() from another thread ends a consumer blocked in next()",
+          "[async][prefetcher]") {
+  // The load ignores its token and stays until released: the consumer must not wait for it.
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<int> running{0};
+  PrefetchOptions options;
+  options.depth = 2;
+  Prefetcher<int> items(
+      10,
+      [&](std::size_t index) {
+        ++running;
+        released.wait();
+        --running;
+        return static_cast<int>(index);
+      },
+      options);
+  auto consumer = std::async(std::launch::async, [&] { return items.next(); });
+  wait_until([&] { return running == 2; });
+  CHECK(consumer.wait_for(50ms) == std::future_status::timeout);  // blocked on item 0
+  std::thread canceller([&] { items.cancel(); });                 // waits for the loads
+  const bool woke = consumer.wait_for(20s) == std::future_status::ready;
+  CHECK(woke);
+  CHECK(running == 2);  // the consumer came back while the loads still ran
+  release.set_value();
+  canceller.join();
+  CHECK(running == 0);
+  CHECK_FALSE(consumer.get().has_value());
+  CHECK_FALSE(items.next().has_value());  // and stays ended
+}
+
 TEST_CASE("Prefetcher checks its options", "[async][prefetcher]") {
   auto load = [](std::size_t index) { return torch::zeros({1}) + static_cast<double>(index); };
   PrefetchOptions options;
@@ -728,6 +759,50 @@ TEST_CASE("BatchedInference drains pending requests on close, then refuses new o
     CHECK(futures[static_cast<std::size_t>(i)].get().item<double>() == i + 1.0);
   }
   CHECK(calls >= 8);
+}
+
+TEST_CASE("BatchedInference::close() racing submit(): each request is answered or refused",
+          "[async][batched]") {
+  BatchedInferenceOptions options;
+  options.max_batch = 8;
+  options.max_delay = 200us;
+  BatchedInference server([](const torch::Tensor& batch) { return batch * 2; }, options);
+  constexpr int kCallers = 4;
+  std::vector<std::vector<std::pair<double, std::future<torch::Tensor>>>> answers(kCallers);
+  std::atomic<int> refused{0};
+  std::atomic<int> submitted{0};
+  std::vector<std::thread> callers;
+  for (int caller = 0; caller < kCallers; ++caller) {
+    callers.emplace_back([&, caller] {
+      for (int i = 0;; ++i) {
+        const double value = caller * 1e6 + i;
+        try {
+          answers[static_cast<std::size_t>(caller)].emplace_back(
+              value, server.submit(torch::full({2}, value, torch::kDouble)));
+          ++submitted;
+        } catch (const std::logic_error& e) {
+          CHECK_THAT(std::string(e.what()), Contains("after close()"));
+          ++refused;
+          return;
+        }
+      }
+    });
+  }
+  wait_until([&] { return submitted >= 200; });
+  server.close();
+  for (auto& thread : callers) thread.join();
+  CHECK(refused == kCallers);
+  std::size_t answered = 0;
+  for (auto& per_caller : answers) {
+    for (auto& [value, future] : per_caller) {
+      REQUIRE(future.wait_for(10s) == std::future_status::ready);
+      const auto output = future.get();
+      CHECK(output[0].item<double>() == value * 2);
+      ++answered;
+    }
+  }
+  CHECK(answered == static_cast<std::size_t>(submitted.load()));
+  CHECK(server.stats().requests == answered);
 }
 
 TEST_CASE("BatchedInference checks its arguments", "[async][batched]") {

@@ -281,6 +281,8 @@ class TaskPool {
       if (slots_[index].cancel) slots_[index].cancel->cancel();
     }
     window_cv_.notify_all();
+    // A consumer waiting for an item sees the stop now, not when the running tasks return.
+    progress_cv_.notify_all();
   }
 
   // Waits for every worker to return. Call without the lock.
