@@ -24,6 +24,7 @@
 
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <torchguard/torchguard.hpp>
 
 #include "fashion_mnist.hpp"
@@ -64,6 +65,65 @@ double peak_rss_mib() {
   return 0.0;
 }
 void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// One epoch's running train figures. Each checkpoint's metadata carries them, so an epoch
+// resumed midway goes on from where it stopped: the same train loss and accuracy, and the same
+// metrics rows, as a run never stopped. JSON keeps the doubles exact.
+struct EpochFigures {
+  static constexpr const char* kKey = "epoch_figures";
+  double loss_sum = 0;  // the loss times the samples of each batch
+  std::int64_t correct = 0;
+  std::int64_t seen = 0;
+  double window_loss = 0;  // since the last metrics row
+  std::int64_t window_steps = 0;
+  double earlier_seconds = 0;  // spent on this epoch by earlier runs
+
+  void add(double loss, std::int64_t samples, std::int64_t right) {
+    loss_sum += loss * static_cast<double>(samples);
+    correct += right;
+    seen += samples;
+    window_loss += loss;
+    ++window_steps;
+  }
+  // The mean loss since the last row; starts the next window.
+  double take_window_loss() {
+    const double mean = window_steps ? window_loss / static_cast<double>(window_steps) : 0.0;
+    window_loss = 0;
+    window_steps = 0;
+    return mean;
+  }
+  double train_loss() const { return seen ? loss_sum / static_cast<double>(seen) : 0.0; }
+  double train_accuracy() const {
+    return seen ? static_cast<double>(correct) / static_cast<double>(seen) : 0.0;
+  }
+
+  nlohmann::json to_json(std::int64_t epoch, double seconds) const {
+    return {{"epoch", epoch},    {"loss_sum", loss_sum},       {"correct", correct},
+            {"seen", seen},      {"window_loss", window_loss}, {"window_steps", window_steps},
+            {"seconds", seconds}};
+  }
+  // The figures saved for `epoch`, or a fresh start (a checkpoint without them, or of another
+  // epoch).
+  static EpochFigures restore(const nlohmann::json& metadata, std::int64_t epoch) {
+    EpochFigures figures;
+    const auto saved = metadata.find(kKey);
+    if (saved == metadata.end() || !saved->is_object() ||
+        saved->value("epoch", std::int64_t{-1}) != epoch) {
+      return figures;
+    }
+    figures.loss_sum = saved->value("loss_sum", 0.0);
+    figures.correct = saved->value("correct", std::int64_t{0});
+    figures.seen = saved->value("seen", std::int64_t{0});
+    figures.window_loss = saved->value("window_loss", 0.0);
+    figures.window_steps = saved->value("window_steps", std::int64_t{0});
+    figures.earlier_seconds = saved->value("seconds", 0.0);
+    return figures;
+  }
+};
 
 int train(const Config& config) {
   at::set_num_threads(config.threads);  // fixed: results depend on it
@@ -160,10 +220,11 @@ int train(const Config& config) {
           },
           prefetch);
 
-      double loss_sum = 0;
-      double window_loss = 0;  // since the last metrics row
-      std::int64_t window_steps = 0;
-      std::int64_t correct = 0, seen = 0;
+      // The epoch's running figures travel in each checkpoint's metadata, so an epoch resumed
+      // midway reports the same train loss, accuracy and metrics rows as one never stopped.
+      EpochFigures figures;
+      if (first_batch > 0) figures = EpochFigures::restore(checkpoint.metadata(), epoch);
+      const std::int64_t seen_before = figures.seen;
       for (auto& batch : batches) {
         optimizer.zero_grad();
         const auto logits = model->forward(batch.data);
@@ -171,28 +232,28 @@ int train(const Config& config) {
         loss.backward();
         optimizer.step();
         const double loss_value = loss.item<double>();
-        window_loss += loss_value;
-        ++window_steps;
-        loss_sum += loss_value * static_cast<double>(batch.target.size(0));
-        correct += logits.argmax(1).eq(batch.target).sum().item<std::int64_t>();
-        seen += batch.target.size(0);
+        figures.add(loss_value, batch.target.size(0),
+                    logits.argmax(1).eq(batch.target).sum().item<std::int64_t>());
         samples_this_run += batch.target.size(0);
 
-        const auto result = checkpoint.step({{"loss", loss_value}});
-        const std::int64_t step = checkpoint.current_step();
-        progress.update(step - epoch * steps_per_epoch - first_batch, seen, loss_value);
-        if (step % config.log_every == 0 || result.stop || step == total_steps) {
+        // A metrics row every log_every steps, written before the checkpoint of its step: a
+        // row past the step a later run restores is cut from metrics.csv by that run.
+        const std::int64_t step = checkpoint.current_step() + 1;
+        if (step % config.log_every == 0 || step == total_steps) {
           run_report::StepRow row;
           row.step = step;
           row.epoch = epoch + 1;
-          row.loss = window_loss / static_cast<double>(window_steps);
+          row.loss = figures.take_window_loss();
           row.lr = config.learning_rate;
           row.samples_per_s = progress.samples_per_second();
           step_csv.write_row(row.values());
           session.log_metrics(step, {{"loss", row.loss}, {"samples_per_s", row.samples_per_s}});
-          window_loss = 0;
-          window_steps = 0;
         }
+        checkpoint.metadata()[EpochFigures::kKey] =
+            figures.to_json(epoch, figures.earlier_seconds + seconds_since(epoch_start));
+        const auto result = checkpoint.step({{"loss", loss_value}});
+        progress.update(step - epoch * steps_per_epoch - first_batch, figures.seen - seen_before,
+                        loss_value);
         if (result.stop) {
           stopped = true;
           break;
@@ -210,11 +271,11 @@ int train(const Config& config) {
       run_report::EpochRow row;
       row.epoch = epoch + 1;
       row.step = checkpoint.current_step();
-      row.train_loss = seen ? loss_sum / static_cast<double>(seen) : 0.0;
-      row.train_accuracy = seen ? static_cast<double>(correct) / static_cast<double>(seen) : 0.0;
+      row.train_loss = figures.train_loss();
+      row.train_accuracy = figures.train_accuracy();
       row.test_loss = evaluation.loss;
       row.test_accuracy = evaluation.accuracy;
-      row.seconds = std::chrono::duration<double>(Clock::now() - epoch_start).count();
+      row.seconds = figures.earlier_seconds + seconds_since(epoch_start);
       // GPU: the allocator's peak inside the epoch; CPU: the process's peak resident memory.
       row.memory_peak_mib =
           memory.stats().available
