@@ -129,6 +129,18 @@ inline std::vector<std::string> split_line(const std::string& line) {
   return fields;
 }
 
+// A row's `columns` values; NaN where a field is missing or not a number.
+inline std::vector<double> parse_row(const std::string& line, std::size_t columns) {
+  const std::vector<std::string> fields = split_line(line);
+  std::vector<double> row(columns, std::numeric_limits<double>::quiet_NaN());
+  for (std::size_t i = 0; i < fields.size() && i < row.size(); ++i) {
+    char* end = nullptr;
+    const double value = std::strtod(fields[i].c_str(), &end);
+    if (!fields[i].empty() && end != nullptr && *end == '\0') row[i] = value;
+  }
+  return row;
+}
+
 // A missing file reads as an empty table.
 inline CsvTable read_csv(const std::string& path) {
   CsvTable table;
@@ -137,15 +149,7 @@ inline CsvTable read_csv(const std::string& path) {
   if (!std::getline(in, line)) return table;
   table.columns = split_line(line);
   while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    const std::vector<std::string> fields = split_line(line);
-    std::vector<double> row(table.columns.size(), std::numeric_limits<double>::quiet_NaN());
-    for (std::size_t i = 0; i < fields.size() && i < row.size(); ++i) {
-      char* end = nullptr;
-      const double value = std::strtod(fields[i].c_str(), &end);
-      if (!fields[i].empty() && end != nullptr && *end == '\0') row[i] = value;
-    }
-    table.rows.push_back(std::move(row));
+    if (!line.empty()) table.rows.push_back(parse_row(line, table.columns.size()));
   }
   return table;
 }
@@ -252,15 +256,10 @@ class CsvWriter {
       if (end == std::string::npos) break;  // a partial row
       const std::string line = text.substr(at + 1, end - at - 1);
       at = end;
-      if (keep_through_step) {
-        const std::vector<std::string> fields = detail::split_line(line);
-        if (fields.size() <= step_index) continue;
-        char* parsed_end = nullptr;
-        const double step = std::strtod(fields[step_index].c_str(), &parsed_end);
-        if (parsed_end == fields[step_index].c_str() ||
-            step > static_cast<double>(*keep_through_step)) {
-          continue;
-        }
+      // A row without a readable step goes too (NaN compares false).
+      if (keep_through_step && !(detail::parse_row(line, columns_.size())[step_index] <=
+                                 static_cast<double>(*keep_through_step))) {
+        continue;
       }
       kept += line + "\n";
     }

@@ -106,8 +106,8 @@ struct EpochFigures {
             {"seen", seen},      {"window_loss", window_loss}, {"window_steps", window_steps},
             {"seconds", seconds}};
   }
-  // The figures saved for `epoch`, or a fresh start (a checkpoint without them, or of another
-  // epoch).
+  // The figures saved for `epoch`, or a fresh start: no checkpoint, one without them, or one
+  // taken in an earlier epoch (the last step of an epoch saves that epoch's figures).
   static EpochFigures restore(const nlohmann::json& metadata, std::int64_t epoch) {
     EpochFigures figures;
     const auto saved = metadata.find(kKey);
@@ -222,8 +222,7 @@ int train(const Config& config) {
 
       // The epoch's running figures travel in each checkpoint's metadata, so an epoch resumed
       // midway reports the same train loss, accuracy and metrics rows as one never stopped.
-      EpochFigures figures;
-      if (first_batch > 0) figures = EpochFigures::restore(checkpoint.metadata(), epoch);
+      EpochFigures figures = EpochFigures::restore(checkpoint.metadata(), epoch);
       const std::int64_t seen_before = figures.seen;
       for (auto& batch : batches) {
         optimizer.zero_grad();
