@@ -228,24 +228,30 @@ GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast)
     pool.stop(lock);
     for (std::size_t i = 0; i < pool.size(); ++i) pool.fail(lock, i, error);
   };
+  // Only while an item still runs: a timed-out item that ignores its token has no deadline left.
+  auto item_deadline = [&](std::size_t index) {
+    return pool.is_running(index) ? saturating_add(pool.slot(index).started, *options.item_timeout)
+                                  : Clock::time_point::max();
+  };
+  auto done = [&] {
+    return std::to_string(pool.completion_order().size()) + " of " + std::to_string(pool.size()) +
+           " items done";
+  };
   std::size_t reported = 0;
   auto lock = pool.lock();
   for (;;) {
     const auto now = Clock::now();
     if (!pool.stopped()) {
-      const auto done = std::to_string(pool.completion_order().size()) + " of " +
-                        std::to_string(pool.size()) + " items done";
       if (options.cancellation.cancelled()) {
-        end_all(lock, std::make_exception_ptr(Cancelled("gather cancelled with " + done)));
+        end_all(lock, std::make_exception_ptr(Cancelled("gather cancelled with " + done())));
       } else if (now >= deadline) {
-        end_all(lock,
-                std::make_exception_ptr(TimeoutError(
-                    "gather timed out after " + timeout_text(*options.timeout) + " with " + done)));
+        end_all(lock, std::make_exception_ptr(TimeoutError("gather timed out after " +
+                                                           timeout_text(*options.timeout) +
+                                                           " with " + done())));
       } else if (options.item_timeout) {
         const auto running = pool.running();  // a copy: fail() may change the list
         for (auto index : running) {
-          if (pool.is_running(index) &&
-              saturating_add(pool.slot(index).started, *options.item_timeout) <= now) {
+          if (item_deadline(index) <= now) {
             pool.fail(lock, index,
                       std::make_exception_ptr(TimeoutError("item " + std::to_string(index) +
                                                            " timed out after " +
@@ -273,12 +279,7 @@ GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast)
     // Once stopped, only the workers' exits are awaited: they notify.
     auto wake = pool.stopped() ? Clock::time_point::max() : deadline;
     if (options.item_timeout && !pool.stopped()) {
-      for (auto index : pool.running()) {
-        // A timed-out item still running (it ignores its token) has no deadline left.
-        if (pool.is_running(index)) {
-          wake = std::min(wake, saturating_add(pool.slot(index).started, *options.item_timeout));
-        }
-      }
+      for (auto index : pool.running()) wake = std::min(wake, item_deadline(index));
     }
     if (options.cancellation.can_be_cancelled() && !pool.stopped()) {
       // A source's cancel() cannot wake this thread: poll it.
