@@ -54,10 +54,12 @@ class CaptureSink final : public spdlog::sinks::base_sink<std::mutex> {
       return line.level == level && line.text.find(needle) != std::string::npos;
     });
   }
-  std::size_t count(spdlog::level::level_enum level) {
+  // The number of lines at `level` (containing `needle`).
+  std::size_t count(spdlog::level::level_enum level, const std::string& needle = "") {
     auto all = lines();
-    return static_cast<std::size_t>(std::count_if(
-        all.begin(), all.end(), [&](const LogLine& line) { return line.level == level; }));
+    return static_cast<std::size_t>(std::count_if(all.begin(), all.end(), [&](const LogLine& line) {
+      return line.level == level && line.text.find(needle) != std::string::npos;
+    }));
   }
   std::string dump() {
     std::string out;

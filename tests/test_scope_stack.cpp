@@ -11,6 +11,9 @@ using torchguard::Outcome;
 using torchguard::ScopeStack;
 using torchguard::testing::CapturedLogger;
 
+static_assert(torchguard::is_guard_v<ScopeStack>);
+static_assert(!torchguard::is_guard_v<std::vector<int>>);
+
 namespace {
 
 struct Event {

@@ -1,5 +1,11 @@
-// torchguard: RAII guards for LibTorch training and inference. Includes every guard.
+// torchguard: RAII guards for LibTorch training and inference. Includes every part.
 #pragma once
+
+#include "torchguard/core/cancellation.hpp"
+#include "torchguard/core/error.hpp"
+#include "torchguard/core/guard.hpp"
+#include "torchguard/core/logging.hpp"
+#include "torchguard/core/outcome.hpp"
 
 #include "torchguard/async.hpp"
 #include "torchguard/checkpoint_guard.hpp"

@@ -21,21 +21,10 @@
 
 #include <spdlog/fmt/fmt.h>
 
+#include "torchguard/core/error.hpp"
+
 namespace torchguard {
 namespace detail {
-
-// An I/O error that names the operation, the file and the system's reason.
-class FileError : public std::runtime_error {
- public:
-  FileError(const std::string& operation, const std::filesystem::path& path, int error_number)
-      : std::runtime_error(
-            fmt::format("{} '{}': {}", operation, path.string(), std::strerror(error_number))),
-        error_number_(error_number) {}
-  int error_number() const noexcept { return error_number_; }
-
- private:
-  int error_number_;
-};
 
 // Streaming XXH3-64 of the bytes given to update().
 class Hasher {

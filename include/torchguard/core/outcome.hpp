@@ -6,6 +6,8 @@
 #include <utility>
 #include <vector>
 
+#include "torchguard/core/metrics.hpp"
+
 namespace torchguard {
 
 // The way a scope ended. Guards that act differently on failure (a checkpoint saved only on
@@ -15,10 +17,6 @@ enum class Outcome { success, failure };
 inline const char* to_string(Outcome outcome) noexcept {
   return outcome == Outcome::success ? "success" : "failure";
 }
-
-// One named value of a training step ("loss", 0.25), as guards log, save and compare them.
-using Metric = std::pair<std::string, double>;
-using Metrics = std::vector<Metric>;
 
 namespace detail {
 
