@@ -148,6 +148,18 @@ TEST_CASE("missing parent directories of the log and metrics files are created",
   CHECK(fs::file_size(options.metrics_file) > 0);
 }
 
+namespace {
+
+std::vector<nlohmann::json> read_rows(const fs::path& path) {
+  std::ifstream in(path);
+  std::string line;
+  std::vector<nlohmann::json> rows;
+  while (std::getline(in, line)) rows.push_back(nlohmann::json::parse(line));
+  return rows;
+}
+
+}  // namespace
+
 TEST_CASE("log_metrics appends one JSON object per line and logs a readable line", "[session]") {
   TempDir dir;
   CapturedLogger captured;
@@ -162,13 +174,12 @@ TEST_CASE("log_metrics appends one JSON object per line and logs a readable line
   }
   {
     TrainingSession resumed("metrics", options);  // a resumed run appends
-    resumed.log_metrics(30, {{"loss", 0.125}});
+    resumed.log_metrics(30, {{"loss", 0.125}, {"epoch", 2}});
   }
   CHECK(captured.sink->contains(spdlog::level::info, "step 10 | loss=0.25 | accuracy=0.875"));
-  std::ifstream in(metrics);
-  std::string line;
-  std::vector<nlohmann::json> records;
-  while (std::getline(in, line)) records.push_back(nlohmann::json::parse(line));
+  // One readable line per session here (the interval is 10 s), every row in the file.
+  CHECK(captured.sink->count(spdlog::level::info, "step ") == 2);
+  const auto records = read_rows(metrics);
   REQUIRE(records.size() == 3);
   CHECK(records[0]["step"] == 10);
   CHECK(records[0]["loss"] == 0.25);
@@ -176,6 +187,10 @@ TEST_CASE("log_metrics appends one JSON object per line and logs a readable line
   CHECK(records[0]["elapsed_s"].is_number());
   CHECK(records[1]["loss"].is_null());  // NaN is not JSON: written as null
   CHECK(records[2]["step"] == 30);
+  CHECK(records[2]["epoch"].is_number_integer());  // an integer metric stays an integer
+  CHECK(records[2]["epoch"] == 2);
+  CHECK(records[2]["loss"].is_number_float());
+  CHECK(captured.sink->contains(spdlog::level::info, "step 30 | loss=0.125 | epoch=2"));
 }
 
 TEST_CASE("request_stop() is seen by stop_requested()", "[session]") {
@@ -184,6 +199,91 @@ TEST_CASE("request_stop() is seen by stop_requested()", "[session]") {
   CHECK_FALSE(session.stop_requested());
   session.request_stop();
   CHECK(session.stop_requested());
+}
+
+TEST_CASE("the stop token is cancelled by request_stop() and wakes a waiting task",
+          "[session][cancellation]") {
+  CapturedLogger captured;
+  TrainingSession session("token", captured.logger);
+  const torchguard::CancellationToken token = session.stop_token();
+  CHECK(token.can_be_cancelled());
+  CHECK_FALSE(token.cancelled());
+  std::thread stopper([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    session.request_stop();
+  });
+  const auto started = std::chrono::steady_clock::now();
+  CHECK(token.wait_for(std::chrono::seconds(30)));
+  CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(20));
+  stopper.join();
+  CHECK(token.cancelled());
+  CHECK(session.stop_requested());
+}
+
+TEST_CASE("resume_metrics() drops the rows past the resumed step and a partial last row",
+          "[session]") {
+  TempDir dir;
+  CapturedLogger captured;
+  const fs::path metrics = dir.path / "metrics.jsonl";
+  TrainingSessionOptions options;
+  options.logger = captured.logger;
+  options.metrics_file = metrics;
+  {
+    TrainingSession first("first", options);
+    for (int step = 10; step <= 40; step += 10) first.log_metrics(step, {{"loss", 1.0 / step}});
+  }
+  {
+    std::ofstream partial(metrics, std::ios::app);  // a run killed in the middle of a row
+    partial << "{\"step\": 50, \"lo";
+  }
+  TrainingSession resumed("resumed", options);
+  resumed.resume_metrics(20);  // the checkpoint it resumes from is older than the last rows
+  resumed.log_metrics(30, {{"loss", 0.5}});
+  auto rows = read_rows(metrics);
+  REQUIRE(rows.size() == 3);
+  CHECK(rows[0]["step"] == 10);
+  CHECK(rows[1]["step"] == 20);
+  CHECK(rows[2]["step"] == 30);
+  CHECK(rows[2]["loss"] == 0.5);
+  CHECK(captured.sink->contains(spdlog::level::info, "3 metrics rows past it dropped"));
+  resumed.resume_metrics(30);  // nothing past it: the file is left as it is
+  CHECK(read_rows(metrics).size() == 3);
+}
+
+TEST_CASE("guards built without a logger inside a session log to the session's log file",
+          "[session]") {
+  TempDir dir;
+  CapturedLogger captured;
+  const auto before = torchguard::default_logger();
+  {
+    TrainingSessionOptions options;
+    options.logger = captured.logger;
+    options.log_file = dir.path / "train.log";
+    TrainingSession session("shared", options);
+    torchguard::ScopeStack stack;  // no logger given: the session's
+    stack.callback([] { throw std::runtime_error("a cleanup failed"); });
+    CHECK_THROWS(stack.close());
+    stack.callback([] { throw std::runtime_error("and another"); });
+    stack.callback([] { throw std::runtime_error("a second one"); });
+    CHECK_THROWS(stack.close());
+  }
+  CHECK(torchguard::default_logger() == before);  // given back at close
+  CHECK(captured.sink->contains(spdlog::level::err, "another cleanup failed too"));
+  CHECK_THAT(torchguard::testing::read_text(dir.path / "train.log"),
+             Contains("another cleanup failed too"));
+}
+
+TEST_CASE("a moved session logs its end once, from where it lives", "[session][contract]") {
+  static_assert(torchguard::is_guard_v<TrainingSession>);
+  CapturedLogger captured;
+  {
+    TrainingSession first("moved", captured.logger);
+    TrainingSession second(std::move(first));
+    TrainingSession third("other", captured.logger);
+    third = std::move(second);  // "other" ends here
+    CHECK(captured.sink->count(spdlog::level::info, "'other' completed successfully") == 1);
+  }
+  CHECK(captured.sink->count(spdlog::level::info, "'moved' completed successfully") == 1);
 }
 
 TEST_CASE("SIGTERM sent to the process requests a stop and handlers come back at exit",
@@ -205,7 +305,8 @@ TEST_CASE("SIGTERM sent to the process requests a stop and handlers come back at
     CHECK_FALSE(session.stop_requested());
     REQUIRE(::kill(::getpid(), SIGTERM) == 0);
     CHECK(wait_for_stop(session));
-    CHECK(custom_handler_calls == 0);  // the session's handler took it, the process lives
+    CHECK(session.stop_token().cancelled());  // the one stop signal the other guards take
+    CHECK(custom_handler_calls == 0);         // the session's handler took it, the process lives
     CHECK(captured.sink->contains(spdlog::level::warn, "SIGTERM received, stopping"));
   }
   CHECK(captured.sink->contains(spdlog::level::warn, "stopped by SIGTERM"));
@@ -219,6 +320,35 @@ TEST_CASE("SIGTERM sent to the process requests a stop and handlers come back at
   }
   CHECK(custom_handler_calls == 1);
   ::sigaction(SIGTERM, &saved_term, nullptr);
+  ::sigaction(SIGINT, &saved_int, nullptr);
+}
+
+TEST_CASE("a signal inherited as ignored stays ignored, and the log says so once",
+          "[session][signal]") {
+  CapturedLogger captured;
+  struct sigaction ignore {};
+  ignore.sa_handler = SIG_IGN;
+  sigemptyset(&ignore.sa_mask);
+  struct sigaction saved_int {};
+  REQUIRE(::sigaction(SIGINT, &ignore, &saved_int) == 0);
+  {
+    TrainingSessionOptions options;
+    options.logger = captured.logger;
+    options.handle_signals = true;
+    TrainingSession session("nohup", options);
+    struct sigaction now {};
+    REQUIRE(::sigaction(SIGINT, nullptr, &now) == 0);
+    CHECK(now.sa_handler == SIG_IGN);
+    REQUIRE(::sigaction(SIGTERM, nullptr, &now) == 0);
+    CHECK(now.sa_handler != SIG_IGN);  // SIGTERM was not ignored: the session takes it
+    REQUIRE(::kill(::getpid(), SIGINT) == 0);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    CHECK_FALSE(session.stop_requested());
+    CHECK(captured.sink->count(spdlog::level::info, "SIGINT ignored by this process") == 1);
+  }
+  struct sigaction after {};
+  REQUIRE(::sigaction(SIGINT, nullptr, &after) == 0);
+  CHECK(after.sa_handler == SIG_IGN);
   ::sigaction(SIGINT, &saved_int, nullptr);
 }
 

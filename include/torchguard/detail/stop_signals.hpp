@@ -6,9 +6,14 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <iterator>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+
+#include <spdlog/fmt/fmt.h>
+
+#include "torchguard/core/error.hpp"
 
 namespace torchguard {
 namespace detail {
@@ -41,6 +46,8 @@ inline const char* signal_name(int signal_number) noexcept {
 
 // Installs the stop handler for SIGINT and SIGTERM and puts the previous handlers back when
 // destroyed. Nested installs restore in LIFO order; the flag is cleared by the outermost one.
+// A signal inherited as ignored (nohup, a background job of a non-interactive shell) stays
+// ignored, as POSIX programs do.
 class StopSignalScope {
  public:
   StopSignalScope() {
@@ -50,19 +57,16 @@ class StopSignalScope {
     action.sa_handler = torchguard_stop_signal_handler;
     sigemptyset(&action.sa_mask);
     action.sa_flags = SA_RESTART;  // a signal must not make the training loop's I/O fail
-    if (::sigaction(SIGINT, &action, &previous_interrupt_) != 0 ||
-        ::sigaction(SIGTERM, &action, &previous_terminate_) != 0) {
-      const int error = errno;
-      ::sigaction(SIGINT, &previous_interrupt_, nullptr);
-      --depth();
-      throw std::runtime_error(std::string("cannot install the SIGINT/SIGTERM handler: ") +
-                               std::strerror(error));
+    for (Slot& slot : slots_) {
+      if (::sigaction(slot.signal, nullptr, &slot.previous) != 0) fail(errno);
+      slot.ignored = slot.previous.sa_handler == SIG_IGN;
+      if (!slot.ignored && ::sigaction(slot.signal, &action, nullptr) != 0) fail(errno);
+      slot.installed = !slot.ignored;
     }
   }
   ~StopSignalScope() {
     std::lock_guard<std::mutex> lock(mutex());
-    ::sigaction(SIGTERM, &previous_terminate_, nullptr);
-    ::sigaction(SIGINT, &previous_interrupt_, nullptr);
+    restore();
     --depth();
   }
   StopSignalScope(const StopSignalScope&) = delete;
@@ -71,7 +75,37 @@ class StopSignalScope {
   // The signal received since the outermost scope began, or 0.
   static int received() noexcept { return stop_signal_received.load(); }
 
+  // "SIGINT", "SIGINT and SIGTERM": the signals left ignored because they were ignored at entry.
+  std::string left_ignored() const {
+    std::string names;
+    for (const Slot& slot : slots_) {
+      if (slot.ignored)
+        names += fmt::format("{}{}", names.empty() ? "" : " and ", signal_name(slot.signal));
+    }
+    return names;
+  }
+
  private:
+  struct Slot {
+    int signal;
+    struct sigaction previous {};
+    bool ignored = false;
+    bool installed = false;
+  };
+
+  void restore() noexcept {
+    for (auto it = std::rbegin(slots_); it != std::rend(slots_); ++it) {
+      if (it->installed) ::sigaction(it->signal, &it->previous, nullptr);
+      it->installed = false;
+    }
+  }
+  [[noreturn]] void fail(int error) {
+    restore();
+    --depth();
+    throw Error(fmt::format("TrainingSession: cannot install the SIGINT/SIGTERM handler: {}",
+                            std::strerror(error)));
+  }
+
   static std::mutex& mutex() {
     static std::mutex m;
     return m;
@@ -80,8 +114,7 @@ class StopSignalScope {
     static int d = 0;
     return d;
   }
-  struct sigaction previous_interrupt_ {};
-  struct sigaction previous_terminate_ {};
+  Slot slots_[2] = {{SIGINT}, {SIGTERM}};
 };
 
 }  // namespace detail
