@@ -1,11 +1,14 @@
-// A flat file of named tensors, written straight from tensor memory: a JSON header (name, dtype,
-// shape, offset of each), then the raw bytes, each 64-byte aligned. No serializer copy and no
-// per-record CRC (the manifest's XXH3 covers the file), so a save runs at the disk's speed.
+// The on-disk format: a flat file of named tensors, written straight from tensor memory (a JSON
+// header with the name, dtype, shape and offset of each, then the raw bytes, each 64-byte
+// aligned; no serializer copy and no per-record CRC: the manifest's XXH3 covers the file), the
+// archive (state.pt) helpers, and how a module's tensors are named, checked and loaded.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <map>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -13,9 +16,11 @@
 #include <utility>
 #include <vector>
 
+#include <spdlog/fmt/fmt.h>
 #include <torch/torch.h>
 #include <nlohmann/json.hpp>
 
+#include "torchguard/core/error.hpp"
 #include "torchguard/detail/files.hpp"
 
 namespace torchguard {
@@ -51,15 +56,15 @@ inline const char* dtype_name(c10::ScalarType type) {
   for (const auto& [known, name] : dtype_names()) {
     if (known == type) return name;
   }
-  throw std::invalid_argument(std::string("tensors of dtype ") + c10::toString(type) +
-                              " cannot be checkpointed");
+  throw OptionsError(
+      fmt::format("tensors of dtype {} cannot be checkpointed", c10::toString(type)));
 }
 
 inline c10::ScalarType dtype_from_name(const std::string& name) {
   for (const auto& [type, known] : dtype_names()) {
     if (name == known) return type;
   }
-  throw std::runtime_error("unknown dtype '" + name + "'");
+  throw Error(fmt::format("unknown dtype '{}'", name));
 }
 
 // The tensor as the file stores it: detached, on the CPU, contiguous (a copy only if needed).
@@ -106,7 +111,7 @@ class TensorFileView {
  public:
   explicit TensorFileView(std::string_view bytes) : bytes_(bytes) {
     auto malformed = [](const std::string& why) {
-      throw std::runtime_error("malformed tensor file: " + why);
+      throw Error(fmt::format("malformed tensor file: {}", why));
     };
     std::uint64_t header_size = 0;
     if (bytes.size() < sizeof tensor_file_magic + sizeof header_size ||
@@ -132,12 +137,12 @@ class TensorFileView {
       for (const auto dim : e.shape) {
         if (dim < 0 ||
             __builtin_mul_overflow(expected, static_cast<std::uint64_t>(dim), &expected)) {
-          malformed("tensor '" + name + "' has an impossible shape");
+          malformed(fmt::format("tensor '{}' has an impossible shape", name));
         }
       }
       if (expected != e.bytes || e.offset > data_size || e.bytes > data_size - e.offset ||
           e.offset % tensor_file_alignment != 0) {
-        malformed("tensor '" + name + "' does not fit the file");
+        malformed(fmt::format("tensor '{}' does not fit the file", name));
       }
       entries_.emplace(name, std::move(e));
     }
@@ -201,6 +206,96 @@ class HostStaging {
 
  private:
   torch::Tensor buffer_;
+};
+
+// ---- the checkpoint directory's files ------------------------------------------------------
+
+inline constexpr int checkpoint_format_version = 1;
+inline constexpr const char* manifest_name = "manifest.json";
+inline constexpr const char* tensors_name = "tensors.bin";
+inline constexpr const char* state_name = "state.pt";
+
+// Serializes an archive through `sink(data, size)`. Torch must never see our I/O errors (its
+// stream writer would throw again from a destructor): the first one is kept and rethrown after.
+template <class Sink>
+void serialize_archive(torch::serialize::OutputArchive& archive, Sink&& sink) {
+  std::exception_ptr error;
+  archive.save_to([&](const void* data, std::size_t size) -> std::size_t {
+    if (!error) {
+      try {
+        sink(data, size);
+      } catch (...) {
+        error = std::current_exception();
+      }
+    }
+    return size;
+  });
+  if (error) std::rethrow_exception(error);
+}
+
+inline std::string serialize_to_memory(torch::serialize::OutputArchive& archive) {
+  std::string bytes;
+  serialize_archive(archive, [&](const void* data, std::size_t size) {
+    bytes.append(static_cast<const char*>(data), size);
+  });
+  return bytes;
+}
+
+inline std::unique_ptr<torch::serialize::OutputArchive> new_archive() {
+  return std::make_unique<torch::serialize::OutputArchive>(
+      std::make_shared<torch::jit::CompilationUnit>());
+}
+
+// A module's parameters and buffers as named tensors under `prefix`.
+inline void collect_module_tensors(const torch::nn::Module& module, const std::string& prefix,
+                                   std::vector<NamedTensor>& out) {
+  for (const auto& parameter : module.named_parameters()) {
+    out.push_back({prefix + parameter.key(), parameter.value()});
+  }
+  for (const auto& buffer : module.named_buffers()) {
+    out.push_back({prefix + buffer.key(), buffer.value()});
+  }
+}
+
+// Checks that the tensors under `prefix` match the module's parameters and buffers one for one
+// (names, shapes, dtypes); throws naming the first that does not. Changes nothing.
+inline void check_module_tensors(const torch::nn::Module& module, const std::string& prefix,
+                                 const TensorFileView& tensors) {
+  std::vector<NamedTensor> targets;
+  collect_module_tensors(module, prefix, targets);
+  for (const auto& target : targets) {
+    const auto stored = tensors.get(target.name);
+    if (!stored) throw Error(fmt::format("it has no tensor '{}'", target.name));
+    if (stored->sizes() != target.tensor.sizes() ||
+        stored->scalar_type() != target.tensor.scalar_type()) {
+      throw Error(fmt::format("'{}' is {}{} in the checkpoint, {}{} here", target.name,
+                              c10::toString(stored->scalar_type()), c10::str(stored->sizes()),
+                              c10::toString(target.tensor.scalar_type()),
+                              c10::str(target.tensor.sizes())));
+    }
+  }
+  const auto stored = tensors.names_with_prefix(prefix);
+  if (stored.size() != targets.size()) {
+    throw Error(fmt::format("it has {} tensors under '{}', this module has {}", stored.size(),
+                            prefix, targets.size()));
+  }
+}
+
+// Copies the tensors under `prefix` into the module's parameters and buffers, which keep their
+// device. Call check_module_tensors() first.
+inline void load_module_tensors(torch::nn::Module& module, const std::string& prefix,
+                                const TensorFileView& tensors) {
+  torch::NoGradGuard no_grad;
+  std::vector<NamedTensor> targets;
+  collect_module_tensors(module, prefix, targets);
+  for (auto& target : targets) target.tensor.copy_(*tensors.get(target.name));
+}
+
+// LRScheduler keeps its step count protected; a derived class may name it.
+struct SchedulerStepAccess : torch::optim::LRScheduler {
+  static unsigned& step_count(torch::optim::LRScheduler& scheduler) {
+    return scheduler.*(&SchedulerStepAccess::step_count_);
+  }
 };
 
 }  // namespace detail

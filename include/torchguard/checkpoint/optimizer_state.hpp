@@ -1,5 +1,5 @@
 // The per-parameter state of LibTorch's built-in optimizers as named tensors, so that it can be
-// written at the disk's speed (see tensor_file.hpp) and copied out cheaply for a background
+// written at the disk's speed (see checkpoint/format.hpp) and copied out cheaply for a background
 // save. Other optimizers fall back to their own serialize(). Version shim: LibTorch 1.13 keys
 // the state by a string of the parameter's TensorImpl address, 2.x by the address itself.
 #pragma once
@@ -16,7 +16,8 @@
 #include <spdlog/fmt/fmt.h>
 #include <torch/torch.h>
 
-#include "torchguard/detail/tensor_file.hpp"
+#include "torchguard/checkpoint/format.hpp"
+#include "torchguard/core/error.hpp"
 
 namespace torchguard {
 namespace detail {
@@ -106,8 +107,7 @@ bool load_known_state(torch::optim::Optimizer& optimizer, const char* kind,
                       const std::string& saved_kind, const TensorFileView& tensors) {
   if (!dynamic_cast<Optim*>(&optimizer)) return false;
   if (saved_kind != kind) {
-    throw std::runtime_error(
-        fmt::format("the optimizer is {}, the checkpoint's is {}", kind, saved_kind));
+    throw Error(fmt::format("the optimizer is {}, the checkpoint's is {}", kind, saved_kind));
   }
   auto& states = optimizer.state();
   using Map = std::decay_t<decltype(states)>;

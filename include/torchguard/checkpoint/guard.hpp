@@ -1,0 +1,329 @@
+// CheckpointGuard: restore the newest valid checkpoint on entry, save on exit, crash-safe.
+//
+//   torchguard::CheckpointGuard guard(model, optimizer, "checkpoints");   // restores, if any
+//   for (...; ...; ) {
+//     ... one training step ...
+//     if (guard.step({{"loss", loss}}).stop) break;   // saves every N steps, or on a stop request
+//   }
+//   // leaving the scope saves (policy: always / on success / never)
+//
+// Layout: <directory>/ckpt-<seq>-step-<step>/{tensors.bin, state.pt, manifest.json}. tensors.bin
+// holds the model's, the built-in optimizers' and the extras' tensors raw (format.hpp); state.pt
+// the optimizer groups' settings (and the state of an optimizer that is not built in) in
+// LibTorch's archive format. The parts: options.hpp (what users name), format.hpp (the files),
+// commit.hpp (the crash-safe commit), retention.hpp (what stays), restore.hpp (verify,
+// quarantine), state.hpp (what is saved and loaded), writer.hpp (the background thread).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+#include <nlohmann/json.hpp>
+
+#include "torchguard/checkpoint/commit.hpp"
+#include "torchguard/checkpoint/format.hpp"
+#include "torchguard/checkpoint/options.hpp"
+#include "torchguard/checkpoint/restore.hpp"
+#include "torchguard/checkpoint/retention.hpp"
+#include "torchguard/checkpoint/state.hpp"
+#include "torchguard/checkpoint/writer.hpp"
+#include "torchguard/core/error.hpp"
+#include "torchguard/core/logging.hpp"
+#include "torchguard/core/outcome.hpp"
+#include "torchguard/detail/files.hpp"
+
+namespace torchguard {
+namespace detail {
+
+// A CheckpointGuard's state, on the heap: the writer thread points into it, so the guard moves.
+struct CheckpointGuardState {
+  CheckpointGuardState(ModuleRef model, torch::optim::Optimizer* optimizer,
+                       CheckpointOptions checkpoint_options)
+      : options(std::move(checkpoint_options)),
+        logger(or_default(options.logger)),
+        training(std::move(model), optimizer, options) {}
+
+  // Commits a snapshot, then applies retention (a failure to delete old checkpoints is logged,
+  // not a save failure). Runs on the caller's or the writer thread.
+  void commit(Snapshot& snapshot) const {
+    const auto started = std::chrono::steady_clock::now();
+    const std::uint64_t bytes = write_checkpoint(options.directory, snapshot);
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    logger->info("CheckpointGuard: saved step {} to '{}' ({:.1f} MiB in {:.2f} s)", snapshot.step,
+                 (options.directory / checkpoint_name(snapshot.sequence, snapshot.step)).string(),
+                 static_cast<double>(bytes) / (1024.0 * 1024.0), seconds);
+    try {
+      apply_retention(options, resumed_from, *logger);
+    } catch (const std::exception& e) {
+      logger->warn("CheckpointGuard: retention after step {} failed: {}", snapshot.step,
+                   error_message(e));
+    }
+  }
+
+  CheckpointOptions options;
+  std::shared_ptr<spdlog::logger> logger;
+  TrainingState training;
+  UncaughtExceptionDetector exit_detector;
+  bool writer = true;  // this process writes (options.is_writer)
+  std::int64_t step = 0;
+  std::int64_t epoch = 0;
+  std::uint64_t sequence = 0;
+  nlohmann::json metrics = nlohmann::json::object();
+  nlohmann::json resumed_metrics = nlohmann::json::object();
+  nlohmann::json metadata = nlohmann::json::object();
+  std::optional<std::filesystem::path> resumed_from;
+  bool saved_this_step = false;     // set by save(), cleared by step(): the exit save may skip
+  bool last_commit_failed = false;  // the newest save point's write did not commit
+  std::atomic<bool> stop_flag{false};
+  bool stop_logged = false;
+  bool closed = false;
+  HostStaging staging;                           // reused by background snapshots
+  std::unique_ptr<BackgroundWriter> background;  // last: stopped before the rest goes
+};
+
+}  // namespace detail
+
+class CheckpointGuard {
+ public:
+  using Options = CheckpointOptions;
+
+  // The seed's form: restore from `directory` now, save there at exit.
+  CheckpointGuard(ModuleRef model, torch::optim::Optimizer& optimizer,
+                  std::filesystem::path directory)
+      : CheckpointGuard(model, &optimizer, options_for(std::move(directory))) {}
+
+  CheckpointGuard(ModuleRef model, torch::optim::Optimizer& optimizer, CheckpointOptions options)
+      : CheckpointGuard(model, &optimizer, std::move(options)) {}
+
+  // Without an optimizer: a model (and the options' extras) alone.
+  CheckpointGuard(ModuleRef model, CheckpointOptions options)
+      : CheckpointGuard(model, nullptr, std::move(options)) {}
+
+  CheckpointGuard(CheckpointGuard&&) noexcept = default;
+  CheckpointGuard& operator=(CheckpointGuard&& other) noexcept {
+    if (this != &other) {
+      finish();
+      s_ = std::move(other.s_);
+    }
+    return *this;
+  }
+
+  // Saves according to the exit policy and waits for a background write. Never throws: errors
+  // are logged (call close() to have them thrown). A moved-from guard does nothing.
+  ~CheckpointGuard() { finish(); }
+
+  // Advances the step with this step's metrics; saves every `every_n_steps` steps, and at once
+  // when a stop was requested (the result then says to stop).
+  StepResult step(const Metrics& metrics = {}) {
+    ++s_->step;
+    s_->saved_this_step = false;
+    set_metrics(metrics);
+    StepResult result;
+    result.stop = stop_requested();
+    const bool due = s_->options.every_n_steps > 0 && s_->step % s_->options.every_n_steps == 0;
+    if (due || result.stop) {
+      save();
+      result.saved = true;
+    }
+    if (result.stop && !s_->stop_logged) {
+      s_->stop_logged = true;
+      s_->logger->warn("CheckpointGuard: stop requested; checkpoint saved at step {}", s_->step);
+    }
+    return result;
+  }
+
+  // Commits a checkpoint of the current state now (queued, when background). Rethrows the error
+  // of an earlier background write.
+  void save(const Metrics& metrics = {}) {
+    set_metrics(metrics);
+    s_->saved_this_step = true;  // set on every process alike: the exit decision must not diverge
+    const auto& after_save = s_->options.after_save;
+    try {
+      if (s_->writer) commit_or_queue();
+      if (after_save && s_->background) wait();  // the others see it done
+    } catch (...) {
+      // The other processes are waiting at the fence: reach it before reporting the error.
+      if (after_save) after_save();
+      throw;
+    }
+    if (after_save) after_save();
+  }
+
+  // Waits for a background write in flight; rethrows its error.
+  void wait() {
+    if (!s_->background) return;
+    try {
+      s_->background->wait();
+    } catch (...) {
+      s_->last_commit_failed = true;
+      throw;
+    }
+  }
+
+  // Ends the guard's work: saves according to the exit policy, waits for the writer, and throws
+  // what went wrong. Idempotent.
+  void close(Outcome outcome) {
+    if (s_->closed) return;
+    s_->closed = true;
+    const SaveOnExit policy = s_->options.save_on_exit;
+    const bool save_now = policy == SaveOnExit::always ||
+                          (policy == SaveOnExit::on_success && outcome == Outcome::success);
+    std::exception_ptr error;
+    try {
+      wait();  // a background write in flight, and its error
+    } catch (...) {
+      error = std::current_exception();
+    }
+    try {
+      if (save_now && !s_->saved_this_step) {
+        save();
+      } else if (save_now && (error || s_->last_commit_failed) && s_->writer) {
+        // The last save point's write failed: write the final state once more. No fence: the
+        // other processes consider this step saved.
+        commit_or_queue();
+      } else if (save_now) {
+        s_->logger->info("CheckpointGuard: step {} is already saved", s_->step);
+      }
+      wait();
+    } catch (...) {
+      if (!error) error = std::current_exception();
+    }
+    if (error) std::rethrow_exception(error);
+  }
+
+  std::int64_t current_step() const noexcept { return s_->step; }
+  void set_step(std::int64_t step) noexcept { s_->step = step; }
+  std::int64_t epoch() const noexcept { return s_->epoch; }
+  void set_epoch(std::int64_t epoch) noexcept { s_->epoch = epoch; }
+  // The metrics given last to step() or save().
+  const nlohmann::json& metrics() const noexcept { return s_->metrics; }
+  // The metrics of the checkpoint training resumed from (empty after a fresh start).
+  const nlohmann::json& resumed_metrics() const noexcept { return s_->resumed_metrics; }
+  // User metadata, saved in every manifest and restored on entry.
+  nlohmann::json& metadata() noexcept { return s_->metadata; }
+
+  bool resumed() const noexcept { return s_->resumed_from.has_value(); }
+  const std::optional<std::filesystem::path>& resumed_from() const noexcept {
+    return s_->resumed_from;
+  }
+  const std::filesystem::path& directory() const noexcept { return s_->options.directory; }
+
+  // request_stop(), options.stop_requested, or options.stop_token.
+  bool stop_requested() const {
+    const auto& options = s_->options;
+    return s_->stop_flag.load() || (options.stop_requested && options.stop_requested()) ||
+           options.stop_token.cancelled();
+  }
+  void request_stop() noexcept { s_->stop_flag.store(true); }
+
+  // The committed checkpoints, oldest first (read from their manifests, not re-verified).
+  std::vector<CheckpointInfo> list() const { return detail::list_committed(directory()); }
+
+ private:
+  static CheckpointOptions options_for(std::filesystem::path directory) {
+    CheckpointOptions options;
+    options.directory = std::move(directory);
+    return options;
+  }
+
+  CheckpointGuard(ModuleRef model, torch::optim::Optimizer* optimizer, CheckpointOptions options)
+      : s_(std::make_unique<detail::CheckpointGuardState>(std::move(model), optimizer,
+                                                          std::move(options))) {
+    auto& s = *s_;
+    detail::validate_checkpoint_options(s.options);
+    s.writer = !s.options.is_writer || s.options.is_writer();
+    const auto& directory = s.options.directory;
+    std::error_code error;
+    const bool created = std::filesystem::create_directories(directory, error);
+    if (error && !std::filesystem::is_directory(directory)) {
+      throw CheckpointError(fmt::format("CheckpointGuard: cannot create the directory '{}': {}",
+                                        directory.string(), error.message()));
+    }
+    if (created && s.writer) {  // the new directory's own entry must survive a crash too
+      detail::fsync_directory(std::filesystem::absolute(directory).parent_path());
+    }
+    if (s.writer) s.sequence = detail::remove_leftover_temporaries(directory, *s.logger);
+    detail::restore_newest(s.options, s.writer, *s.logger,
+                           [&](const detail::VerifiedCheckpoint& checkpoint) { load(checkpoint); });
+    if (s.options.background && s.writer) {
+      s.background = std::make_unique<detail::BackgroundWriter>(
+          [state = s_.get()](detail::Snapshot& snapshot) { state->commit(snapshot); });
+    }
+  }
+
+  void load(const detail::VerifiedCheckpoint& checkpoint) {
+    auto& s = *s_;
+    s.training.load(checkpoint, *s.logger);
+    const auto& manifest = checkpoint.manifest;
+    s.step = manifest.at("step").get<std::int64_t>();
+    s.epoch = manifest.at("epoch").get<std::int64_t>();
+    s.resumed_metrics = manifest.value("metrics", nlohmann::json::object());
+    s.metrics = nlohmann::json::object();  // a new checkpoint must not carry the old metrics
+    s.metadata = manifest.value("metadata", nlohmann::json::object());
+    s.sequence = std::max(s.sequence, manifest.at("sequence").get<std::uint64_t>());
+    s.resumed_from = checkpoint.path;
+    s.logger->info("CheckpointGuard: resumed from step {} (epoch {}) of '{}'", s.step, s.epoch,
+                   checkpoint.path.string());
+  }
+
+  void set_metrics(const Metrics& metrics) {
+    if (metrics.empty()) return;
+    s_->metrics = nlohmann::json::object();
+    for (const auto& [name, value] : metrics) {
+      s_->metrics[name] = std::isfinite(value) ? nlohmann::json(value) : nlohmann::json(nullptr);
+    }
+  }
+
+  std::unique_ptr<detail::Snapshot> take_snapshot(bool background) {
+    auto& s = *s_;
+    auto snapshot = std::make_unique<detail::Snapshot>();
+    snapshot->sequence = ++s.sequence;
+    snapshot->step = s.step;
+    snapshot->epoch = s.epoch;
+    snapshot->metrics = s.metrics;
+    snapshot->metadata = s.metadata;
+    s.training.capture(*snapshot, background ? &s.staging : nullptr);
+    return snapshot;
+  }
+
+  void commit_or_queue() {
+    if (!s_->background) {
+      auto snapshot = take_snapshot(false);
+      s_->last_commit_failed = true;
+      s_->commit(*snapshot);
+      s_->last_commit_failed = false;
+      return;
+    }
+    wait();  // at most one write in flight: the previous one ends before the next is copied
+    s_->background->submit(take_snapshot(true));
+    s_->last_commit_failed = false;  // until the writer reports otherwise
+  }
+
+  void finish() noexcept {
+    if (!s_) return;
+    try {
+      close(s_->exit_detector.outcome());
+    } catch (...) {
+      s_->logger->error("CheckpointGuard: {}", describe(std::current_exception()));
+    }
+    if (s_->background) s_->background->stop();
+  }
+
+  std::unique_ptr<detail::CheckpointGuardState> s_;
+};
+
+}  // namespace torchguard

@@ -1,0 +1,107 @@
+// What users of CheckpointGuard name: its options, its error, what step() returns and what
+// list() describes.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+#include <nlohmann/json.hpp>
+
+#include "torchguard/core/cancellation.hpp"
+#include "torchguard/core/error.hpp"
+
+namespace torchguard {
+
+// A checkpoint could not be saved or restored; the message names the file and the reason.
+class CheckpointError : public Error {
+ public:
+  using Error::Error;
+};
+
+enum class SaveOnExit { always, on_success, never };
+enum class MetricMode { min, max };
+
+// A module by reference: a torch::nn::Linear (holder), a std::shared_ptr<Net>, or a Net&.
+class ModuleRef {
+ public:
+  template <class T>
+  ModuleRef(const torch::nn::ModuleHolder<T>& holder) : module_(holder.ptr()) {}
+  template <class T, class = std::enable_if_t<std::is_base_of_v<torch::nn::Module, T>>>
+  ModuleRef(std::shared_ptr<T> module) : module_(std::move(module)) {}
+  template <class T, class = std::enable_if_t<std::is_base_of_v<torch::nn::Module, T>>>
+  ModuleRef(T& module) : module_(std::shared_ptr<torch::nn::Module>(), &module) {}  // not owned
+  torch::nn::Module& operator*() const { return *module_; }
+  torch::nn::Module* operator->() const { return module_.get(); }
+
+ private:
+  std::shared_ptr<torch::nn::Module> module_;
+};
+
+struct CheckpointOptions {
+  std::filesystem::path directory;  // where checkpoints live (created when missing)
+  int keep_last = 3;                // the newest N checkpoints are kept (at least 1)
+  int keep_best = 0;                // and the best K by `best_metric`
+  std::string best_metric;          // a metric name passed to step()/save()
+  MetricMode best_mode = MetricMode::min;
+  SaveOnExit save_on_exit = SaveOnExit::always;
+  std::int64_t every_n_steps = 0;  // step() saves every N steps (0: only on exit / stop / save())
+  bool background = false;         // copy on the caller's thread, write on another
+  std::optional<torch::Device> load_device;  // move the model (and extra modules) here, then load
+  bool allow_fresh_start = false;    // checkpoints exist but none is valid: start fresh, not fail
+  std::function<bool()> is_writer;   // false on processes that must not write (rank != 0)
+  std::function<void()> after_save;  // runs on every process after each save point (barrier)
+  std::function<bool()> stop_requested;            // e.g. [&] { return session.stop_requested(); }
+  CancellationToken stop_token;                    // e.g. session.stop_token()
+  torch::optim::LRScheduler* scheduler = nullptr;  // its step count is saved and restored
+  std::map<std::string, ModuleRef> modules;        // more modules, saved and restored by name
+  std::map<std::string, torch::Tensor> tensors;    // more tensors, restored in place
+  std::shared_ptr<spdlog::logger> logger;
+};
+
+// What step() did: saved a checkpoint, and whether the loop should stop.
+struct StepResult {
+  bool saved = false;
+  bool stop = false;
+};
+
+// A committed checkpoint as its manifest describes it.
+struct CheckpointInfo {
+  std::filesystem::path path;
+  std::uint64_t sequence = 0;
+  std::int64_t step = 0;
+  std::int64_t epoch = 0;
+  nlohmann::json metrics;
+};
+
+namespace detail {
+
+// Throws OptionsError naming the first option that cannot work.
+inline void validate_checkpoint_options(const CheckpointOptions& options) {
+  auto invalid = [](const std::string& what) {
+    throw OptionsError(fmt::format("CheckpointGuard: {}", what));
+  };
+  if (options.directory.empty()) invalid("options.directory is empty");
+  if (options.keep_last < 1) invalid("keep_last must be at least 1");
+  if (options.keep_best < 0) invalid("keep_best must not be negative");
+  if (options.keep_best > 0 && options.best_metric.empty()) {
+    invalid("keep_best needs best_metric: the metric that decides which checkpoint is best");
+  }
+  if (options.every_n_steps < 0) invalid("every_n_steps must not be negative");
+  if (std::filesystem::exists(options.directory) &&
+      !std::filesystem::is_directory(options.directory)) {
+    invalid(fmt::format("'{}' is a file, not a checkpoint directory (a torch::save file?)",
+                        options.directory.string()));
+  }
+}
+
+}  // namespace detail
+}  // namespace torchguard
