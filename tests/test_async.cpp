@@ -15,6 +15,7 @@
 #include <torch/torch.h>
 
 #include "support.hpp"
+#include "torchguard/core/guard.hpp"
 #include "torchguard/detail/cuda_memory.hpp"
 
 using torchguard::BatchedInference;
@@ -34,6 +35,10 @@ using torchguard::TimeoutError;
 using torchguard::testing::CapturedLogger;
 using torchguard::testing::Contains;
 using namespace std::chrono_literals;
+
+static_assert(torchguard::is_guard_v<Prefetcher<int>>);
+static_assert(torchguard::is_guard_v<Prefetcher<torch::Tensor>>);
+static_assert(torchguard::is_guard_v<BatchedInference>);
 
 namespace {
 
@@ -136,7 +141,7 @@ TEST_CASE("gather over futures of different types gives a tuple", "[async][gathe
 
 TEST_CASE("gather over futures refuses an empty future", "[async][gather]") {
   std::vector<std::future<int>> futures(1);
-  CHECK_THROWS_AS(gather(std::move(futures)), std::invalid_argument);
+  CHECK_THROWS_AS(gather(std::move(futures)), torchguard::OptionsError);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -596,7 +601,7 @@ TEST_CASE("Prefetcher checks its options", "[async][prefetcher]") {
                         3, [](std::size_t) { return 1; }, options),
                     Contains("items made of tensors"));
   if (!torchguard::detail::cuda_usable()) {
-    CHECK_THROWS_AS(Prefetcher<torch::Tensor>(3, load, options), std::invalid_argument);
+    CHECK_THROWS_AS(Prefetcher<torch::Tensor>(3, load, options), torchguard::OptionsError);
   }
 }
 
@@ -750,7 +755,7 @@ TEST_CASE("BatchedInference drains pending requests on close, then refuses new o
         options);
     for (int i = 0; i < 30; ++i) futures.push_back(server.submit(torch::full({1}, double(i))));
     server.close();
-    CHECK_THROWS_AS(server.submit(torch::ones({1})), std::logic_error);
+    CHECK_THROWS_AS(server.submit(torch::ones({1})), torchguard::Error);
     CHECK(server.stats().requests == 30);
     CHECK(server.stats().largest_batch <= 4);
   }
@@ -781,7 +786,7 @@ TEST_CASE("BatchedInference::close() racing submit(): each request is answered o
           answers[static_cast<std::size_t>(caller)].emplace_back(
               value, server.submit(torch::full({2}, value, torch::kDouble)));
           ++submitted;
-        } catch (const std::logic_error& e) {
+        } catch (const torchguard::Error& e) {
           refusals[static_cast<std::size_t>(caller)] = e.what();
           return;
         }
@@ -916,4 +921,99 @@ TEST_CASE(
   calls = 0;
   CHECK_THROWS_WITH(server.submit(-torch::ones({2})).get(), Contains("negative input"));
   CHECK(calls == 1);
+}
+
+TEST_CASE("a Prefetcher whose token is cancelled cancels its loads and ends next()",
+          "[async][prefetcher]") {
+  CancellationSource source;
+  std::atomic<int> running{0};
+  std::atomic<int> saw_cancel{0};
+  PrefetchOptions options;
+  options.depth = 3;
+  options.cancellation = source.token();
+  Prefetcher<int> items(
+      100,
+      [&](std::size_t index, const CancellationToken& token) {
+        ++running;
+        if (index > 0 && token.wait_for(30s)) ++saw_cancel;
+        --running;
+        return static_cast<int>(index);
+      },
+      options);
+  REQUIRE(items.next() == 0);
+  wait_until([&] { return running == 3; });
+  source.cancel();  // no next() in flight: the loads still see their tokens cancelled
+  wait_until([&] { return saw_cancel == 3; });
+  CHECK_FALSE(items.next().has_value());
+  CHECK_FALSE(items.next().has_value());
+
+  // A consumer blocked in next() comes back when the token is cancelled.
+  CancellationSource second;
+  options.cancellation = second.token();
+  Prefetcher<int> blocked(
+      4,
+      [](std::size_t index, const CancellationToken& token) {
+        token.wait_for(30s);
+        return static_cast<int>(index);
+      },
+      options);
+  auto consumer = std::async(std::launch::async, [&] { return blocked.next(); });
+  CHECK(consumer.wait_for(30ms) == std::future_status::timeout);
+  second.cancel();
+  REQUIRE(consumer.wait_for(10s) == std::future_status::ready);
+  CHECK_FALSE(consumer.get().has_value());
+}
+
+TEST_CASE("a BatchedInference whose token is cancelled answers queued requests with Cancelled",
+          "[async][batched]") {
+  CancellationSource source;
+  BatchedInferenceOptions options;
+  options.max_batch = 64;
+  options.max_delay = std::chrono::seconds(30);  // the batch never fills: requests stay queued
+  options.cancellation = source.token();
+  BatchedInference server([](const torch::Tensor& batch) { return batch * 2; }, options);
+  std::vector<std::future<torch::Tensor>> futures;
+  for (int i = 0; i < 5; ++i) futures.push_back(server.submit(torch::ones({2})));
+  CHECK(futures[0].wait_for(30ms) == std::future_status::timeout);
+  source.cancel();
+  for (auto& future : futures) {
+    REQUIRE(future.wait_for(10s) == std::future_status::ready);
+    CHECK_THROWS_AS(future.get(), Cancelled);
+  }
+  CHECK_THROWS_AS(server.submit(torch::ones({2})), Cancelled);
+  server.close();
+  CHECK(server.stats().requests == 5);
+  CHECK(server.stats().failed == 5);
+  CHECK(server.stats().batches == 0);
+}
+
+TEST_CASE("Prefetcher and BatchedInference move while their threads run, and close once",
+          "[async][prefetcher][batched]") {
+  Prefetcher<int> first(20, [](std::size_t index) {
+    std::this_thread::sleep_for(1ms);
+    return static_cast<int>(index);
+  });
+  CHECK(first.next() == 0);
+  Prefetcher<int> moved(std::move(first));
+  std::vector<int> rest;
+  for (int value : moved) rest.push_back(value);
+  CHECK(rest.size() == 19);
+  CHECK(rest.front() == 1);
+  moved.close(torchguard::Outcome::success);
+  moved.close(torchguard::Outcome::failure);  // idempotent
+  CHECK_FALSE(moved.next().has_value());
+
+  BatchedInference server([](const torch::Tensor& batch) { return batch + 1; }, 4, 1ms);
+  auto before = server.submit(torch::zeros({1}));
+  BatchedInference other(std::move(server));
+  auto after = other.submit(torch::ones({1}));
+  CHECK(before.get().item<float>() == 1.0F);
+  CHECK(after.get().item<float>() == 2.0F);
+  BatchedInference assigned([](const torch::Tensor& batch) { return batch; }, 4, 1ms);
+  assigned = std::move(other);  // closes the server it held
+  CHECK(assigned.submit(torch::zeros({1})).get().item<float>() == 1.0F);
+  assigned.close(torchguard::Outcome::success);
+  assigned.close(torchguard::Outcome::failure);
+  CHECK_THROWS_AS(assigned.submit(torch::zeros({1})), torchguard::Error);
+  CHECK(assigned.stats().requests == 3);
 }

@@ -6,15 +6,16 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
-#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include <spdlog/fmt/fmt.h>
 #include <torch/torch.h>
 
+#include "torchguard/core/error.hpp"
 #include "torchguard/version.hpp"
 
 #if TORCHGUARD_WITH_CUDA
@@ -82,23 +83,24 @@ void for_each_tensor(std::tuple<T...>& tuple, F& f) {
 // their own current device).
 inline torch::Device check_stage_device(const torch::Device& device) {
   if (!device.is_cuda()) {
-    throw std::invalid_argument("Prefetcher: the staging device must be a CUDA device, not " +
-                                device.str());
+    throw OptionsError(
+        fmt::format("Prefetcher: the staging device must be a CUDA device, not {}", device.str()));
   }
 #if TORCHGUARD_WITH_CUDA
   if (!torch::cuda::is_available()) {
-    throw std::invalid_argument("Prefetcher: staging on " + device.str() +
-                                " needs a GPU, and none is visible");
+    throw OptionsError(
+        fmt::format("Prefetcher: staging on {} needs a GPU, and none is visible", device.str()));
   }
   const auto index = device.has_index() ? device.index() : c10::cuda::current_device();
   if (index >= static_cast<c10::DeviceIndex>(torch::cuda::device_count())) {
-    throw std::invalid_argument("Prefetcher: there is no " + device.str() + " on this machine");
+    throw OptionsError(fmt::format("Prefetcher: there is no {} on this machine", device.str()));
   }
   return torch::Device(torch::kCUDA, index);
 #else
-  throw std::invalid_argument("Prefetcher: staging on " + device.str() +
-                              " needs a CUDA-enabled LibTorch; torchguard was built against a "
-                              "CPU-only one");
+  throw OptionsError(fmt::format(
+      "Prefetcher: staging on {} needs a CUDA-enabled LibTorch; torchguard was built against a "
+      "CPU-only one",
+      device.str()));
 #endif
 }
 

@@ -1,6 +1,7 @@
 // The engine under gather and Prefetcher: a fixed number of worker threads (launched with
 // std::async) claim item indices in order, at most `window` claimed and not yet consumed, and
-// keep each item's result or error in its slot. Cancellation is cooperative (a token per item).
+// keep each item's result or error in its slot. Cancellation is cooperative (a token per item);
+// an outside token, when given, is polled and stops the pool.
 #pragma once
 
 #include <algorithm>
@@ -22,30 +23,21 @@
 #include <variant>
 #include <vector>
 
-#include "torchguard/detail/logging.hpp"
+#include <spdlog/fmt/fmt.h>
+
+#include "torchguard/core/cancellation.hpp"
+#include "torchguard/core/error.hpp"
 
 namespace torchguard {
 
-// Thrown by CancellationToken::throw_if_cancelled, and by a gather cancelled from outside.
-class Cancelled : public std::runtime_error {
- public:
-  explicit Cancelled(const std::string& what = "cancelled") : std::runtime_error(what) {}
-};
-
-// An item, or a whole gather, ran past its timeout.
-class TimeoutError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
 // An item failed: its index, its own exception (`cause()`), and, from a fail-fast gather, the
 // failures that followed it (`others()`, in completion order).
-class TaskError : public std::runtime_error {
+class TaskError : public Error {
  public:
   using Failure = std::pair<std::size_t, std::exception_ptr>;
 
   TaskError(std::size_t index, std::exception_ptr cause, std::vector<Failure> others = {})
-      : std::runtime_error(message(index, cause, others.size())),
+      : Error(message(index, cause, others.size())),
         index_(index),
         cause_(std::move(cause)),
         others_(std::move(others)) {}
@@ -59,12 +51,9 @@ class TaskError : public std::runtime_error {
  private:
   static std::string message(std::size_t index, const std::exception_ptr& cause,
                              std::size_t others) {
-    std::string text =
-        "item " + std::to_string(index) + " failed: " + detail::describe_exception(cause);
-    if (others > 0) {
-      text += " (and " + std::to_string(others) + " more failure" + (others > 1 ? "s" : "") + ")";
-    }
-    return text;
+    if (others == 0) return fmt::format("item {} failed: {}", index, describe(cause));
+    return fmt::format("item {} failed: {} (and {} more failure{})", index, describe(cause), others,
+                       others > 1 ? "s" : "");
   }
 
   std::size_t index_;
@@ -90,65 +79,6 @@ std::vector<T> values(std::vector<Indexed<T>>&& results) {
   for (auto& result : results) out.push_back(std::move(result.value));
   return out;
 }
-
-namespace detail {
-
-struct CancelState {
-  std::atomic<bool> cancelled{false};
-  std::mutex mutex;
-  std::condition_variable cv;
-
-  void cancel() noexcept {
-    {
-      std::lock_guard<std::mutex> lock(mutex);
-      cancelled.store(true, std::memory_order_release);
-    }
-    cv.notify_all();
-  }
-};
-
-}  // namespace detail
-
-// What a task polls to learn it should stop early. A default-built token is never cancelled.
-class CancellationToken {
- public:
-  CancellationToken() = default;
-  explicit CancellationToken(std::shared_ptr<detail::CancelState> state)
-      : state_(std::move(state)) {}
-
-  bool cancelled() const noexcept {
-    return state_ && state_->cancelled.load(std::memory_order_acquire);
-  }
-  bool can_be_cancelled() const noexcept { return static_cast<bool>(state_); }
-  void throw_if_cancelled() const {
-    if (cancelled()) throw Cancelled();
-  }
-  // Sleeps for `duration`, waking early when cancelled. Returns true when cancelled.
-  template <class Rep, class Period>
-  bool wait_for(std::chrono::duration<Rep, Period> duration) const {
-    if (!state_) {
-      std::this_thread::sleep_for(duration);
-      return false;
-    }
-    std::unique_lock<std::mutex> lock(state_->mutex);
-    return state_->cv.wait_for(lock, duration, [this] { return cancelled(); });
-  }
-
- private:
-  std::shared_ptr<detail::CancelState> state_;
-};
-
-// Cancels from outside: pass `token()` in GatherOptions, call `cancel()` from any thread.
-class CancellationSource {
- public:
-  CancellationSource() : state_(std::make_shared<detail::CancelState>()) {}
-  void cancel() noexcept { state_->cancel(); }
-  bool cancelled() const noexcept { return state_->cancelled.load(std::memory_order_acquire); }
-  CancellationToken token() const { return CancellationToken(state_); }
-
- private:
-  std::shared_ptr<detail::CancelState> state_;
-};
 
 namespace detail {
 
@@ -199,14 +129,16 @@ class TaskPool {
     std::shared_ptr<CancelState> cancel;
   };
 
-  // `window`: how many items may be claimed and not yet consumed (consume()).
-  TaskPool(std::size_t count, Work work, std::size_t workers, std::size_t window)
+  // `window`: how many items may be claimed and not yet consumed (consume()). `outside`: once
+  // cancelled, the pool stops as stop() does (polled every 10 ms while workers run).
+  TaskPool(std::size_t count, Work work, std::size_t workers, std::size_t window,
+           CancellationToken outside = {})
       : work_(std::move(work)), slots_(count), window_(window) {
-    if (workers == 0) throw std::invalid_argument("the number of workers must be at least 1");
-    if (window == 0) throw std::invalid_argument("the window (depth) must be at least 1");
+    if (workers == 0) throw OptionsError("the number of workers must be at least 1");
+    if (window == 0) throw OptionsError("the window (depth) must be at least 1");
     workers = std::min(workers, count);
     // Reserved up front: nothing allocates once workers run (run_worker is noexcept).
-    futures_.reserve(workers);
+    futures_.reserve(workers + 1);
     completion_order_.reserve(count);
     running_.reserve(workers);
     std::unique_lock<std::mutex> lock(mutex_);
@@ -223,6 +155,18 @@ class TaskPool {
         if (futures_.empty()) throw;
         break;
       }
+    }
+    if (!outside.can_be_cancelled() || futures_.empty()) return;
+    lock.unlock();
+    try {
+      futures_.push_back(std::async(std::launch::async, [this, outside] { watch(outside); }));
+    } catch (...) {
+      {
+        std::unique_lock<std::mutex> relock(mutex_);
+        stop(relock);
+      }
+      join();
+      throw;
     }
   }
 
@@ -329,6 +273,19 @@ class TaskPool {
     --active_workers_;
     progress_cv_.notify_all();
     window_cv_.notify_all();
+  }
+
+  // Stops the pool once `outside` is cancelled; returns when the pool stops or its workers exit.
+  // A token linked to a signal flag cannot notify: poll.
+  void watch(const CancellationToken& outside) noexcept {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!stopping_ && active_workers_ > 0) {
+      if (outside.cancelled()) {
+        stop(lock);
+        return;
+      }
+      progress_cv_.wait_for(lock, std::chrono::milliseconds(10));
+    }
   }
 
   void finish(std::size_t index, std::optional<R> value, std::exception_ptr error) {

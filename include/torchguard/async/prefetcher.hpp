@@ -1,0 +1,197 @@
+// Prefetcher: loads items ahead of the consumer on a bounded set of worker threads, optionally
+// staging their tensors on a CUDA device.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <iterator>
+#include <memory>
+#include <optional>
+#include <utility>
+
+#include <ATen/ThreadLocalState.h>
+#include <spdlog/fmt/fmt.h>
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+#include "torchguard/async/task_pool.hpp"
+#include "torchguard/core/cancellation.hpp"
+#include "torchguard/core/error.hpp"
+#include "torchguard/core/logging.hpp"
+#include "torchguard/core/outcome.hpp"
+#include "torchguard/detail/cuda_stage.hpp"
+
+namespace torchguard {
+
+struct PrefetchOptions {
+  std::size_t depth = 4;    // items loading or loaded ahead of the consumer
+  std::size_t workers = 0;  // loads at once (0: depth)
+  Order order = Order::input;
+  // A CUDA device: each item's tensors are pinned and copied there non-blocking on a side stream,
+  // so the copy overlaps the consumer's compute; next() makes the current stream wait for it.
+  std::optional<torch::Device> device;
+  bool pin_memory = true;                  // with a CUDA device
+  CancellationToken cancellation;          // once cancelled: as cancel() (polled every 10 ms)
+  std::shared_ptr<spdlog::logger> logger;  // for what the destructor cannot throw
+};
+
+// Loads items 0..count-1 ahead of the consumer with load(index) (or load(index, token)), keeping
+// `depth` in flight. An item's exception comes out of next() at that item's turn, as TaskError
+// with its index; later items still come. close() and the destructor cancel what runs and wait
+// for it. Move-only; a moved-from Prefetcher may only be destroyed or assigned to.
+template <class T>
+class Prefetcher {
+ public:
+  using Options = PrefetchOptions;
+
+  template <class Load>
+  Prefetcher(std::size_t count, Load load, PrefetchOptions options = {})
+      : options_(std::move(options)) {
+    if (options_.depth == 0) throw OptionsError("Prefetcher: depth must be at least 1");
+    if (options_.device) {
+      if constexpr (!detail::stageable<T>::value) {
+        throw OptionsError(
+            "Prefetcher: a staging device needs items made of tensors (a tensor, an Example, or "
+            "vectors, pairs and tuples of them)");
+      }
+      options_.device = detail::check_stage_device(*options_.device);  // with its index
+    }
+    const std::size_t workers = options_.workers ? options_.workers : options_.depth;
+    if (workers > options_.depth) {
+      throw OptionsError(fmt::format("Prefetcher: workers ({}) must not exceed depth ({})", workers,
+                                     options_.depth));
+    }
+    // Loads run concurrently on the workers, with the caller's LibTorch thread-local state.
+    pool_ = std::make_unique<detail::TaskPool<Item>>(
+        count,
+        [load = std::make_shared<Load>(std::move(load)), device = options_.device,
+         pin = options_.pin_memory, state = at::ThreadLocalState()](
+            std::size_t index, const CancellationToken& token) -> Item {
+          (void)pin;
+          at::ThreadLocalStateGuard caller_state(state);
+          Item item{detail::invoke_with_token(*load, index, token), {}};
+          if constexpr (detail::stageable<T>::value) {
+            if (device) item.ready = detail::stage_to_device(item.value, *device, pin);
+          }
+          return item;
+        },
+        workers, options_.depth, options_.cancellation);
+  }
+
+  // The loads run on the pool, which a move hands over whole: they never see `this`.
+  Prefetcher(Prefetcher&&) noexcept = default;
+  Prefetcher& operator=(Prefetcher&&) noexcept = default;  // the old loads are cancelled
+  Prefetcher(const Prefetcher&) = delete;
+  Prefetcher& operator=(const Prefetcher&) = delete;
+
+  ~Prefetcher() {
+    try {
+      close(Outcome::success);
+    } catch (...) {
+      detail::or_default(options_.logger)
+          ->error("Prefetcher: close failed: {}", describe(std::current_exception()));
+    }
+  }
+
+  std::size_t size() const noexcept { return pool_->size(); }
+
+  // The next item with its index, or nullopt after the last one (or after cancel()).
+  std::optional<Indexed<T>> next_indexed() {
+    auto lock = pool_->lock();
+    std::size_t index = 0;
+    for (;;) {
+      if (options_.cancellation.cancelled()) pool_->stop(lock);
+      if (taken_ >= pool_->size() || pool_->stopped()) return std::nullopt;
+      if (options_.order == Order::input) {
+        index = taken_;
+        if (is_done(pool_->slot(index))) break;
+      } else if (taken_ < pool_->completion_order().size()) {
+        index = pool_->completion_order()[taken_];
+        break;
+      }
+      // The pool stops when the token is cancelled, and notifies.
+      pool_->wait_until(lock, std::chrono::steady_clock::time_point::max());
+    }
+    ++taken_;
+    pool_->consume(lock);
+    auto& slot = pool_->slot(index);
+    if (slot.error) {
+      auto error = std::move(slot.error);
+      throw TaskError(index, error);
+    }
+    Item item = std::move(*slot.value);
+    slot.value.reset();
+    lock.unlock();
+    if (item.ready) item.ready(item.value);
+    return Indexed<T>{index, std::move(item.value)};
+  }
+
+  // The next item, or nullopt after the last one.
+  std::optional<T> next() {
+    auto item = next_indexed();
+    if (!item) return std::nullopt;
+    return std::move(item->value);
+  }
+
+  // Stops loading: running loads see their tokens cancelled and are waited for.
+  void cancel() noexcept {
+    if (!pool_) return;
+    {
+      auto lock = pool_->lock();
+      pool_->stop(lock);
+    }
+    pool_->join();
+  }
+
+  // The guard's close: cancel(). Idempotent; the outcome changes nothing.
+  void close(Outcome /*outcome*/ = Outcome::success) { cancel(); }
+
+  // Range-for over the remaining items (an input range: each item is visited once).
+  class iterator {
+   public:
+    using iterator_category = std::input_iterator_tag;
+    using value_type = T;
+    using difference_type = std::ptrdiff_t;
+    using pointer = T*;
+    using reference = T&;
+
+    iterator() = default;
+    explicit iterator(Prefetcher* owner) : owner_(owner) { advance(); }
+    T& operator*() { return *current_; }
+    T* operator->() { return &*current_; }
+    iterator& operator++() {
+      advance();
+      return *this;
+    }
+    bool operator==(const iterator& other) const { return owner_ == other.owner_; }
+    bool operator!=(const iterator& other) const { return !(*this == other); }
+
+   private:
+    void advance() {
+      current_ = owner_->next();
+      if (!current_) owner_ = nullptr;
+    }
+    Prefetcher* owner_ = nullptr;
+    std::optional<T> current_;
+  };
+  iterator begin() { return iterator(this); }
+  iterator end() { return iterator(); }
+
+ private:
+  struct Item {
+    T value;
+    std::function<void(T&)> ready;  // CUDA: makes the consumer's stream wait for the copy
+  };
+
+  static bool is_done(const typename detail::TaskPool<Item>::Slot& slot) {
+    using Status = typename detail::TaskPool<Item>::Status;
+    return slot.status == Status::succeeded || slot.status == Status::failed;
+  }
+
+  PrefetchOptions options_;
+  std::unique_ptr<detail::TaskPool<Item>> pool_;
+  std::size_t taken_ = 0;
+};
+
+}  // namespace torchguard
