@@ -449,3 +449,27 @@ TEST_CASE("a group of one: collectives are identities, and teardown is clean", "
   group.close();
   CHECK_THROWS_WITH(group.barrier(), Contains("closed"));
 }
+
+TEST_CASE("a moved group keeps its checkpoint fence, and a destroyed one refuses it",
+          "[distributed][contract]") {
+  static_assert(torchguard::is_guard_v<ProcessGroupGuard>);
+  ProcessGroupOptions options;
+  options.logger = quiet();
+  options.rank = 0;
+  options.world_size = 1;
+  options.master_port = free_port();
+  torchguard::CheckpointOptions checkpoint_options;
+  std::function<void()> fence;
+  {
+    ProcessGroupGuard first(options);
+    first.configure_checkpoints(checkpoint_options);
+    ProcessGroupGuard moved(std::move(first));
+    CHECK(checkpoint_options.is_writer());
+    checkpoint_options.after_save();            // the barrier of the group where it lives now
+    first.close(torchguard::Outcome::success);  // a moved-from guard has nothing to close
+    moved.close(torchguard::Outcome::failure);
+    CHECK_THROWS_WITH(checkpoint_options.after_save(), Contains("closed"));
+    fence = checkpoint_options.after_save;
+  }
+  CHECK_THROWS_WITH(fence(), Contains("the group is gone"));
+}

@@ -38,6 +38,9 @@ TEST_CASE("without a GPU the guard is a no-op that says so once", "[gpu_memory]"
     GpuMemoryGuard second(GpuMemoryOptions{});
     CHECK_FALSE(first.stats().available);
     CHECK(first.stats().peak_allocated_bytes == 0);
+    GpuMemoryGuard moved(std::move(second));
+    moved.close(torchguard::Outcome::success);
+    CHECK_FALSE(torchguard::cuda_available());
   }
   torchguard::set_default_logger(nullptr);
   // Said at most once per process (maybe already by an earlier test): never twice here.
@@ -179,6 +182,29 @@ TEST_CASE("emptying the cache lowers reserved bytes", "[gpu_memory][cuda]") {
   options.empty_cache_on_entry = true;
   GpuMemoryGuard emptied(options);
   CHECK(emptied.stats().reserved_bytes_at_entry <= before.reserved_bytes - 256 * MiB);
+}
+
+TEST_CASE("a moved guard keeps its frame: the parent still sees the child's peak",
+          "[gpu_memory][cuda]") {
+  static_assert(torchguard::is_guard_v<GpuMemoryGuard>);
+  if (skip_without_gpu()) return;
+  GpuMemoryOptions options;
+  options.logger = CapturedLogger().logger;
+  torchguard::GpuMemoryStats outer_stats, child_stats;
+  {
+    GpuMemoryGuard outer(options);
+    {
+      GpuMemoryGuard child(options);
+      GpuMemoryGuard moved(std::move(child));
+      { auto block = torch::empty({48 * MiB}, torch::dtype(torch::kUInt8).device(torch::kCUDA)); }
+      moved.close();
+      child_stats = moved.stats();
+    }
+    outer.close();
+    outer_stats = outer.stats();
+  }
+  CHECK(child_stats.peak_allocated_bytes - child_stats.allocated_bytes_at_entry == 48 * MiB);
+  CHECK(outer_stats.peak_allocated_bytes - outer_stats.allocated_bytes_at_entry >= 48 * MiB);
 }
 
 TEST_CASE("nested guards each report their own peak", "[gpu_memory][cuda]") {

@@ -1,0 +1,266 @@
+// GpuMemoryGuard: per-scope CUDA memory accounting, what torch.cuda.memory_* gives Python, per
+// scope.
+//
+//   torchguard::GpuMemoryOptions options;
+//   options.label = "forward";
+//   {
+//     torchguard::GpuMemoryGuard memory(options);
+//     auto out = model->forward(batch);
+//   }  // logs: "GPU memory [forward] cuda:0: peak 1.20 GiB allocated, ... leaked 0 B"
+//
+// LibTorch's peak counter is process-wide; nested guards still report their own peaks: each
+// guard folds the counter into its parent's running peak and resets it at its entry and exit.
+// That resets LibTorch's peak counter (what max_memory_allocated reads); `reset_peak = false`
+// leaves it alone, and peaks are then the process's since its last reset.
+// On a CPU-only LibTorch, or without a GPU, the guard is a cheap no-op that says so once.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+#include "torchguard/core/error.hpp"
+#include "torchguard/core/guard.hpp"
+#include "torchguard/core/logging.hpp"
+#include "torchguard/core/outcome.hpp"
+#include "torchguard/detail/cuda_memory.hpp"
+
+namespace torchguard {
+
+// True when this build has CUDA code paths and a GPU is present.
+inline bool cuda_available() { return detail::cuda_usable(); }
+
+struct GpuMemoryOptions {
+  std::optional<int> device;          // the CUDA device for the scope (restored at exit)
+  bool empty_cache_on_entry = false;  // synchronizes the device: opt-in
+  bool empty_cache_on_exit = false;   // synchronizes the device: opt-in
+  bool reset_peak = true;             // per-scope peaks (resets LibTorch's peak counter)
+  std::string label;                  // names the scope in the log line
+  std::shared_ptr<spdlog::logger> logger;
+  std::int64_t leak_warning_bytes = 1 << 20;  // warn when the scope leaves more allocated
+  std::optional<double> memory_fraction;      // cap for the scope (restored to 1.0 at exit)
+};
+
+struct GpuMemoryStats {
+  bool available = false;  // false: CPU-only LibTorch or no GPU; every figure is 0
+  int device = -1;
+  std::int64_t allocated_bytes_at_entry = 0;
+  std::int64_t allocated_bytes = 0;  // now
+  std::int64_t reserved_bytes_at_entry = 0;
+  std::int64_t reserved_bytes = 0;        // now
+  std::int64_t peak_allocated_bytes = 0;  // inside the scope
+  std::int64_t peak_reserved_bytes = 0;   // inside the scope
+  std::int64_t leaked_bytes = 0;          // allocated now minus at entry
+  double fragmentation = 0;               // (reserved - allocated) / reserved, now
+  std::int64_t oom_events = 0;            // inside the scope
+  std::int64_t alloc_retries = 0;         // inside the scope (cache flushed to satisfy a malloc)
+};
+
+namespace detail {
+
+inline std::string format_bytes(std::int64_t bytes) {
+  const double magnitude = static_cast<double>(bytes < 0 ? -bytes : bytes);
+  if (magnitude >= double(1 << 30)) return fmt::format("{:.2f} GiB", bytes / double(1 << 30));
+  if (magnitude >= double(1 << 20)) return fmt::format("{:.1f} MiB", bytes / double(1 << 20));
+  if (magnitude >= 1024) return fmt::format("{:.1f} KiB", bytes / 1024.0);
+  return fmt::format("{} B", bytes);
+}
+
+// Open guards per device, innermost last, each with the highest peak seen by its segments so
+// far. The allocator's peak counter covers the time since the last reset, which is always the
+// latest entry or exit of a guard on that device.
+struct PeakFrame {
+  int device;
+  std::int64_t running_peak_allocated;
+  std::int64_t running_peak_reserved;
+};
+
+inline std::mutex& peak_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+inline std::vector<PeakFrame*>& open_frames() {
+  static std::vector<PeakFrame*> frames;
+  return frames;
+}
+
+// Folds the counter's current peak into the innermost open frame of `device`, if any.
+inline void fold_into_innermost(int device, const AllocatorCounters& counters) {
+  auto& frames = open_frames();
+  for (auto it = frames.rbegin(); it != frames.rend(); ++it) {
+    if ((*it)->device != device) continue;
+    (*it)->running_peak_allocated =
+        std::max((*it)->running_peak_allocated, counters.peak_allocated_bytes);
+    (*it)->running_peak_reserved =
+        std::max((*it)->running_peak_reserved, counters.peak_reserved_bytes);
+    return;
+  }
+}
+
+inline void say_unavailable_once(const std::shared_ptr<spdlog::logger>& logger) {
+  static std::atomic<bool> said{false};
+  if (said.exchange(true)) return;
+  logger->info(
+      "GpuMemoryGuard: {}: GPU memory guards do nothing in this process",
+      built_with_cuda ? "no CUDA device is available" : "this LibTorch has no CUDA support");
+}
+
+}  // namespace detail
+
+class GpuMemoryGuard {
+ public:
+  using Options = GpuMemoryOptions;
+
+  explicit GpuMemoryGuard(Options options = {})
+      : options_(std::move(options)), logger_(detail::or_default(options_.logger)) {
+    if (!detail::cuda_usable()) {
+      detail::say_unavailable_once(logger_);
+      return;
+    }
+    active_ = true;
+    previous_device_ = detail::current_device();
+    device_ = options_.device.value_or(previous_device_);
+    if (device_ != previous_device_) detail::set_device(device_);
+    if (options_.memory_fraction) detail::set_memory_fraction(*options_.memory_fraction, device_);
+    if (options_.empty_cache_on_entry) detail::empty_cache();
+    const auto counters = detail::read_counters(device_);
+    entry_ = counters;
+    // On the heap: the open-frame list points to it, and the guard may move.
+    frame_ = std::make_unique<detail::PeakFrame>(
+        detail::PeakFrame{device_, counters.allocated_bytes, counters.reserved_bytes});
+    if (options_.reset_peak) {
+      std::lock_guard<std::mutex> lock(detail::peak_mutex());
+      detail::fold_into_innermost(device_, counters);  // the parent's segment ends here
+      detail::reset_peaks(device_);
+      detail::open_frames().push_back(frame_.get());
+    }
+  }
+
+  GpuMemoryGuard(GpuMemoryGuard&& other) noexcept
+      : options_(std::move(other.options_)),
+        logger_(other.logger_),
+        active_(std::exchange(other.active_, false)),
+        closed_(other.closed_),
+        device_(other.device_),
+        previous_device_(other.previous_device_),
+        entry_(other.entry_),
+        frame_(std::move(other.frame_)),
+        final_(std::move(other.final_)) {}
+  GpuMemoryGuard& operator=(GpuMemoryGuard&& other) noexcept {
+    if (this != &other) {
+      close_noexcept();
+      options_ = std::move(other.options_);
+      logger_ = other.logger_;
+      active_ = std::exchange(other.active_, false);
+      closed_ = other.closed_;
+      device_ = other.device_;
+      previous_device_ = other.previous_device_;
+      entry_ = other.entry_;
+      frame_ = std::move(other.frame_);
+      final_ = std::move(other.final_);
+    }
+    return *this;
+  }
+
+  // Logs the scope's figures, restores the device and the memory fraction. Never throws.
+  ~GpuMemoryGuard() { close_noexcept(); }
+
+  // Ends the scope now (idempotent): final figures, log line, device and fraction restored.
+  void close(Outcome = Outcome::success) {
+    if (!active_ || closed_) return;
+    closed_ = true;
+    if (options_.empty_cache_on_exit) detail::empty_cache();
+    final_ = stats();
+    if (options_.reset_peak) {
+      std::lock_guard<std::mutex> lock(detail::peak_mutex());
+      auto& frames = detail::open_frames();
+      frames.erase(std::remove(frames.begin(), frames.end(), frame_.get()), frames.end());
+      detail::AllocatorCounters own;
+      own.peak_allocated_bytes = final_->peak_allocated_bytes;
+      own.peak_reserved_bytes = final_->peak_reserved_bytes;
+      detail::fold_into_innermost(device_, own);  // the parent saw this scope's peak too
+      detail::reset_peaks(device_);               // and measures on from here
+    }
+    log_line(*final_);
+    if (options_.memory_fraction) detail::set_memory_fraction(1.0, device_);
+    if (device_ != previous_device_) detail::set_device(previous_device_);
+  }
+
+  // The figures now (after close(): the figures at exit).
+  GpuMemoryStats stats() const {
+    if (final_) return *final_;
+    GpuMemoryStats s;
+    if (!active_) return s;
+    const auto now = detail::read_counters(device_);
+    s.available = true;
+    s.device = device_;
+    s.allocated_bytes_at_entry = entry_.allocated_bytes;
+    s.reserved_bytes_at_entry = entry_.reserved_bytes;
+    s.allocated_bytes = now.allocated_bytes;
+    s.reserved_bytes = now.reserved_bytes;
+    if (options_.reset_peak) {
+      std::lock_guard<std::mutex> lock(detail::peak_mutex());
+      s.peak_allocated_bytes = std::max(frame_->running_peak_allocated, now.peak_allocated_bytes);
+      s.peak_reserved_bytes = std::max(frame_->running_peak_reserved, now.peak_reserved_bytes);
+    } else {
+      s.peak_allocated_bytes = now.peak_allocated_bytes;
+      s.peak_reserved_bytes = now.peak_reserved_bytes;
+    }
+    s.leaked_bytes = now.allocated_bytes - entry_.allocated_bytes;
+    s.fragmentation = now.reserved_bytes > 0
+                          ? double(now.reserved_bytes - now.allocated_bytes) / now.reserved_bytes
+                          : 0.0;
+    s.oom_events = now.oom_events - entry_.oom_events;
+    s.alloc_retries = now.alloc_retries - entry_.alloc_retries;
+    return s;
+  }
+
+ private:
+  void close_noexcept() noexcept {
+    try {
+      close(Outcome::success);
+    } catch (...) {
+      logger_->error("GpuMemoryGuard: {}", describe(std::current_exception()));
+    }
+  }
+
+  void log_line(const GpuMemoryStats& s) const {
+    using detail::format_bytes;
+    const std::string label = options_.label.empty() ? "" : fmt::format(" [{}]", options_.label);
+    logger_->info(
+        "GPU memory{} cuda:{}: peak {} allocated / {} reserved; now {} allocated ({} at entry), "
+        "{} reserved ({:.0f}% fragmentation); leaked {}; {} OOM, {} allocator retries",
+        label, s.device, format_bytes(s.peak_allocated_bytes), format_bytes(s.peak_reserved_bytes),
+        format_bytes(s.allocated_bytes), format_bytes(s.allocated_bytes_at_entry),
+        format_bytes(s.reserved_bytes), s.fragmentation * 100, format_bytes(s.leaked_bytes),
+        s.oom_events, s.alloc_retries);
+    if (s.leaked_bytes > options_.leak_warning_bytes) {
+      logger_->warn("GPU memory{} cuda:{}: the scope left {} more allocated than at its entry",
+                    label, s.device, format_bytes(s.leaked_bytes));
+    }
+  }
+
+  GpuMemoryOptions options_;
+  std::shared_ptr<spdlog::logger> logger_;
+  bool active_ = false;
+  bool closed_ = false;
+  int device_ = -1;
+  int previous_device_ = -1;
+  detail::AllocatorCounters entry_;
+  std::unique_ptr<detail::PeakFrame> frame_;
+  std::optional<GpuMemoryStats> final_;
+};
+
+}  // namespace torchguard
