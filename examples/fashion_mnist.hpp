@@ -44,7 +44,7 @@ class DataError : public std::runtime_error {
   std::string path_;
 };
 
-namespace detail {
+namespace idx {
 
 struct GzCloser {
   void operator()(gzFile_s* file) const { gzclose(file); }
@@ -165,13 +165,13 @@ inline void read_payload(gzFile file, const std::string& path, void* data,
   expect_end(file, path, payload_bytes, what);
 }
 
-}  // namespace detail
+}  // namespace idx
 
 // Images as uint8 [N, rows, cols] (Fashion-MNIST: [N, 28, 28]).
 inline torch::Tensor read_images(const std::string& path) {
-  detail::GzFile file = detail::open_gz(path);
+  idx::GzFile file = idx::open_gz(path);
   std::vector<std::uint32_t> dims(3);
-  detail::read_header(file.get(), path, kImagesMagic, "IDX image file", dims);
+  idx::read_header(file.get(), path, kImagesMagic, "IDX image file", dims);
   const std::uint64_t count = dims[0], rows = dims[1], cols = dims[2];
   if (count == 0 || rows == 0 || cols == 0) {
     throw DataError(path, "header declares " + std::to_string(count) + " images of " +
@@ -190,16 +190,16 @@ inline torch::Tensor read_images(const std::string& path) {
       torch::empty({static_cast<std::int64_t>(count), static_cast<std::int64_t>(rows),
                     static_cast<std::int64_t>(cols)},
                    torch::kUInt8);
-  detail::read_payload(file.get(), path, images.data_ptr<std::uint8_t>(), count * image_bytes,
-                       "pixel data");
+  idx::read_payload(file.get(), path, images.data_ptr<std::uint8_t>(), count * image_bytes,
+                    "pixel data");
   return images;
 }
 
 // Labels as int64 [N], each in 0..9.
 inline torch::Tensor read_labels(const std::string& path) {
-  detail::GzFile file = detail::open_gz(path);
+  idx::GzFile file = idx::open_gz(path);
   std::vector<std::uint32_t> dims(1);
-  detail::read_header(file.get(), path, kLabelsMagic, "IDX label file", dims);
+  idx::read_header(file.get(), path, kLabelsMagic, "IDX label file", dims);
   const std::uint64_t count = dims[0];
   if (count == 0) throw DataError(path, "header declares 0 labels: no data");
   if (count > kMaxPayloadBytes) {
@@ -208,7 +208,7 @@ inline torch::Tensor read_labels(const std::string& path) {
   }
   torch::Tensor labels = torch::empty({static_cast<std::int64_t>(count)}, torch::kUInt8);
   const std::uint8_t* data = labels.data_ptr<std::uint8_t>();
-  detail::read_payload(file.get(), path, labels.data_ptr<std::uint8_t>(), count, "label data");
+  idx::read_payload(file.get(), path, labels.data_ptr<std::uint8_t>(), count, "label data");
   const std::uint8_t* bad =
       std::find_if(data, data + count, [](std::uint8_t label) { return label >= kNumClasses; });
   if (bad != data + count) {

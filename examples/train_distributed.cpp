@@ -6,135 +6,103 @@
 //   torchrun --nproc-per-node=2 --no-python build/default/examples/train_distributed --epochs 1
 //
 // Ctrl-C reaches every rank; they agree on the step to stop at, save, and exit 130. The same
-// command resumes on every rank from the same step.
+// command resumes on every rank from the same step; a resume with another world size (or
+// --batch-size, --seed, --threads) is refused.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <string>
-#include <thread>
 
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
 #include <torchguard/torchguard.hpp>
 
-#include "fashion_mnist.hpp"
-#include "fashion_mnist_model.hpp"
+#include "fashion_mnist_training.hpp"
 
 namespace fs = std::filesystem;
-using Clock = std::chrono::steady_clock;
 
 namespace {
 
-struct Config {
-  int epochs = 1;
-  std::int64_t batch_size = 32;  // per rank: the global batch is batch_size * world size
-  double learning_rate = 1e-3;
-  std::string run_dir = "fashion-mnist-distributed";
-  std::string data_dir = fashion_mnist::kDefaultDir;
-  std::uint64_t seed = 1;
-  std::int64_t max_steps = 0;
-  int threads = 1;  // per rank
-  std::int64_t checkpoint_every = 200;
+struct Config : fashion_mnist::Settings {
   int timeout_s = 120;
 };
 
-int train(const Config& config) {
+torchguard::TrainingSession& open_session(torchguard::ScopeStack& stack,
+                                          const torchguard::ProcessGroupGuard& group,
+                                          const Config& config) {
+  const fs::path run_dir = config.run_dir;
+  torchguard::TrainingSessionOptions options;
+  options.log_file = run_dir / ("train-rank-" + std::to_string(group.rank()) + ".log");
+  if (group.is_main()) options.metrics_file = run_dir / "metrics.jsonl";
+  options.handle_signals = true;
+  auto& session = stack.emplace<torchguard::TrainingSession>(
+      "fashion-mnist rank " + std::to_string(group.rank()), options);
+  if (!group.is_main()) session.logger()->set_level(spdlog::level::warn);  // rank 0 speaks
+  return session;
+}
+
+int train(Config config) {
   at::set_num_threads(config.threads);
+  fs::create_directories(config.run_dir);
+  // The model and optimizer before the stack: they outlive the CheckpointGuard it holds.
+  torch::manual_seed(config.seed);
+  fashion_mnist::Net model;
+  torch::optim::Adam optimizer(model->parameters(),
+                               torch::optim::AdamOptions(config.learning_rate));
+
   torchguard::ScopeStack stack;
   torchguard::ProcessGroupOptions group_options;
   group_options.timeout = std::chrono::seconds(config.timeout_s);
   auto& group = stack.emplace<torchguard::ProcessGroupGuard>(group_options);
-  const fs::path run_dir = config.run_dir;
-  fs::create_directories(run_dir);
-
-  torchguard::TrainingSessionOptions session_options;
-  session_options.log_file = run_dir / ("train-rank-" + std::to_string(group.rank()) + ".log");
-  if (group.is_main()) session_options.metrics_file = run_dir / "metrics.jsonl";
-  session_options.handle_signals = true;
-  auto& session = stack.emplace<torchguard::TrainingSession>(
-      "fashion-mnist rank " + std::to_string(group.rank()), session_options);
-  auto log = session.logger();
-  if (!group.is_main()) log->set_level(spdlog::level::warn);  // rank 0 speaks for the group
+  config.world_size = group.world_size();
+  auto& session = open_session(stack, group, config);
 
   return session.run([&] {
     const auto device = group.device();
-    const auto [train_set, test_set] = fashion_mnist::load_dataset(config.data_dir);
-    torch::manual_seed(config.seed);
-    fashion_mnist::Net model;
     model->to(device);
     group.broadcast_parameters(*model);  // one starting point, whatever each rank's seed did
-    torch::optim::Adam optimizer(model->parameters(),
-                                 torch::optim::AdamOptions(config.learning_rate));
-
     // Ranks see a signal at different steps: they agree, each step, on whether to stop.
     bool stop = false;
-    torchguard::CheckpointOptions checkpoint_options;
-    checkpoint_options.directory = run_dir / "checkpoints";
-    checkpoint_options.every_n_steps = config.checkpoint_every;
-    checkpoint_options.load_device = device;
-    checkpoint_options.logger = log;
-    checkpoint_options.stop_requested = [&stop] { return stop; };
-    group.configure_checkpoints(checkpoint_options);  // rank 0 writes; a barrier after each save
-    auto& checkpoint =
-        stack.emplace<torchguard::CheckpointGuard>(model, optimizer, checkpoint_options);
+    auto options = fashion_mnist::checkpoint_options(fs::path(config.run_dir) / "checkpoints",
+                                                     config, device, session.logger());
+    options.stop_requested = [&stop] { return stop; };
+    group.configure_checkpoints(options);  // rank 0 writes; a barrier after each save
+    auto& checkpoint = stack.emplace<torchguard::CheckpointGuard>(model, optimizer, options);
     group.check_same(checkpoint.current_step(), "the restored step");
+    fashion_mnist::reconcile_settings(checkpoint, optimizer, config, *session.logger());
+    if (group.is_main()) session.resume_metrics(checkpoint.current_step());
     if (checkpoint.resumed() && group.is_main()) {
       std::printf("resumed from step %lld on %d ranks\n",
                   static_cast<long long>(checkpoint.current_step()), group.world_size());
       std::fflush(stdout);
     }
 
-    const std::int64_t samples = train_set.images.size(0);
-    const std::int64_t global_batch = config.batch_size * group.world_size();
-    const std::int64_t steps_per_epoch = samples / global_batch;  // whole global batches only
-    std::int64_t total_steps = steps_per_epoch * config.epochs;
-    if (config.max_steps > 0) total_steps = std::min(total_steps, config.max_steps);
-    const auto start = Clock::now();
+    // Each rank loads the files itself; a stop signal cancels the loading.
+    const auto data = fashion_mnist::load_dataset(config.data_dir, session.stop_token());
+    // No stop token for the batch loading: a rank must not stop before the others agree.
+    fashion_mnist::Trainer run(model, optimizer, checkpoint, session, data, config,
+                               /*whole_batches=*/true, device);
+    run.rank = group.rank();
+    run.writes_metrics = group.is_main();
+    fashion_mnist::EpochHooks hooks;
+    hooks.sync_gradients = [&] { group.allreduce_gradients(*model); };
+    hooks.before_checkpoint_step = [&] { stop = group.any(session.stop_requested()); };
+    hooks.end_epoch = [&](std::int64_t epoch, const fashion_mnist::EpochFigures& figures,
+                          double seconds, bool stopped) {
+      if (stopped || !group.is_main()) return;
+      session.log_metrics(checkpoint.current_step(), {{"epoch", static_cast<double>(epoch + 1)},
+                                                      {"train_loss", figures.train_loss()},
+                                                      {"train_accuracy", figures.train_accuracy()},
+                                                      {"epoch_s", seconds}});
+    };
+    const auto start = fashion_mnist::Clock::now();
     const std::int64_t first_step = checkpoint.current_step();
-    double loss_value = 0;
-    std::int64_t order_epoch = -1;
-    torch::Tensor order;
-    while (checkpoint.current_step() < total_steps && !stop) {
-      const std::int64_t step = checkpoint.current_step();
-      const std::int64_t epoch = step / steps_per_epoch;
-      checkpoint.set_epoch(epoch);
-      if (order_epoch != epoch) {
-        order = torch::tensor(fashion_mnist::epoch_order(samples, config.seed, epoch));
-        order_epoch = epoch;
-      }
-      // This rank's share of the step's global batch.
-      const std::int64_t begin =
-          (step % steps_per_epoch) * global_batch + group.rank() * config.batch_size;
-      const auto indices = order.slice(0, begin, begin + config.batch_size);
-      const auto images = train_set.images.index_select(0, indices).to(device);
-      const auto labels = train_set.labels.index_select(0, indices).to(device);
-
-      optimizer.zero_grad();
-      auto loss = torch::nn::functional::cross_entropy(model->forward(images), labels);
-      loss.backward();
-      group.allreduce_gradients(*model);
-      optimizer.step();
-      loss_value = loss.item<double>();
-      stop = group.any(session.stop_requested());
-      checkpoint.step({{"loss", loss_value}});
-      if (group.is_main() && checkpoint.current_step() % 100 == 0) {
-        const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-        session.log_metrics(
-            checkpoint.current_step(),
-            {{"loss", loss_value},
-             {"samples_per_s",
-              static_cast<double>((checkpoint.current_step() - first_step) * global_batch) /
-                  seconds}});
-      }
-    }
-    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-    const double samples_per_s =
-        static_cast<double>((checkpoint.current_step() - first_step) * global_batch) /
-        std::max(seconds, 1e-9);
+    const bool finished = fashion_mnist::train_epochs(run, hooks);
+    const double seconds = fashion_mnist::seconds_since(start);
     checkpoint.close(torchguard::Outcome::success);
-    if (stop) {
+    if (!finished) {
       if (group.is_main()) {
         std::printf(
             "interrupted at step %lld on %d ranks: checkpoint saved; run the same "
@@ -144,14 +112,17 @@ int train(const Config& config) {
       return 130;
     }
     if (group.is_main()) {
-      const auto evaluation =
-          fashion_mnist::evaluate(model, test_set, test_set.images.size(0), device);
+      const auto evaluation = fashion_mnist::evaluate(model, data.test, data.test.images.size(0),
+                                                      device, session.stop_token());
       std::printf(
           "%d ranks: %lld steps of %lld samples, %.0f samples/s; test accuracy %.4f; "
           "parameters %s\n",
           group.world_size(), static_cast<long long>(checkpoint.current_step()),
-          static_cast<long long>(global_batch), samples_per_s, evaluation.accuracy,
-          fashion_mnist::parameter_fingerprint(model).c_str());
+          static_cast<long long>(run.schedule.global_batch),
+          static_cast<double>((checkpoint.current_step() - first_step) *
+                              run.schedule.global_batch) /
+              std::max(seconds, 1e-9),
+          evaluation.accuracy, fashion_mnist::parameter_fingerprint(model).c_str());
     }
     group.barrier();  // rank 0 evaluates while the others wait, then all leave together
     return 0;
@@ -162,42 +133,17 @@ int train(const Config& config) {
 
 int main(int argc, char** argv) {
   Config config;
+  config.batch_size = 32;  // per rank: the global batch is batch_size * world size
+  config.run_dir = "fashion-mnist-distributed";
+  config.checkpoint_every = 200;
+  config.log_every = 100;
   CLI::App app{
       "Train the Fashion-MNIST CNN data-parallel on torch.distributed (start it with "
       "scripts/launch.sh N or torchrun)."};
-  app.add_option("--epochs", config.epochs, "epochs to train")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  app.add_option("--batch-size", config.batch_size, "samples per rank and step")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  app.add_option("--lr", config.learning_rate, "Adam's learning rate")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  app.add_option("--run-dir", config.run_dir, "logs and checkpoints (shared by the ranks)")
-      ->capture_default_str();
-  app.add_option("--data-dir", config.data_dir, "the Fashion-MNIST .gz files")
-      ->capture_default_str();
-  app.add_option("--seed", config.seed, "seeds the model and the batch order")
-      ->capture_default_str();
-  app.add_option("--max-steps", config.max_steps, "stop after this many steps (0: no limit)")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
-  app.add_option("--threads", config.threads, "intra-op threads per rank")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  app.add_option("--checkpoint-every", config.checkpoint_every, "save every N steps")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
+  fashion_mnist::add_options(app, config);
   app.add_option("--timeout", config.timeout_s, "seconds to wait for the other ranks")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
-  try {
-    return train(config);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n",
-                 torchguard::detail::first_part_of_message(e.what()).c_str());
-    return 1;
-  }
+  return fashion_mnist::exit_status([&] { return train(config); });
 }

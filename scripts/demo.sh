@@ -13,9 +13,12 @@ rm -rf "$run_dir"  # a fresh run each time: the demo shows a start, a stop and a
 train=("$build_dir/examples/train_fashion_mnist" --run-dir "$run_dir" "$@")
 
 echo "== $ ${train[*]}   (interrupted with SIGINT after 300 steps)"
+# Job control on: a background job of a script would otherwise start with SIGINT ignored.
+set -m
 "${train[@]}" &
 pid=$!
-until [ "$(tail -n +2 "$run_dir/metrics.csv" 2>/dev/null | wc -l)" -ge 6 ] ||
+set +m
+until [ "$(cat "$run_dir/metrics.jsonl" 2>/dev/null | wc -l)" -ge 6 ] ||
       ! kill -0 "$pid" 2>/dev/null; do
   sleep 0.2
 done
@@ -28,4 +31,4 @@ echo
 echo "== $ ${train[*]}   (the same command: resumes)"
 "${train[@]}"
 echo
-echo "run directory: $run_dir (train.log, metrics.csv, epochs.csv, metrics.jsonl, *.png, checkpoints/)"
+echo "run directory: $run_dir (train.log, metrics.jsonl, loss.png, accuracy.png, plot.gp, parameters.xxh3, checkpoints/)"

@@ -35,6 +35,10 @@ if [[ -z $master_port ]]; then
 fi
 
 pids=()
+# Job control on while the ranks start: a background job of a script otherwise starts with SIGINT
+# ignored, and a program that keeps an inherited ignored SIGINT ignored (as torchguard's
+# TrainingSession does) would never see the SIGINT passed on below.
+set -m
 for ((local_rank = 0; local_rank < nproc; local_rank++)); do
   rank=$((node_rank * nproc + local_rank))
   RANK=$rank WORLD_SIZE=$((nnodes * nproc)) LOCAL_RANK=$local_rank LOCAL_WORLD_SIZE=$nproc \
@@ -42,6 +46,7 @@ for ((local_rank = 0; local_rank < nproc; local_rank++)); do
     "$@" > >(sed -u "s/^/[rank $rank] /") 2> >(sed -u "s/^/[rank $rank] /" >&2) &
   pids+=($!)
 done
+set +m
 
 forward() { kill -s "$1" "${pids[@]}" 2>/dev/null; }
 trap 'forward INT' INT

@@ -2,10 +2,13 @@
 # The training demo's behaviour, end to end: tests/train_fashion_mnist.sh <binary> <case>
 #   short       a short run writes its run directory
 #   resume      SIGINT saves and exits 130; the rerun resumes and ends bitwise equal to a run
-#               that was never interrupted, with the same metrics.csv and epochs.csv figures
+#               that was never interrupted, with the same metrics.jsonl figures
 #   bad-data    a missing directory, a truncated file and a bad magic number: clear errors
 #   fallback    a corrupt newest checkpoint is quarantined; the run resumes from the previous one
 #               and still ends equal to an uninterrupted run, with the same figures
+#   settings-refused  a resume with another --batch-size is refused, naming the setting and both
+#               values, and leaves the checkpoints and metrics as they were
+#   settings-warned   a resume with another --lr goes on with a warning and the new value
 set -uo pipefail
 binary=$1
 case_name=$2
@@ -19,29 +22,30 @@ expect_in() {  # expect_in <file> <text>
   grep -qF -- "$2" "$1" || { echo "--- $1"; cat "$1"; fail "'$2' not in $1"; }
 }
 fingerprint() { cat "$1/parameters.xxh3"; }
-# The training figures of two run directories agree: metrics.csv's step, epoch and loss, and
-# epochs.csv's epoch, step, train and test figures (time, speed and memory differ by nature).
-same_tables() {  # same_tables <run dir> <run dir>
-  local file columns
-  for file in metrics.csv:1-3 epochs.csv:1-6; do
-    columns=${file#*:}
-    file=${file%%:*}
-    [ "$(cut -d, -f"$columns" "$1/$file")" = "$(cut -d, -f"$columns" "$2/$file")" ] || {
-      diff <(cut -d, -f"$columns" "$1/$file") <(cut -d, -f"$columns" "$2/$file")
-      fail "$file differs between $1 and $2"
-    }
-  done
+# The training figures of two run directories agree: metrics.jsonl without its timing fields
+# (time, speed and memory differ by nature).
+figures() {  # figures <run dir>
+  sed -E 's/"(elapsed_s|samples_per_s|epoch_s|memory_peak_mib)":[^,}]*,?//g' "$1/metrics.jsonl"
 }
+same_figures() {  # same_figures <run dir> <run dir>
+  [ "$(figures "$1")" = "$(figures "$2")" ] || {
+    diff <(figures "$1") <(figures "$2")
+    fail "metrics.jsonl differs between $1 and $2"
+  }
+}
+# Every file of a directory with its checksum.
+checksums() { (cd "$1" && find . -type f | sort | xargs md5sum); }
 
 case "$case_name" in
   short)
     "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 30 > "$work/out" 2>&1 ||
       { cat "$work/out"; fail "exit status $?"; }
     expect_in "$work/out" "finished at step 30"
-    for file in train.log metrics.csv epochs.csv metrics.jsonl parameters.xxh3; do
+    for file in train.log metrics.jsonl parameters.xxh3; do
       [ -s "$work/run/$file" ] || fail "$file missing from the run directory"
     done
-    expect_in "$work/run/metrics.csv" "step,epoch,loss"
+    expect_in "$work/run/metrics.jsonl" '"step":10,'
+    expect_in "$work/run/metrics.jsonl" '"epoch":1'
     [ "$(ls -d "$work/run/checkpoints"/ckpt-* | wc -l)" -ge 1 ] || fail "no checkpoint"
     "$binary" --help > "$work/help" 2>&1 || fail "--help failed"
     expect_in "$work/help" "--max-steps"
@@ -49,12 +53,15 @@ case "$case_name" in
   resume)
     "$binary" "${common[@]}" --run-dir "$work/straight" --max-steps 400 > "$work/straight.out" 2>&1 ||
       { cat "$work/straight.out"; fail "the uninterrupted run failed"; }
+    # Job control on: a background job of a script would otherwise start with SIGINT ignored.
+    set -m
     "$binary" "${common[@]}" --run-dir "$work/interrupted" --max-steps 400 \
       > "$work/first.out" 2>&1 &
     pid=$!
-    # Interrupt once it has trained a little (metrics.csv gets a row every 10 steps).
+    set +m
+    # Interrupt once it has trained a little (metrics.jsonl gets a row every 10 steps).
     for _ in $(seq 600); do
-      rows=$(wc -l < "$work/interrupted/metrics.csv" 2>/dev/null || echo 0)
+      rows=$(wc -l < "$work/interrupted/metrics.jsonl" 2>/dev/null || echo 0)
       [ "$rows" -ge 4 ] && break
       sleep 0.1
     done
@@ -70,7 +77,7 @@ case "$case_name" in
     [ "$(fingerprint "$work/straight")" = "$(fingerprint "$work/interrupted")" ] ||
       fail "parameters differ: $(fingerprint "$work/straight") uninterrupted," \
            "$(fingerprint "$work/interrupted") interrupted and resumed"
-    same_tables "$work/straight" "$work/interrupted"
+    same_figures "$work/straight" "$work/interrupted"
     ;;
   bad-data)
     "$binary" "${common[@]}" --run-dir "$work/run" --data-dir "$work/nowhere" > "$work/out" 2>&1 &&
@@ -117,8 +124,33 @@ case "$case_name" in
     [ -n "$(ls "$work/run/checkpoints/quarantine")" ] || fail "nothing in quarantine/"
     [ "$(fingerprint "$work/straight")" = "$(fingerprint "$work/run")" ] ||
       fail "parameters differ after the fallback"
-    # Steps 21 to 30 were trained twice; metrics.csv lists them once, like the uninterrupted run.
-    same_tables "$work/straight" "$work/run"
+    # Steps 21 to 30 were trained twice; metrics.jsonl lists them once, like the uninterrupted run.
+    same_figures "$work/straight" "$work/run"
+    ;;
+  settings-refused)
+    "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 20 > "$work/first.out" 2>&1 ||
+      { cat "$work/first.out"; fail "the first run failed"; }
+    before=$(checksums "$work/run/checkpoints")
+    metrics=$(cat "$work/run/metrics.jsonl")
+    "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 40 --batch-size 32 \
+      > "$work/second.out" 2>&1 && { cat "$work/second.out"; fail "a changed --batch-size was accepted"; }
+    expect_in "$work/second.out" "error: --batch-size is 32 in this run but was 64"
+    [ "$(checksums "$work/run/checkpoints")" = "$before" ] || fail "the refused run changed the checkpoints"
+    [ "$(cat "$work/run/metrics.jsonl")" = "$metrics" ] || fail "the refused run changed metrics.jsonl"
+    ;;
+  settings-warned)
+    "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 20 > "$work/first.out" 2>&1 ||
+      { cat "$work/first.out"; fail "the first run failed"; }
+    "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 30 --lr 0.002 > "$work/second.out" 2>&1 ||
+      { cat "$work/second.out"; fail "a changed --lr was refused"; }
+    expect_in "$work/second.out" "resumed from step 20"
+    expect_in "$work/second.out" "--lr changed from 0.001 to 0.002"
+    expect_in "$work/second.out" "finished at step 30"
+    expect_in "$work/run/metrics.jsonl" '"step":30,'
+    [ "$(grep -c '"lr":0.002' "$work/run/metrics.jsonl")" -eq 1 ] || fail "no metrics row with the new --lr"
+    newest=$(ls -d "$work/run/checkpoints"/ckpt-* | sort | tail -1)
+    grep -Eq '"learning_rate": ?0.002' "$newest/manifest.json" ||
+      fail "the new --lr is not in the settings of $newest"
     ;;
   *)
     fail "unknown case '$case_name'"
