@@ -92,7 +92,7 @@ int train(Config config) {
     hooks.end_epoch = [&](std::int64_t epoch, const fashion_mnist::EpochFigures& figures,
                           double seconds, bool stopped) {
       if (stopped || !group.is_main()) return;
-      session.log_metrics(checkpoint.current_step(), {{"epoch", static_cast<double>(epoch + 1)},
+      session.log_metrics(checkpoint.current_step(), {{"epoch", epoch + 1},
                                                       {"train_loss", figures.train_loss()},
                                                       {"train_accuracy", figures.train_accuracy()},
                                                       {"epoch_s", seconds}});

@@ -121,7 +121,7 @@ class EpochReporter {
             ? static_cast<double>(memory_->stats().peak_allocated_bytes) / (1024.0 * 1024.0)
             : peak_rss_mib();
     run_.session.log_metrics(run_.checkpoint.current_step(),
-                             {{"epoch", static_cast<double>(epoch + 1)},
+                             {{"epoch", epoch + 1},
                               {"train_loss", figures.train_loss()},
                               {"train_accuracy", figures.train_accuracy()},
                               {"test_loss", evaluation.loss},

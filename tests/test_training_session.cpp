@@ -150,6 +150,19 @@ TEST_CASE("missing parent directories of the log and metrics files are created",
 
 namespace {
 
+// A session's options writing metrics.jsonl in a fresh directory, logging to a capture.
+struct MetricsRun {
+  TempDir dir;
+  CapturedLogger captured;
+  fs::path metrics = dir.path / "metrics.jsonl";
+  TrainingSessionOptions options = [this] {
+    TrainingSessionOptions o;
+    o.logger = captured.logger;
+    o.metrics_file = metrics;
+    return o;
+  }();
+};
+
 std::vector<nlohmann::json> read_rows(const fs::path& path) {
   std::ifstream in(path);
   std::string line;
@@ -161,12 +174,8 @@ std::vector<nlohmann::json> read_rows(const fs::path& path) {
 }  // namespace
 
 TEST_CASE("log_metrics appends one JSON object per line and logs a readable line", "[session]") {
-  TempDir dir;
-  CapturedLogger captured;
-  const fs::path metrics = dir.path / "metrics.jsonl";
-  TrainingSessionOptions options;
-  options.logger = captured.logger;
-  options.metrics_file = metrics;
+  MetricsRun run;
+  auto& [dir, captured, metrics, options] = run;
   {
     TrainingSession session("metrics", options);
     session.log_metrics(10, {{"loss", 0.25}, {"accuracy", 0.875}});
@@ -222,12 +231,8 @@ TEST_CASE("the stop token is cancelled by request_stop() and wakes a waiting tas
 
 TEST_CASE("resume_metrics() drops the rows past the resumed step and a partial last row",
           "[session]") {
-  TempDir dir;
-  CapturedLogger captured;
-  const fs::path metrics = dir.path / "metrics.jsonl";
-  TrainingSessionOptions options;
-  options.logger = captured.logger;
-  options.metrics_file = metrics;
+  MetricsRun run;
+  auto& [dir, captured, metrics, options] = run;
   {
     TrainingSession first("first", options);
     for (int step = 10; step <= 40; step += 10) first.log_metrics(step, {{"loss", 1.0 / step}});
