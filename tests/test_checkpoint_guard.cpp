@@ -251,17 +251,19 @@ TEST_CASE("step() saves every N steps and on a stop request", "[checkpoint]") {
   options.save_on_exit = SaveOnExit::never;
   bool external_stop = false;
   options.stop_requested = [&] { return external_stop; };
-  CheckpointGuard guard(run.model, *run.optimizer, options);
-  std::vector<bool> saved;
-  for (int i = 0; i < 7; ++i) saved.push_back(guard.step().saved);
-  CHECK(saved == std::vector<bool>{false, false, true, false, false, true, false});
-  CHECK(checkpoint_dirs(dir.path).size() == 2);
-  external_stop = true;
-  const auto result = guard.step();
-  CHECK(result.saved);
-  CHECK(result.stop);
-  CHECK(guard.list().back().step == 8);
-  CHECK(captured.sink->contains(spdlog::level::warn, "stop requested"));
+  {
+    CheckpointGuard guard(run.model, *run.optimizer, options);
+    std::vector<bool> saved;
+    for (int i = 0; i < 7; ++i) saved.push_back(guard.step().saved);
+    CHECK(saved == std::vector<bool>{false, false, true, false, false, true, false});
+    CHECK(checkpoint_dirs(dir.path).size() == 2);
+    external_stop = true;
+    const auto result = guard.step();
+    CHECK(result.saved);
+    CHECK(result.stop);
+    CHECK(guard.list().back().step == 8);
+    CHECK(captured.sink->contains(spdlog::level::warn, "stop requested"));
+  }
 
   CheckpointGuard flagged(run.model, *run.optimizer, options);
   external_stop = false;
@@ -744,6 +746,57 @@ struct Constant {
 
 // Run by the crash test in a child process: resume, then save at every step until killed,
 // reporting each committed step on fd 3.
+TEST_CASE("lock child: hold a checkpoint directory until killed", "[.lock_child]") {
+  const char* dir = std::getenv("TORCHGUARD_LOCK_DIR");
+  if (!dir) return;
+  Constant state;
+  CheckpointOptions options;
+  options.directory = dir;
+  options.logger = std::make_shared<spdlog::logger>("quiet");
+  CheckpointGuard guard(state.model, state.optimizer, options);
+  const char ready = 1;
+  if (::write(3, &ready, 1) != 1) return;
+  std::this_thread::sleep_for(std::chrono::seconds(120));  // killed long before
+}
+
+TEST_CASE("a second run on a checkpoint directory fails at once, naming the holder's pid",
+          "[checkpoint][lock]") {
+  TempDir dir;
+  int report[2];
+  REQUIRE(::pipe(report) == 0);
+  const pid_t pid = torchguard::testing::spawn_test_child(
+      "[.lock_child]", {"TORCHGUARD_LOCK_DIR=" + dir.path.string()}, "", report[1]);
+  ::close(report[1]);
+  struct pollfd ready {
+    report[0], POLLIN, 0
+  };
+  REQUIRE(::poll(&ready, 1, 60000) == 1);
+  char byte = 0;
+  REQUIRE(::read(report[0], &byte, 1) == 1);
+  ::close(report[0]);
+
+  Constant state;
+  CheckpointOptions options;
+  options.directory = dir.path;
+  options.save_on_exit = SaveOnExit::never;
+  options.logger = std::make_shared<spdlog::logger>("quiet");
+  const auto started = std::chrono::steady_clock::now();
+  CHECK_THROWS_WITH(CheckpointGuard(state.model, state.optimizer, options),
+                    Contains(dir.path.string()) && Contains("in use by another run") &&
+                        Contains(fmt::format("pid {}", pid)));
+  CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(10));  // no waiting
+  // A process of the group that does not write takes no lock.
+  CheckpointOptions reader = options;
+  reader.is_writer = [] { return false; };
+  { CheckpointGuard rank_one(state.model, state.optimizer, reader); }
+
+  ::kill(pid, SIGKILL);  // the kernel releases a dead holder's lock: never stale
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CheckpointGuard after(state.model, state.optimizer, options);
+  CHECK(after.current_step() == 0);
+}
+
 TEST_CASE("crash child: save at every step until killed", "[.crash_child]") {
   const char* dir = std::getenv("TORCHGUARD_CRASH_DIR");
   if (!dir) return;

@@ -35,6 +35,7 @@
 
 #include "torchguard/checkpoint/commit.hpp"
 #include "torchguard/checkpoint/format.hpp"
+#include "torchguard/checkpoint/lock.hpp"
 #include "torchguard/checkpoint/options.hpp"
 #include "torchguard/checkpoint/restore.hpp"
 #include "torchguard/checkpoint/retention.hpp"
@@ -91,6 +92,7 @@ struct CheckpointGuardState {
   std::atomic<bool> stop_flag{false};
   bool stop_logged = false;
   bool closed = false;
+  std::optional<DirectoryLock> lock;             // held by the writing process
   HostStaging staging;                           // reused by background snapshots
   std::unique_ptr<BackgroundWriter> background;  // last: stopped before the rest goes
 };
@@ -256,7 +258,16 @@ class CheckpointGuard {
     if (created && s.writer) {  // the new directory's own entry must survive a crash too
       detail::fsync_directory(std::filesystem::absolute(directory).parent_path());
     }
-    if (s.writer) s.sequence = detail::remove_leftover_temporaries(directory, *s.logger);
+    if (s.writer) {
+      s.lock.emplace(directory);  // a second run on this directory fails here, at once
+      if (!s.lock->held()) {
+        s.logger->warn(
+            "CheckpointGuard: cannot create '{}' (a read-only directory?): another run "
+            "on this directory is not excluded",
+            s.lock->path().string());
+      }
+      s.sequence = detail::remove_leftover_temporaries(directory, *s.logger);
+    }
     detail::restore_newest(s.options, s.writer, *s.logger,
                            [&](const detail::VerifiedCheckpoint& checkpoint) { load(checkpoint); });
     if (s.options.background && s.writer) {
