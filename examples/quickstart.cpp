@@ -61,7 +61,7 @@ int main() {
     torchguard::CheckpointOptions checkpoint_options;
     checkpoint_options.directory = "quickstart-checkpoints";
     checkpoint_options.save_on_exit = torchguard::SaveOnExit::on_success;
-    checkpoint_options.stop_requested = [&] { return session.stop_requested(); };
+    checkpoint_options.stop_token = session.stop_token();  // Ctrl-C: save, then stop
     auto& checkpoint =
         stack.emplace<torchguard::CheckpointGuard>(model, optimizer, checkpoint_options);
     stack.callback([&] { session.logger()->info("data source released"); });
