@@ -742,18 +742,41 @@ struct Constant {
   torch::optim::SGD optimizer;
 };
 
+// Options for `directory` that log nowhere: what the child processes and their parents use.
+CheckpointOptions quiet_options(const fs::path& directory) {
+  CheckpointOptions options;
+  options.directory = directory;
+  options.logger = std::make_shared<spdlog::logger>("quiet");
+  return options;
+}
+
+// Starts the hidden test `tag` in a child process with `variable`=`directory`, and waits (at
+// most a minute) for the first `size` bytes it reports on its fd 3. Returns the child's pid and
+// the read end of its report pipe.
+std::pair<pid_t, int> start_reporting_child(const std::string& tag, const std::string& variable,
+                                            const fs::path& directory, void* first,
+                                            std::size_t size) {
+  int report[2];
+  REQUIRE(::pipe(report) == 0);
+  const pid_t pid = torchguard::testing::spawn_test_child(
+      tag, {variable + "=" + directory.string()}, "", report[1]);
+  ::close(report[1]);
+  struct pollfd ready {
+    report[0], POLLIN, 0
+  };
+  REQUIRE(::poll(&ready, 1, 60000) == 1);
+  REQUIRE(::read(report[0], first, size) == static_cast<ssize_t>(size));
+  return {pid, report[0]};
+}
+
 }  // namespace
 
-// Run by the crash test in a child process: resume, then save at every step until killed,
-// reporting each committed step on fd 3.
+// Run by the lock test in a child process: hold the directory's lock until killed.
 TEST_CASE("lock child: hold a checkpoint directory until killed", "[.lock_child]") {
   const char* dir = std::getenv("TORCHGUARD_LOCK_DIR");
   if (!dir) return;
   Constant state;
-  CheckpointOptions options;
-  options.directory = dir;
-  options.logger = std::make_shared<spdlog::logger>("quiet");
-  CheckpointGuard guard(state.model, state.optimizer, options);
+  CheckpointGuard guard(state.model, state.optimizer, quiet_options(dir));
   const char ready = 1;
   if (::write(3, &ready, 1) != 1) return;
   std::this_thread::sleep_for(std::chrono::seconds(120));  // killed long before
@@ -762,24 +785,14 @@ TEST_CASE("lock child: hold a checkpoint directory until killed", "[.lock_child]
 TEST_CASE("a second run on a checkpoint directory fails at once, naming the holder's pid",
           "[checkpoint][lock]") {
   TempDir dir;
-  int report[2];
-  REQUIRE(::pipe(report) == 0);
-  const pid_t pid = torchguard::testing::spawn_test_child(
-      "[.lock_child]", {"TORCHGUARD_LOCK_DIR=" + dir.path.string()}, "", report[1]);
-  ::close(report[1]);
-  struct pollfd ready {
-    report[0], POLLIN, 0
-  };
-  REQUIRE(::poll(&ready, 1, 60000) == 1);
-  char byte = 0;
-  REQUIRE(::read(report[0], &byte, 1) == 1);
-  ::close(report[0]);
+  char ready = 0;
+  const auto [pid, report] =
+      start_reporting_child("[.lock_child]", "TORCHGUARD_LOCK_DIR", dir.path, &ready, 1);
+  ::close(report);
 
   Constant state;
-  CheckpointOptions options;
-  options.directory = dir.path;
+  CheckpointOptions options = quiet_options(dir.path);
   options.save_on_exit = SaveOnExit::never;
-  options.logger = std::make_shared<spdlog::logger>("quiet");
   const auto started = std::chrono::steady_clock::now();
   CHECK_THROWS_WITH(CheckpointGuard(state.model, state.optimizer, options),
                     Contains(dir.path.string()) && Contains("in use by another run") &&
@@ -797,15 +810,15 @@ TEST_CASE("a second run on a checkpoint directory fails at once, naming the hold
   CHECK(after.current_step() == 0);
 }
 
+// Run by the crash test in a child process: resume, then save at every step until killed,
+// reporting each committed step on fd 3.
 TEST_CASE("crash child: save at every step until killed", "[.crash_child]") {
   const char* dir = std::getenv("TORCHGUARD_CRASH_DIR");
   if (!dir) return;
   Constant state;
-  CheckpointOptions options;
-  options.directory = dir;
+  CheckpointOptions options = quiet_options(dir);
   options.every_n_steps = 1;
   options.keep_last = 2;
-  options.logger = std::make_shared<spdlog::logger>("quiet");
   CheckpointGuard guard(state.model, state.optimizer, options);
   for (int i = 0; i < 100000; ++i) {
     const std::int64_t next = guard.current_step() + 1;
@@ -822,36 +835,25 @@ TEST_CASE("a writer SIGKILLed at any moment leaves a complete checkpoint, never 
   std::int64_t committed = 0;  // the newest step some child reported committed
   constexpr int kills = 24;
   for (int round = 0; round < kills; ++round) {
-    int report[2];
-    REQUIRE(::pipe(report) == 0);
-    const pid_t pid = torchguard::testing::spawn_test_child(
-        "[.crash_child]", {"TORCHGUARD_CRASH_DIR=" + dir.path.string()}, "", report[1]);
-    ::close(report[1]);
-
     // Wait for the first commit of this run (restore done, saving in a loop), then kill it at
     // a different moment each round: during serialization, fsync, rename or retention.
     std::int64_t step = 0;
-    struct pollfd ready {
-      report[0], POLLIN, 0
-    };
-    REQUIRE(::poll(&ready, 1, 60000) == 1);
-    REQUIRE(::read(report[0], &step, sizeof step) == sizeof step);
+    const auto [pid, report] = start_reporting_child("[.crash_child]", "TORCHGUARD_CRASH_DIR",
+                                                     dir.path, &step, sizeof step);
     CHECK(step > committed);  // resumed at or after the last commit: never went backwards
     committed = step;
     std::this_thread::sleep_for(std::chrono::microseconds(500 + round * 1700 % 23000));
     ::kill(pid, SIGKILL);
-    while (::read(report[0], &step, sizeof step) == sizeof step) committed = step;
-    ::close(report[0]);
+    while (::read(report, &step, sizeof step) == sizeof step) committed = step;
+    ::close(report);
     int status = 0;
     REQUIRE(::waitpid(pid, &status, 0) == pid);
     REQUIRE(WIFSIGNALED(status));
 
     // A restart always finds a whole checkpoint, at or after the last reported commit.
     Constant restored;
-    CheckpointOptions options;
-    options.directory = dir.path;
+    CheckpointOptions options = quiet_options(dir.path);
     options.save_on_exit = SaveOnExit::never;
-    options.logger = std::make_shared<spdlog::logger>("quiet");
     CheckpointGuard guard(restored.model, restored.optimizer, options);
     REQUIRE(guard.resumed());
     CHECK(guard.current_step() >= committed);
