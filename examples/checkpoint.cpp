@@ -16,8 +16,11 @@ int main(int argc, char** argv) {
 
   torch::nn::Sequential model(torch::nn::Linear(16, 64), torch::nn::ReLU(),
                               torch::nn::Linear(64, 1));
-  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(1e-2));
-  torch::optim::StepLR scheduler(optimizer, /*step_size=*/100, /*gamma=*/0.5);
+  // Shared with the guard (a module holder and shared_ptrs): they live as long as it needs them.
+  auto optimizer =
+      std::make_shared<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(1e-2));
+  auto scheduler = std::make_shared<torch::optim::StepLR>(*optimizer, /*step_size=*/100,
+                                                          /*gamma=*/0.5);
 
   torchguard::TrainingSessionOptions session_options;
   session_options.handle_signals = true;  // Ctrl-C: save and stop at the next step
@@ -29,7 +32,7 @@ int main(int argc, char** argv) {
   options.keep_last = 3;
   options.keep_best = 1;
   options.best_metric = "loss";
-  options.scheduler = &scheduler;
+  options.scheduler = scheduler;
   options.stop_requested = [&] { return session.stop_requested(); };
   torchguard::CheckpointGuard checkpoint(model, optimizer, options);  // restores, if any
 
@@ -37,11 +40,11 @@ int main(int argc, char** argv) {
   while (checkpoint.current_step() < total_steps) {
     const torch::Tensor x = torch::randn({64, 16});
     const torch::Tensor y = x.mm(weights);
-    optimizer.zero_grad();
+    optimizer->zero_grad();
     torch::Tensor loss = torch::mse_loss(model->forward(x), y);
     loss.backward();
-    optimizer.step();
-    scheduler.step();
+    optimizer->step();
+    scheduler->step();
     const double value = loss.item<double>();
     if (checkpoint.current_step() % 50 == 49)
       session.log_metrics(checkpoint.current_step() + 1, {{"loss", value}});

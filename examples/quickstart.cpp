@@ -47,8 +47,10 @@ double train(torch::nn::Linear& model, torch::optim::SGD& optimizer,
 
 int main() {
   torch::manual_seed(0);
+  // Shared with the CheckpointGuards (a module holder and a shared_ptr): they cannot dangle.
   torch::nn::Linear model(1, 1);
-  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
+  auto optimizer =
+      std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
 
   torchguard::TrainingSessionOptions session_options;
   session_options.metrics_file = "quickstart-metrics.jsonl";  // one JSON object per line
@@ -66,7 +68,7 @@ int main() {
         stack.emplace<torchguard::CheckpointGuard>(model, optimizer, checkpoint_options);
     stack.callback([&] { session.logger()->info("data source released"); });
     const double loss =
-        session.run([&] { return train(model, optimizer, session, checkpoint, 100, -1); });
+        session.run([&] { return train(model, *optimizer, session, checkpoint, 100, -1); });
     std::printf("experiment_001 reached step %lld with loss %.4f%s\n",
                 static_cast<long long>(checkpoint.current_step()), loss,
                 checkpoint.resumed() ? " (resumed)" : "");
@@ -84,7 +86,7 @@ int main() {
         stack.emplace<torchguard::CheckpointGuard>(model, optimizer, checkpoint_options);
     stack.callback([&] { session.logger()->info("data source released"); });
     stack.on_failure([&] { session.logger()->warn("not saving: the last good checkpoint stays"); });
-    session.run([&] { return train(model, optimizer, session, checkpoint, 100, 60); });
+    session.run([&] { return train(model, *optimizer, session, checkpoint, 100, 60); });
   } catch (const std::domain_error& e) {
     std::printf("experiment_002 failed as expected: %s\n", e.what());
     return 0;

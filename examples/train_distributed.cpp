@@ -46,11 +46,13 @@ torchguard::TrainingSession& open_session(torchguard::ScopeStack& stack,
 int train(Config config) {
   at::set_num_threads(config.threads);
   fs::create_directories(config.run_dir);
-  // The model and optimizer before the stack: they outlive the CheckpointGuard it holds.
+  // Shared with the CheckpointGuard (a module holder and a shared_ptr): it keeps them alive.
   torch::manual_seed(config.seed);
   fashion_mnist::Net model;
-  torch::optim::Adam optimizer(model->parameters(),
-                               torch::optim::AdamOptions(config.learning_rate));
+  auto optimizer = std::make_shared<torch::optim::Adam>(
+      model->parameters(), torch::optim::AdamOptions(config.learning_rate));
+  // Ranks see a signal at different steps: they agree, each step, on whether to stop.
+  auto stop = std::make_shared<bool>(false);
 
   torchguard::ScopeStack stack;
   torchguard::ProcessGroupOptions group_options;
@@ -63,15 +65,13 @@ int train(Config config) {
     const auto device = group.device();
     model->to(device);
     group.broadcast_parameters(*model);  // one starting point, whatever each rank's seed did
-    // Ranks see a signal at different steps: they agree, each step, on whether to stop.
-    bool stop = false;
     auto options = fashion_mnist::checkpoint_options(fs::path(config.run_dir) / "checkpoints",
                                                      config, device, session.logger());
-    options.stop_requested = [&stop] { return stop; };
+    options.stop_requested = [stop] { return *stop; };
     group.configure_checkpoints(options);  // rank 0 writes; a barrier after each save
     auto& checkpoint = stack.emplace<torchguard::CheckpointGuard>(model, optimizer, options);
     group.check_same(checkpoint.current_step(), "the restored step");
-    fashion_mnist::reconcile_settings(checkpoint, optimizer, config, *session.logger());
+    fashion_mnist::reconcile_settings(checkpoint, *optimizer, config, *session.logger());
     if (group.is_main()) session.resume_metrics(checkpoint.current_step());
     if (checkpoint.resumed() && group.is_main()) {
       std::printf("resumed from step %lld on %d ranks\n",
@@ -82,13 +82,13 @@ int train(Config config) {
     // Each rank loads the files itself; a stop signal cancels the loading.
     const auto data = fashion_mnist::load_dataset(config.data_dir, session.stop_token());
     // No stop token for the batch loading: a rank must not stop before the others agree.
-    fashion_mnist::Trainer run(model, optimizer, checkpoint, session, data, config,
+    fashion_mnist::Trainer run(model, *optimizer, checkpoint, session, data, config,
                                /*whole_batches=*/true, device);
     run.rank = group.rank();
     run.writes_metrics = group.is_main();
     fashion_mnist::EpochHooks hooks;
     hooks.sync_gradients = [&] { group.allreduce_gradients(*model); };
-    hooks.before_checkpoint_step = [&] { stop = group.any(session.stop_requested()); };
+    hooks.before_checkpoint_step = [&] { *stop = group.any(session.stop_requested()); };
     hooks.end_epoch = [&](std::int64_t epoch, const fashion_mnist::EpochFigures& figures,
                           double seconds, bool stopped) {
       if (stopped || !group.is_main()) return;

@@ -56,8 +56,8 @@ void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
 // Restores the newest valid checkpoint, checks this run's settings against it, and cuts
 // metrics.jsonl back to the restored step (the steps after it are trained again).
 torchguard::CheckpointGuard& open_checkpoint(torchguard::ScopeStack& stack,
-                                             fashion_mnist::Net& model,
-                                             torch::optim::Adam& optimizer,
+                                             fashion_mnist::Net model,
+                                             std::shared_ptr<torch::optim::Adam> optimizer,
                                              torchguard::TrainingSession& session,
                                              const Config& config, torch::Device device) {
   const fs::path directory = config.checkpoint_dir.empty()
@@ -66,7 +66,7 @@ torchguard::CheckpointGuard& open_checkpoint(torchguard::ScopeStack& stack,
   auto options = fashion_mnist::checkpoint_options(directory, config, device, session.logger());
   options.stop_token = session.stop_token();
   auto& checkpoint = stack.emplace<torchguard::CheckpointGuard>(model, optimizer, options);
-  fashion_mnist::reconcile_settings(checkpoint, optimizer, config, *session.logger());
+  fashion_mnist::reconcile_settings(checkpoint, *optimizer, config, *session.logger());
   session.resume_metrics(checkpoint.current_step());
   if (checkpoint.resumed()) {
     std::printf("resumed from step %lld (%s)\n", static_cast<long long>(checkpoint.current_step()),
@@ -162,12 +162,13 @@ int train(const Config& config) {
   const auto device = fashion_mnist::pick_device(config.device);
   fs::create_directories(config.run_dir);
 
-  // The model and optimizer before the stack: they outlive the CheckpointGuard it holds.
+  // Shared with the CheckpointGuard (a module holder and a shared_ptr): it keeps them alive for
+  // as long as it needs them, wherever the stack that holds it ends.
   torch::manual_seed(config.seed);
   fashion_mnist::Net model;
   model->to(device);
-  torch::optim::Adam optimizer(model->parameters(),
-                               torch::optim::AdamOptions(config.learning_rate));
+  auto optimizer = std::make_shared<torch::optim::Adam>(
+      model->parameters(), torch::optim::AdamOptions(config.learning_rate));
 
   torchguard::ScopeStack stack;
   torchguard::TrainingSessionOptions session_options;
@@ -186,7 +187,7 @@ int train(const Config& config) {
     log->info("loaded {} training and {} test images from {} in {:.2f} s",
               data.train.images.size(0), data.test.images.size(0), config.data_dir,
               fashion_mnist::seconds_since(load_start));
-    fashion_mnist::Trainer run(model, optimizer, checkpoint, session, data, config,
+    fashion_mnist::Trainer run(model, *optimizer, checkpoint, session, data, config,
                                /*whole_batches=*/false, device);
     run.load_stop = session.stop_token();
     EpochReporter reporter(run, config);

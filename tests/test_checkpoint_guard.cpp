@@ -25,6 +25,7 @@
 
 #include "support.hpp"
 #include "torchguard/core/guard.hpp"
+#include "torchguard/scope_stack.hpp"
 
 namespace fs = std::filesystem;
 using torchguard::CheckpointError;
@@ -349,6 +350,111 @@ TEST_CASE("the exit save is skipped when step() just saved the same step", "[che
     guard.step();  // saves step 2
   }
   CHECK(checkpoint_dirs(dir.path).size() == 1);
+}
+
+TEST_CASE("a finished run started again does not write another checkpoint of its step",
+          "[checkpoint]") {
+  TempDir dir;
+  CapturedLogger captured;
+  Run run(1);
+  auto options = run.options(dir.path, captured.logger);
+  options.keep_last = 10;
+  options.every_n_steps = 2;
+  {
+    CheckpointGuard guard(run.model, *run.optimizer, options);
+    for (int i = 0; i < 4; ++i) {
+      run.train_step();
+      guard.step();
+    }
+  }
+  REQUIRE(checkpoint_dirs(dir.path).size() == 2);  // steps 2 and 4
+  for (int rerun = 0; rerun < 2; ++rerun) {        // nothing left to do: no new checkpoint
+    Run again(2);
+    auto again_options = again.options(dir.path, captured.logger);
+    again_options.keep_last = 10;
+    CheckpointGuard guard(again.model, *again.optimizer, again_options);
+    CHECK(guard.current_step() == 4);
+    guard.close(Outcome::success);
+  }
+  CHECK(checkpoint_dirs(dir.path).size() == 2);
+  CHECK(captured.sink->count(spdlog::level::info, "step 4 is as it was restored") == 2);
+
+  SECTION("a loop that trains without step() still saves what it trained") {
+    Run again(3);
+    auto again_options = again.options(dir.path, captured.logger);
+    again_options.keep_last = 10;
+    {
+      CheckpointGuard guard(again.model, *again.optimizer, again_options);
+      again.train_step();  // no guard.step(): the step stays 4, the state does not
+    }
+    const auto dirs = checkpoint_dirs(dir.path);
+    REQUIRE(dirs.size() == 3);
+    CHECK(dirs.back().filename().string().find("-step-4") != std::string::npos);
+    Run restored(4);
+    auto restored_options = restored.options(dir.path, captured.logger);
+    restored_options.save_on_exit = SaveOnExit::never;
+    CheckpointGuard guard(restored.model, *restored.optimizer, restored_options);
+    CHECK(same_parameters(*restored.model, *again.model));
+  }
+  SECTION("changed metadata is saved") {
+    Run again(3);
+    auto again_options = again.options(dir.path, captured.logger);
+    again_options.keep_last = 10;
+    {
+      CheckpointGuard guard(again.model, *again.optimizer, again_options);
+      guard.metadata()["note"] = "evaluated";
+    }
+    CHECK(checkpoint_dirs(dir.path).size() == 3);
+  }
+}
+
+TEST_CASE("a guard shares ownership of a shared model, optimizer, scheduler and module",
+          "[checkpoint]") {
+  TempDir dir;
+  CapturedLogger captured;
+  torchguard::ScopeStack stack;
+  std::weak_ptr<torch::optim::Optimizer> optimizer_alive;
+  torch::Tensor trained;
+  {
+    // Built in an inner scope, as a training function would: only the guard keeps them.
+    torch::manual_seed(5);
+    Net model;
+    auto optimizer =
+        std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+    auto scheduler = std::make_shared<torch::optim::StepLR>(*optimizer, 2, 0.5);
+    CheckpointOptions options;
+    options.directory = dir.path;
+    options.logger = captured.logger;
+    options.scheduler = scheduler;
+    options.modules.emplace("head", std::make_shared<torch::nn::LinearImpl>(2, 2));
+    auto& guard = stack.emplace<CheckpointGuard>(model, optimizer, options);
+    optimizer->zero_grad();
+    model->forward(torch::randn({4, 8})).sum().backward();
+    optimizer->step();
+    scheduler->step();
+    guard.step();
+    trained = model->fc1->weight.detach().clone();
+    optimizer_alive = optimizer;
+  }
+  CHECK_FALSE(optimizer_alive.expired());  // the guard holds it
+  stack.close();                           // saves at exit, from the objects it kept alive
+  CHECK(optimizer_alive.expired());
+  REQUIRE(checkpoint_dirs(dir.path).size() == 1);
+  Net restored;
+  CheckpointOptions options;
+  options.directory = dir.path;
+  options.logger = captured.logger;
+  options.save_on_exit = SaveOnExit::never;
+  options.modules.emplace("head", torch::nn::Linear(2, 2));
+  torch::optim::SGD optimizer(restored->parameters(), torch::optim::SGDOptions(0.1));
+  CheckpointGuard guard(restored, optimizer, options);
+  CHECK(torch::equal(restored->fc1->weight, trained));
+
+  // Borrowed forms say so; shared forms keep a count.
+  torch::optim::SGD& borrowed = optimizer;
+  CHECK_FALSE(torchguard::OptimizerRef(borrowed).shared());
+  CHECK(torchguard::ModuleRef(restored).shared());
+  CHECK_FALSE(torchguard::SchedulerRef(nullptr));
 }
 
 TEST_CASE("retention keeps the last N and the best K, never a NaN, never the resumed one",

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <ctime>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -60,6 +61,46 @@ inline std::string checkpoint_name(std::uint64_t sequence, std::int64_t step) {
   return fmt::format("ckpt-{:06}-step-{}", sequence, step);
 }
 
+// Produces the files of a commit other than the manifest: `each(file_name, write)` calls
+// write(out) with its own `out` (anything with write(data, size)). Each runs once per snapshot.
+template <class Each>
+void write_checkpoint_files(Snapshot& snapshot, Each&& each) {
+  each(tensors_name, [&](auto& out) { write_tensor_file(out, snapshot.tensors); });
+  each(state_name, [&](auto& out) {
+    if (snapshot.state) {
+      serialize_archive(*snapshot.state,
+                        [&](const void* data, std::size_t size) { out.write(data, size); });
+    } else {
+      out.write(snapshot.state_bytes.data(), snapshot.state_bytes.size());
+    }
+  });
+}
+
+// The XXH3 checksum of each file a commit of `snapshot` would write, by name, computed without
+// writing anything: the same as a committed manifest's when nothing has changed.
+inline std::map<std::string, std::string> checkpoint_checksums(Snapshot& snapshot) {
+  struct HashingSink {
+    Hasher hasher;
+    void write(const void* data, std::size_t size) { hasher.update(data, size); }
+  };
+  std::map<std::string, std::string> checksums;
+  write_checkpoint_files(snapshot, [&](const char* file_name, auto&& write_content) {
+    HashingSink out;
+    write_content(out);
+    checksums[file_name] = hex64(out.hasher.digest());
+  });
+  return checksums;
+}
+
+// The checksums a committed manifest records, by file name.
+inline std::map<std::string, std::string> manifest_checksums(const nlohmann::json& manifest) {
+  std::map<std::string, std::string> checksums;
+  for (const auto& file : manifest.value("files", nlohmann::json::array())) {
+    checksums[file.at("name").get<std::string>()] = file.at("xxh3_64").get<std::string>();
+  }
+  return checksums;
+}
+
 // Commits `snapshot` into `directory` and returns the bytes written. Throws CheckpointError; on
 // error the temporary is removed and every committed checkpoint is as it was.
 inline std::uint64_t write_checkpoint(const std::filesystem::path& directory, Snapshot& snapshot) {
@@ -78,15 +119,7 @@ inline std::uint64_t write_checkpoint(const std::filesystem::path& directory, Sn
       files.push_back(
           {{"name", file_name}, {"size", out.size()}, {"xxh3_64", hex64(out.checksum())}});
     };
-    write_file(tensors_name, [&](DurableFile& out) { write_tensor_file(out, snapshot.tensors); });
-    write_file(state_name, [&](DurableFile& out) {
-      if (snapshot.state) {
-        serialize_archive(*snapshot.state,
-                          [&](const void* data, std::size_t size) { out.write(data, size); });
-      } else {
-        out.write(snapshot.state_bytes.data(), snapshot.state_bytes.size());
-      }
-    });
+    write_checkpoint_files(snapshot, write_file);
     nlohmann::ordered_json manifest;
     manifest["format_version"] = checkpoint_format_version;
     manifest["sequence"] = snapshot.sequence;

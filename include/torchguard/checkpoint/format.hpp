@@ -76,7 +76,9 @@ inline std::size_t align_up(std::size_t value) {
   return (value + tensor_file_alignment - 1) / tensor_file_alignment * tensor_file_alignment;
 }
 
-inline void write_tensor_file(DurableFile& out, const std::vector<NamedTensor>& tensors) {
+// Writes the tensor file to `out` (a DurableFile, or anything with write(data, size)).
+template <class Out>
+void write_tensor_file(Out& out, const std::vector<NamedTensor>& tensors) {
   nlohmann::ordered_json entries = nlohmann::ordered_json::array();
   std::size_t offset = 0;
   for (const auto& item : tensors) {

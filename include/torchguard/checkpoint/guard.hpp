@@ -51,11 +51,11 @@ namespace detail {
 
 // A CheckpointGuard's state, on the heap: the writer thread points into it, so the guard moves.
 struct CheckpointGuardState {
-  CheckpointGuardState(ModuleRef model, torch::optim::Optimizer* optimizer,
+  CheckpointGuardState(ModuleRef model, OptimizerRef optimizer,
                        CheckpointOptions checkpoint_options)
       : options(std::move(checkpoint_options)),
         logger(or_default(options.logger)),
-        training(std::move(model), optimizer, options) {}
+        training(std::move(model), std::move(optimizer), options) {}
 
   // Commits a snapshot, then applies retention (a failure to delete old checkpoints is logged,
   // not a save failure). Runs on the caller's or the writer thread.
@@ -87,6 +87,7 @@ struct CheckpointGuardState {
   nlohmann::json resumed_metrics = nlohmann::json::object();
   nlohmann::json metadata = nlohmann::json::object();
   std::optional<std::filesystem::path> resumed_from;
+  nlohmann::json resumed_manifest;  // of the checkpoint restored on entry
   bool saved_this_step = false;     // set by save(), cleared by step(): the exit save may skip
   bool last_commit_failed = false;  // the newest save point's write did not commit
   std::atomic<bool> stop_flag{false};
@@ -103,17 +104,51 @@ class CheckpointGuard {
  public:
   using Options = CheckpointOptions;
 
+  // Model, optimizer and the options' scheduler and modules are shared (std::shared_ptr, module
+  // holders: they live as long as the guard) or borrowed (references: they must outlive it).
+  //
   // The seed's form: restore from `directory` now, save there at exit.
-  CheckpointGuard(ModuleRef model, torch::optim::Optimizer& optimizer,
-                  std::filesystem::path directory)
-      : CheckpointGuard(model, &optimizer, options_for(std::move(directory))) {}
+  CheckpointGuard(ModuleRef model, OptimizerRef optimizer, std::filesystem::path directory)
+      : CheckpointGuard(std::move(model), std::move(optimizer), options_for(std::move(directory))) {
+  }
 
-  CheckpointGuard(ModuleRef model, torch::optim::Optimizer& optimizer, CheckpointOptions options)
-      : CheckpointGuard(model, &optimizer, std::move(options)) {}
+  CheckpointGuard(ModuleRef model, OptimizerRef optimizer, CheckpointOptions options)
+      : s_(std::make_unique<detail::CheckpointGuardState>(std::move(model), std::move(optimizer),
+                                                          std::move(options))) {
+    auto& s = *s_;
+    detail::validate_checkpoint_options(s.options);
+    s.writer = !s.options.is_writer || s.options.is_writer();
+    const auto& directory = s.options.directory;
+    std::error_code error;
+    const bool created = std::filesystem::create_directories(directory, error);
+    if (error && !std::filesystem::is_directory(directory)) {
+      throw CheckpointError(fmt::format("CheckpointGuard: cannot create the directory '{}': {}",
+                                        directory.string(), error.message()));
+    }
+    if (created && s.writer) {  // the new directory's own entry must survive a crash too
+      detail::fsync_directory(std::filesystem::absolute(directory).parent_path());
+    }
+    if (s.writer) {
+      s.lock.emplace(directory);  // a second run on this directory fails here, at once
+      if (!s.lock->held()) {
+        s.logger->warn(
+            "CheckpointGuard: cannot create '{}' (a read-only directory?): another run "
+            "on this directory is not excluded",
+            s.lock->path().string());
+      }
+      s.sequence = detail::remove_leftover_temporaries(directory, *s.logger);
+    }
+    detail::restore_newest(s.options, s.writer, *s.logger,
+                           [&](const detail::VerifiedCheckpoint& checkpoint) { load(checkpoint); });
+    if (s.options.background && s.writer) {
+      s.background = std::make_unique<detail::BackgroundWriter>(
+          [state = s_.get()](detail::Snapshot& snapshot) { state->commit(snapshot); });
+    }
+  }
 
   // Without an optimizer: a model (and the options' extras) alone.
   CheckpointGuard(ModuleRef model, CheckpointOptions options)
-      : CheckpointGuard(model, nullptr, std::move(options)) {}
+      : CheckpointGuard(std::move(model), nullptr, std::move(options)) {}
 
   CheckpointGuard(CheckpointGuard&&) noexcept = default;
   CheckpointGuard& operator=(CheckpointGuard&& other) noexcept {
@@ -191,7 +226,11 @@ class CheckpointGuard {
       error = std::current_exception();
     }
     try {
-      if (save_now && !s_->saved_this_step) {
+      if (save_now && !s_->saved_this_step && unchanged_since_restore()) {
+        s_->logger->info(
+            "CheckpointGuard: step {} is as it was restored from '{}': not saved again", s_->step,
+            s_->resumed_from->string());
+      } else if (save_now && !s_->saved_this_step) {
         save();
       } else if (save_now && (error || s_->last_commit_failed) && s_->writer) {
         // The last save point's write failed: write the final state once more. No fence: the
@@ -242,40 +281,6 @@ class CheckpointGuard {
     return options;
   }
 
-  CheckpointGuard(ModuleRef model, torch::optim::Optimizer* optimizer, CheckpointOptions options)
-      : s_(std::make_unique<detail::CheckpointGuardState>(std::move(model), optimizer,
-                                                          std::move(options))) {
-    auto& s = *s_;
-    detail::validate_checkpoint_options(s.options);
-    s.writer = !s.options.is_writer || s.options.is_writer();
-    const auto& directory = s.options.directory;
-    std::error_code error;
-    const bool created = std::filesystem::create_directories(directory, error);
-    if (error && !std::filesystem::is_directory(directory)) {
-      throw CheckpointError(fmt::format("CheckpointGuard: cannot create the directory '{}': {}",
-                                        directory.string(), error.message()));
-    }
-    if (created && s.writer) {  // the new directory's own entry must survive a crash too
-      detail::fsync_directory(std::filesystem::absolute(directory).parent_path());
-    }
-    if (s.writer) {
-      s.lock.emplace(directory);  // a second run on this directory fails here, at once
-      if (!s.lock->held()) {
-        s.logger->warn(
-            "CheckpointGuard: cannot create '{}' (a read-only directory?): another run "
-            "on this directory is not excluded",
-            s.lock->path().string());
-      }
-      s.sequence = detail::remove_leftover_temporaries(directory, *s.logger);
-    }
-    detail::restore_newest(s.options, s.writer, *s.logger,
-                           [&](const detail::VerifiedCheckpoint& checkpoint) { load(checkpoint); });
-    if (s.options.background && s.writer) {
-      s.background = std::make_unique<detail::BackgroundWriter>(
-          [state = s_.get()](detail::Snapshot& snapshot) { state->commit(snapshot); });
-    }
-  }
-
   void load(const detail::VerifiedCheckpoint& checkpoint) {
     auto& s = *s_;
     s.training.load(checkpoint, *s.logger);
@@ -287,6 +292,7 @@ class CheckpointGuard {
     s.metadata = manifest.value("metadata", nlohmann::json::object());
     s.sequence = std::max(s.sequence, manifest.at("sequence").get<std::uint64_t>());
     s.resumed_from = checkpoint.path;
+    s.resumed_manifest = manifest;
     s.logger->info("CheckpointGuard: resumed from step {} (epoch {}) of '{}'", s.step, s.epoch,
                    checkpoint.path.string());
   }
@@ -309,6 +315,24 @@ class CheckpointGuard {
     snapshot->metadata = s.metadata;
     s.training.capture(*snapshot, background ? &s.staging : nullptr);
     return snapshot;
+  }
+
+  // True when the state is exactly the checkpoint restored on entry: the same step, epoch and
+  // metadata, and the same checksum for every file a save would write (a finished run started
+  // again writes no copy of its last step; a loop that trains without step() still saves).
+  // Processes that meet at a fence (after_save) always save: they must not decide apart.
+  bool unchanged_since_restore() {
+    auto& s = *s_;
+    if (!s.resumed_from || !s.writer || s.options.after_save) return false;
+    const auto& manifest = s.resumed_manifest;
+    if (manifest.value("step", std::int64_t{-1}) != s.step ||
+        manifest.value("epoch", std::int64_t{-1}) != s.epoch ||
+        manifest.value("metadata", nlohmann::json::object()) != s.metadata) {
+      return false;
+    }
+    auto snapshot = take_snapshot(false);
+    --s.sequence;  // nothing is committed under it
+    return detail::checkpoint_checksums(*snapshot) == detail::manifest_checksums(manifest);
   }
 
   void commit_or_queue() {

@@ -2,6 +2,7 @@
 // list() describes.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -30,21 +31,46 @@ class CheckpointError : public Error {
 enum class SaveOnExit { always, on_success, never };
 enum class MetricMode { min, max };
 
-// A module by reference: a torch::nn::Linear (holder), a std::shared_ptr<Net>, or a Net&.
-class ModuleRef {
+// What a guard works on: shared, or borrowed. From a std::shared_ptr (or a module holder such as
+// torch::nn::Linear, which is one) the guard shares ownership, so the object lives as long as the
+// guard does: the form that cannot dangle. From a reference or a pointer the guard only borrows:
+// the object must outlive the guard's close() or destruction (in a ScopeStack: the stack).
+template <class T>
+class Ref {
  public:
-  template <class T>
-  ModuleRef(const torch::nn::ModuleHolder<T>& holder) : module_(holder.ptr()) {}
-  template <class T, class = std::enable_if_t<std::is_base_of_v<torch::nn::Module, T>>>
-  ModuleRef(std::shared_ptr<T> module) : module_(std::move(module)) {}
-  template <class T, class = std::enable_if_t<std::is_base_of_v<torch::nn::Module, T>>>
-  ModuleRef(T& module) : module_(std::shared_ptr<torch::nn::Module>(), &module) {}  // not owned
-  torch::nn::Module& operator*() const { return *module_; }
-  torch::nn::Module* operator->() const { return module_.get(); }
+  Ref() = default;
+  Ref(std::nullptr_t) {}
+  template <class U, class = std::enable_if_t<std::is_convertible_v<U*, T*>>>
+  Ref(std::shared_ptr<U> object) : object_(std::move(object)) {}
+  template <class U, class = std::enable_if_t<std::is_convertible_v<U*, T*>>>
+  Ref(U& object) : object_(std::shared_ptr<T>(), &object) {}  // borrowed
+  template <class U, class = std::enable_if_t<std::is_convertible_v<U*, T*>>>
+  Ref(U* object) : object_(std::shared_ptr<T>(), object) {}  // borrowed
 
- private:
-  std::shared_ptr<torch::nn::Module> module_;
+  T* get() const noexcept { return object_.get(); }
+  T& operator*() const { return *object_; }
+  T* operator->() const noexcept { return object_.get(); }
+  explicit operator bool() const noexcept { return object_.get() != nullptr; }
+  // True when the guard shares ownership (a shared_ptr or holder), false when it borrows.
+  bool shared() const noexcept { return object_.use_count() > 0; }
+
+ protected:
+  std::shared_ptr<T> object_;
 };
+
+// A module: a torch::nn::Linear (holder), a std::shared_ptr<Net> (both shared), or a Net&
+// (borrowed).
+class ModuleRef : public Ref<torch::nn::Module> {
+ public:
+  using Ref::Ref;
+  template <class T>
+  ModuleRef(const torch::nn::ModuleHolder<T>& holder) : Ref(holder.ptr()) {}
+};
+
+// An optimizer: a std::shared_ptr<torch::optim::SGD> (shared) or an SGD& (borrowed).
+using OptimizerRef = Ref<torch::optim::Optimizer>;
+// An LR scheduler: a std::shared_ptr (shared) or a pointer (borrowed).
+using SchedulerRef = Ref<torch::optim::LRScheduler>;
 
 struct CheckpointOptions {
   std::filesystem::path directory;  // where checkpoints live (created when missing)
@@ -59,11 +85,11 @@ struct CheckpointOptions {
   bool allow_fresh_start = false;    // checkpoints exist but none is valid: start fresh, not fail
   std::function<bool()> is_writer;   // false on processes that must not write (rank != 0)
   std::function<void()> after_save;  // runs on every process after each save point (barrier)
-  std::function<bool()> stop_requested;            // e.g. [&] { return session.stop_requested(); }
-  CancellationToken stop_token;                    // e.g. session.stop_token()
-  torch::optim::LRScheduler* scheduler = nullptr;  // its step count is saved and restored
-  std::map<std::string, ModuleRef> modules;        // more modules, saved and restored by name
-  std::map<std::string, torch::Tensor> tensors;    // more tensors, restored in place
+  std::function<bool()> stop_requested;          // e.g. [&] { return session.stop_requested(); }
+  CancellationToken stop_token;                  // e.g. session.stop_token()
+  SchedulerRef scheduler;                        // its step count is saved and restored
+  std::map<std::string, ModuleRef> modules;      // more modules, saved and restored by name
+  std::map<std::string, torch::Tensor> tensors;  // more tensors, restored in place
   std::shared_ptr<spdlog::logger> logger;
 };
 

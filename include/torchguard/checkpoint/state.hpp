@@ -34,9 +34,8 @@ inline std::string cuda_rng_key(int index) { return fmt::format("rng/cuda/{}", i
 
 class TrainingState {
  public:
-  TrainingState(ModuleRef model, torch::optim::Optimizer* optimizer,
-                const CheckpointOptions& options)
-      : model_(std::move(model)), optimizer_(optimizer), options_(&options) {}
+  TrainingState(ModuleRef model, OptimizerRef optimizer, const CheckpointOptions& options)
+      : model_(std::move(model)), optimizer_(std::move(optimizer)), options_(&options) {}
 
   // Fills the snapshot's tensors, optimizer kind and state archive. With `staging`, the tensors
   // are copied into its buffer and the archive is serialized now (training may go on while
@@ -193,7 +192,7 @@ class TrainingState {
   }
 
   ModuleRef model_;
-  torch::optim::Optimizer* optimizer_;
+  OptimizerRef optimizer_;
   const CheckpointOptions* options_;
 };
 
