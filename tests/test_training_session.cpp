@@ -102,6 +102,37 @@ TEST_CASE("a session inside a ScopeStack is told the stack's outcome", "[session
   CHECK(captured.sink->contains(spdlog::level::err, "Training session 'stacked' failed after"));
 }
 
+TEST_CASE("a cleanup that fails at a normal return surfaces: close() inside run() fails the run",
+          "[session][scope_stack]") {
+  CapturedLogger captured;
+  auto cleanup_fails = [] { throw std::runtime_error("the final save failed: disk full"); };
+
+  // The pattern: the guards' stack is closed inside run(), so that its error is the run's.
+  TrainingSession session("closed", captured.logger);
+  CHECK_THROWS_WITH(session.run([&] {
+    torchguard::ScopeStack stack;
+    stack.callback(cleanup_fails);
+    stack.close();  // throws what the cleanup threw
+    return 0;
+  }),
+                    Contains("disk full"));
+  CHECK(session.failed());
+  CHECK(captured.sink->contains(spdlog::level::err, "the final save failed: disk full"));
+  session.close(Outcome::success);
+  CHECK(captured.sink->contains(spdlog::level::err, "Training session 'closed' failed after"));
+
+  // Without it the stack's destructor can only log: the error is reported, but nothing else
+  // knows, and the session in the same stack ends as failed.
+  {
+    torchguard::ScopeStack stack(captured.logger);
+    stack.emplace<TrainingSession>("destroyed", captured.logger);
+    stack.callback(cleanup_fails);
+  }
+  CHECK(captured.sink->contains(spdlog::level::err,
+                                "a cleanup failed while the stack was destroyed"));
+  CHECK(captured.sink->contains(spdlog::level::err, "Training session 'destroyed' failed after"));
+}
+
 TEST_CASE("the log file keeps every line and is flushed on errors", "[session]") {
   TempDir dir;
   CapturedLogger captured;

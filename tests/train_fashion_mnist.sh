@@ -9,11 +9,14 @@
 #   settings-refused  a resume with another --batch-size is refused, naming the setting and both
 #               values, and leaves the checkpoints and metrics as they were
 #   settings-warned   a resume with another --lr goes on with a warning and the new value
+#   full-disk   a save that fails mid-run (a 12 MiB file system: two checkpoints fit, the third
+#               does not) ends with the error and exit status 1, never a crash, and the committed
+#               checkpoints stay (needs the privilege to mount; skipped visibly without it)
 set -uo pipefail
 binary=$1
 case_name=$2
 work=$(mktemp -d "${TMPDIR:-/tmp}/torchguard-demo-XXXXXX")
-trap 'rm -rf "$work"' EXIT
+trap 'umount "$work/disk" 2>/dev/null; rm -rf "$work"' EXIT
 # Small and quick, and the same in every run: the thread count fixes the arithmetic.
 common=(--threads 2 --no-plots --eval-samples 1000 --log-every 10)
 
@@ -151,6 +154,23 @@ case "$case_name" in
     newest=$(ls -d "$work/run/checkpoints"/ckpt-* | sort | tail -1)
     grep -Eq '"learning_rate": ?0.002' "$newest/manifest.json" ||
       fail "the new --lr is not in the settings of $newest"
+    ;;
+  full-disk)
+    mkdir "$work/disk"
+    if ! mount -t tmpfs -o size=12m tmpfs "$work/disk" 2>/dev/null; then
+      echo "SKIPPED: cannot mount a small tmpfs here (not privileged)"
+      exit 0
+    fi
+    "$binary" "${common[@]}" --run-dir "$work/disk/run" --max-steps 40 --checkpoint-every 10 \
+      > "$work/out" 2>&1
+    status=$?
+    [ "$status" -eq 1 ] || { cat "$work/out"; fail "exit status $status, not 1"; }
+    expect_in "$work/out" "error: CheckpointGuard: cannot save the checkpoint of step 30"
+    expect_in "$work/out" "No space left on device"
+    expect_in "$work/out" "Training session 'fashion-mnist' failed after"
+    expect_in "$work/disk/run/train.log" "No space left on device"
+    [ "$(ls "$work/disk/run/checkpoints")" = "$(printf 'ckpt-000001-step-10\nckpt-000002-step-20')" ] ||
+      fail "checkpoints after the failed save: $(ls "$work/disk/run/checkpoints")"
     ;;
   *)
     fail "unknown case '$case_name'"
