@@ -264,6 +264,12 @@ TEST_CASE("step() saves every N steps and on a stop request", "[checkpoint]") {
     CHECK(result.stop);
     CHECK(guard.list().back().step == 8);
     CHECK(captured.sink->contains(spdlog::level::warn, "stop requested"));
+    // A loop that goes on after the stop saves on its schedule, not at every step.
+    CHECK(guard.step().saved);  // step 9: due
+    const auto after = guard.step();
+    CHECK(after.stop);
+    CHECK_FALSE(after.saved);
+    CHECK(checkpoint_dirs(dir.path).size() == 4);
   }
 
   CheckpointGuard flagged(run.model, *run.optimizer, options);

@@ -164,7 +164,7 @@ class CheckpointGuard {
   ~CheckpointGuard() { finish(); }
 
   // Advances the step with this step's metrics; saves every `every_n_steps` steps, and at once
-  // when a stop was requested (the result then says to stop).
+  // when a stop was requested (the result then says to stop; only the first such step saves).
   StepResult step(const Metrics& metrics = {}) {
     ++s_->step;
     s_->saved_this_step = false;
@@ -172,7 +172,9 @@ class CheckpointGuard {
     StepResult result;
     result.stop = stop_requested();
     const bool due = s_->options.every_n_steps > 0 && s_->step % s_->options.every_n_steps == 0;
-    if (due || result.stop) {
+    // A stop saves once, at the first step that sees it: a loop that goes on does not save at
+    // every step after it.
+    if (due || (result.stop && !s_->stop_logged)) {
       save();
       result.saved = true;
     }
