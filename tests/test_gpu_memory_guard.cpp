@@ -83,11 +83,13 @@ TEST_CASE("retry_on_oom takes the user's shrink function and a minimum", "[gpu_m
         options);
     FAIL("expected OutOfMemoryRetryError");
   } catch (const OutOfMemoryRetryError& e) {
-    CHECK(e.batch_sizes_tried() == std::vector<std::int64_t>{500, 400, 300, 200});
-    CHECK_THAT(std::string(e.what()), Contains("500, 400, 300, 200") && Contains("minimum 150") &&
+    // 200 - 100 is below the minimum: the minimum itself is tried last.
+    CHECK(e.batch_sizes_tried() == std::vector<std::int64_t>{500, 400, 300, 200, 150});
+    CHECK_THAT(std::string(e.what()), Contains("500, 400, 300, 200, 150") &&
+                                          Contains("minimum 150") &&
                                           Contains("Tried to allocate 1.00 GiB"));
   }
-  CHECK(calls.size() == 4);
+  CHECK(calls.size() == 5);
 }
 
 TEST_CASE("retry_on_oom treats an old-style CUDA out-of-memory c10::Error as OOM",

@@ -4,6 +4,7 @@
 //   auto loss = torchguard::retry_on_oom(512, [&](std::int64_t batch) { return step(batch); });
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -86,8 +87,10 @@ auto retry_on_oom(std::int64_t initial_batch, F&& fn, RetryOnOomOptions options 
     }
     tried.push_back(batch);
     if (options.empty_cache && detail::cuda_usable()) detail::empty_cache();
-    const std::int64_t next = options.shrink ? options.shrink(batch) : batch / 2;
-    if (next < options.minimum_batch || next >= batch) {
+    // Shrunk below the minimum, the minimum itself is the last size tried.
+    const std::int64_t shrunk = options.shrink ? options.shrink(batch) : batch / 2;
+    const std::int64_t next = std::max(shrunk, options.minimum_batch);
+    if (next >= batch) {
       throw OutOfMemoryRetryError(
           fmt::format("retry_on_oom: out of memory at every batch size tried ({}; minimum {}): {}",
                       fmt::join(tried, ", "), options.minimum_batch, describe(error)),
