@@ -1,7 +1,7 @@
 // Load three files concurrently, then run inference on them concurrently, then print: Python's
 //   tensors = await asyncio.gather(*(load(p) for p in paths))
 //   outputs = await asyncio.gather(*(infer(t) for t in tensors))
-// with futures, a bound on concurrency, per-item timeouts and errors that name their item.
+// with futures, a bound on concurrency, per-item timeouts and errors that name their input.
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -59,7 +59,8 @@ int main() {
     std::printf("%s -> classes %s\n", fs::path(paths[i]).filename().c_str(), classes.c_str());
   }
 
-  // A missing file: the error names its index; with gather_settled the others still load.
+  // A missing file: the error leads with the load's own message, then names the file (its index
+  // as a detail); with gather_settled the others still load.
   paths.push_back((dir / "missing.pt").string());
   try {
     torchguard::gather(paths, load, options);
@@ -67,7 +68,9 @@ int main() {
     std::printf("gather failed as expected: %s\n", error.what());
   }
   for (auto& result : torchguard::gather_settled(paths, load, options)) {
-    std::printf("  item %zu: %s\n", result.index, result.ok() ? "loaded" : "failed");
+    // cancelled(): stopped by options.cancellation, not the file's fault (none here).
+    std::printf("  item %zu: %s\n", result.index,
+                result.ok() ? "loaded" : (result.cancelled() ? "cancelled" : "failed"));
   }
   fs::remove_all(dir);
   return 0;

@@ -156,6 +156,10 @@ inline Dataset load_dataset(const std::string& dir, torchguard::CancellationToke
   torchguard::GatherOptions options;
   options.max_in_flight = files.size();
   options.cancellation = std::move(stop);
+  // An error names the file: "... (input 'train-images-idx3-ubyte.gz'; item 0 of 4)".
+  options.item_name = [&](std::size_t i) {
+    return std::filesystem::path(file_path(dir, files[i].split, files[i].kind)).filename().string();
+  };
   auto tensors = torchguard::values(torchguard::gather(
       files,
       [&dir](const File& file) {

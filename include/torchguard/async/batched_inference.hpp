@@ -267,6 +267,12 @@ class BatchServer {
 // one request at a time, so one bad input fails only its own request. Inputs of different shapes
 // go in different batches. close() (and the destructor) stops new requests and answers every
 // pending one. Move-only; a moved-from BatchedInference may only be destroyed or assigned to.
+//
+// After options.cancellation is cancelled: submit() throws Cancelled; every request still queued
+// is answered with Cancelled (its future's get() throws it), a batch already running finishes
+// and answers normally; gather() over the futures then throws Cancelled, not TaskError (unless a
+// request failed for another reason). close() returns normally; stats() counts the cancelled
+// requests as answered and failed.
 class BatchedInference {
  public:
   using Options = BatchedInferenceOptions;
@@ -286,7 +292,8 @@ class BatchedInference {
   BatchedInference& operator=(BatchedInference&&) noexcept = default;
   ~BatchedInference() = default;
 
-  // Queues one input (no batch dimension) and returns the future of its output row.
+  // Queues one input (no batch dimension) and returns the future of its output row. Throws
+  // Error after close(), Cancelled once options.cancellation is cancelled.
   std::future<torch::Tensor> submit(torch::Tensor input) {
     return server_->submit(std::move(input));
   }

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstddef>
 #include <exception>
+#include <filesystem>
 #include <functional>
 #include <future>
 #include <iterator>
@@ -34,26 +35,61 @@ namespace torchguard {
 
 namespace detail {
 
-// A gather's failures in the order recorded: the first is thrown as TaskError, with the others.
+// A gather's errors in the order recorded. Failures (any error but a cancellation) are thrown
+// as TaskError: the first, with the others. A cancellation is never a failure: when there is no
+// failure, the first cancellation is thrown as Cancelled, saying how many items were cancelled.
 class Failures {
  public:
+  using Namer = std::function<std::string(std::size_t)>;
+
   void add(std::size_t index, std::exception_ptr error) {
-    if (first_error_) {
+    if (is_cancellation(error)) {
+      if (!cancellation_) cancellation_ = std::move(error);
+      ++cancelled_;
+    } else if (first_error_) {
       others_.emplace_back(index, std::move(error));
     } else {
       first_index_ = index;
       first_error_ = std::move(error);
     }
   }
+  // No failure recorded (cancellations aside).
   bool empty() const noexcept { return !first_error_; }
-  void throw_if_any() {
-    if (first_error_) throw TaskError(first_index_, first_error_, std::move(others_));
+  // `total`: the number of items; `name`, when given, names the failed input (empty: no name).
+  void throw_if_any(std::size_t total, const Namer& name = {}) {
+    if (!first_error_) {
+      if (cancellation_) throw Cancelled(cancelled_text(total));
+      return;
+    }
+    std::string input;
+    // A failing name must not hide the item's own error: the message then goes without it.
+    try {
+      if (name) input = name(first_index_);
+    } catch (...) {
+      input.clear();
+    }
+    throw TaskError(first_index_, total, std::move(input), first_error_, std::move(others_));
   }
 
  private:
+  // "BatchedInference: cancelled before the request ran (3 of 10 items cancelled)".
+  std::string cancelled_text(std::size_t total) const {
+    std::string text;
+    try {
+      std::rethrow_exception(cancellation_);
+    } catch (const std::exception& e) {
+      text = error_message(e);
+    } catch (...) {
+    }
+    if (text.empty()) text = "cancelled";
+    return fmt::format("{} ({} of {} items cancelled)", text, cancelled_, total);
+  }
+
   std::size_t first_index_ = 0;
   std::exception_ptr first_error_;
   std::vector<TaskError::Failure> others_;
+  std::exception_ptr cancellation_;
+  std::size_t cancelled_ = 0;
 };
 
 // A future's value as gather stores it (void: std::monostate).
@@ -69,9 +105,14 @@ stored_t<T> get_stored(std::future<T>& future) {
 
 }  // namespace detail
 
-// Waits for every future, then returns their values in input order. The first failed future (by
-// index) is thrown as TaskError with the later failures in others(); every future is waited for
-// even when one fails, so nothing keeps running behind the caller's back.
+// Waits for every future, then returns their values in input order. Every future is waited for
+// even when one fails, so nothing keeps running behind the caller's back. Then:
+// - a future failed (with anything but Cancelled): throws TaskError for the first failed future
+//   (by index), the later failures in others(); cancelled futures are not failures and are not
+//   listed;
+// - otherwise, a future answered Cancelled (e.g. a BatchedInference request its token cancelled):
+//   throws Cancelled, "<the first one's message> (<k> of <n> items cancelled)", never TaskError;
+// - otherwise returns the values.
 template <class T>
 std::vector<detail::stored_t<T>> gather(std::vector<std::future<T>> futures) {
   for (auto& future : futures) {
@@ -88,11 +129,12 @@ std::vector<detail::stored_t<T>> gather(std::vector<std::future<T>> futures) {
       failures.add(i, std::current_exception());
     }
   }
-  failures.throw_if_any();
+  failures.throw_if_any(futures.size());
   return values;
 }
 
 // Waits for futures of different types: `auto [a, b] = gather(std::async(...), std::async(...))`.
+// Throws as the gather over a vector of futures does: TaskError, else Cancelled.
 template <class... T, class = std::enable_if_t<(sizeof...(T) > 0)>>
 std::tuple<detail::stored_t<T>...> gather(std::future<T>&&... futures) {
   (futures.wait(), ...);
@@ -110,7 +152,7 @@ std::tuple<detail::stored_t<T>...> gather(std::future<T>&&... futures) {
   };
   // Braces: the futures are taken left to right, so each index is its position.
   std::tuple<std::optional<detail::stored_t<T>>...> taken{take(futures)...};
-  failures.throw_if_any();
+  failures.throw_if_any(sizeof...(T));
   return std::apply([](auto&... value) { return std::make_tuple(std::move(*value)...); }, taken);
 }
 
@@ -131,16 +173,31 @@ struct GatherOptions {
   // Called on the gathering thread after items finish; an exception from it stops the gather.
   std::function<void(const GatherProgress&)> on_progress;
   CancellationToken cancellation;  // from a CancellationSource: cancels the gather from outside
+  // Names input `index` in a failed gather's TaskError (input()), in the user's terms: a file
+  // name, a sample id. Unset (the default): the input itself when fmt can format it (a string,
+  // a path, a number), elided in the middle past 80 characters; otherwise no name, and the
+  // message says "item <index> of <total>" only. Called on the gathering thread, once per error.
+  std::function<std::string(std::size_t index)> item_name;
 };
 
-// One item's outcome from gather_settled: a value or an error, with the input's index.
+// One item's outcome from gather_settled: a value or an error, with the input's index. Three
+// cases, told apart by ok() and cancelled():
+// - ok():        the item succeeded; `value` holds its result;
+// - cancelled(): the item did not run to its end because the gather was cancelled (or the task
+//   threw Cancelled itself): `value` is empty, `error` holds a Cancelled. Not the input's fault;
+// - neither:     the item failed: `error` holds its exception. A TimeoutError (the item ran past
+//   item_timeout, or the whole gather past its timeout before the item finished) is a failure,
+//   not a cancellation: check the error's type to tell a timeout from other failures.
 template <class T>
 struct Settled {
   std::size_t index = 0;
   std::optional<T> value;
   std::exception_ptr error;
 
+  // Succeeded: false for a failed and for a cancelled item.
   bool ok() const noexcept { return !error; }
+  // Cancelled: `error` holds a torchguard::Cancelled (never a TimeoutError).
+  bool cancelled() const noexcept { return is_cancellation(error); }
   // The value, or the item's own exception thrown.
   T& get() {
     if (error) std::rethrow_exception(error);
@@ -159,6 +216,47 @@ template <class Range, class F>
 using gather_result_t = stored_t<decltype(invoke_with_token(
     std::declval<F&>(), *std::begin(std::declval<const Range&>()),
     std::declval<const CancellationToken&>()))>;
+
+// `text` on one line and at most `most` bytes: longer, its middle becomes "..." (a path keeps
+// its file name), never splitting a UTF-8 character.
+inline std::string one_short_line(std::string text, std::size_t most = 80) {
+  std::replace_if(
+      text.begin(), text.end(), [](char c) { return c == '\n' || c == '\r' || c == '\t'; }, ' ');
+  if (text.size() <= most) return text;
+  auto continuation = [&](std::size_t at) {
+    return (static_cast<unsigned char>(text[at]) & 0xC0) == 0x80;
+  };
+  std::size_t head = most / 4;
+  std::size_t tail = text.size() - (most - head - 3);
+  while (head > 0 && continuation(head)) --head;
+  while (tail < text.size() && continuation(tail)) ++tail;
+  return text.substr(0, head) + "..." + text.substr(tail);
+}
+
+// An input as an error names it by default: formatted by fmt, or empty when fmt cannot format
+// its type. A path formats as its string; an enum never (fmt's enum conversion is deprecated).
+template <class T>
+std::string default_input_name(const T& input) {
+  if constexpr (std::is_same_v<T, std::filesystem::path>) {
+    return one_short_line(input.string());
+  } else if constexpr (std::is_enum_v<T>) {
+    return {};
+  } else if constexpr (fmt::is_formattable<T>::value) {
+    return one_short_line(fmt::format("{}", input));
+  } else {
+    return {};
+  }
+}
+
+// What names a gather's failed input: the user's item_name, or the default.
+template <class Range>
+Failures::Namer input_namer(const Range& inputs, const GatherOptions& options) {
+  if (options.item_name) return options.item_name;
+  using Input = std::decay_t<decltype(*std::begin(inputs))>;
+  return [first = std::begin(inputs)](std::size_t index) {
+    return default_input_name<Input>(first[static_cast<std::ptrdiff_t>(index)]);
+  };
+}
 
 inline std::string timeout_text(std::chrono::steady_clock::duration duration) {
   return format_duration(std::chrono::duration_cast<std::chrono::nanoseconds>(duration));
@@ -191,8 +289,9 @@ struct GatherEnd {
 };
 
 // Runs the pool to the end on the calling thread: enforces timeouts, reports progress, and stops
-// launching on the first failure (fail_fast). A gather timeout or an outside cancellation fails
-// every unfinished item with that error.
+// launching on the first failure (fail_fast). A gather timeout or an outside cancellation that
+// comes while an item is unfinished fails every unfinished item with that error (GatherEnd);
+// once every item is done, neither changes anything.
 template <class R>
 GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast) {
   using Clock = std::chrono::steady_clock;
@@ -217,7 +316,10 @@ GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast)
   auto lock = pool.lock();
   for (;;) {
     const auto now = Clock::now();
-    if (!pool.stopped()) {
+    // Every item done: a cancellation or a timeout now has nothing left to stop, and the
+    // results stand.
+    const bool all_done = pool.completion_order().size() == pool.size();
+    if (!pool.stopped() && !all_done) {
       if (options.cancellation.cancelled()) {
         end_all(lock, std::make_exception_ptr(
                           Cancelled(fmt::format("gather cancelled with {}", done()))));
@@ -229,10 +331,9 @@ GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast)
         const auto running = pool.running();  // a copy: fail() may change the list
         for (auto index : running) {
           if (item_deadline(index) <= now) {
-            pool.fail(
-                lock, index,
-                std::make_exception_ptr(TimeoutError(fmt::format(
-                    "item {} timed out after {}", index, timeout_text(*options.item_timeout)))));
+            pool.fail(lock, index,
+                      std::make_exception_ptr(TimeoutError(
+                          fmt::format("timed out after {}", timeout_text(*options.item_timeout)))));
           }
         }
       }
@@ -290,16 +391,6 @@ std::unique_ptr<TaskPool<R>> start_gather(const Range& inputs, F& fn,
       options.max_in_flight, count + 1);
 }
 
-inline bool is_cancellation(const std::exception_ptr& error) {
-  try {
-    std::rethrow_exception(error);
-  } catch (const Cancelled&) {
-    return true;
-  } catch (...) {
-    return false;
-  }
-}
-
 template <class R>
 std::vector<std::size_t> result_order(TaskPool<R>& pool, Order order) {
   std::vector<std::size_t> indices;
@@ -323,22 +414,36 @@ std::vector<std::size_t> result_order(TaskPool<R>& pool, Order order) {
 // Runs fn(input) (or fn(input, token)) for every input, at most max_in_flight at once, and
 // returns every result with its index, in input order (or completion order). Fail-fast: on the
 // first failure it starts nothing more, cancels the running tasks' tokens, waits for them, and
-// throws TaskError (the first failure, its index, the others). A gather timeout throws
-// TimeoutError, an outside cancellation Cancelled.
+// throws TaskError (the first failure, its input's name and index, the others). Cancellations
+// (the running tasks' answers to that stop, a task's own Cancelled) are never failures.
+// With options.cancellation, and options.timeout:
+// - the token already cancelled when gather is called: throws Cancelled, and runs nothing;
+// - cancelled while an item is unfinished (before a failure stopped the gather): cancels the
+//   running tasks, waits for them, and throws Cancelled ("gather cancelled with <k> of <n>
+//   items done"); the finished results are dropped;
+// - past the timeout while an item is unfinished: the same, with TimeoutError;
+// - cancelled or past the timeout once every item is done: returns the results (or throws the
+//   TaskError of a failure), as if neither had come.
+// A task that throws Cancelled itself, when no item failed: throws Cancelled ("<its message> (<k>
+// of <n> items cancelled)"), not TaskError.
 template <class Range, class F>
 std::vector<Indexed<detail::gather_result_t<Range, F>>> gather(const Range& inputs, F&& fn,
                                                                const GatherOptions& options = {}) {
   using R = detail::gather_result_t<Range, F>;
+  detail::check_gather_options(options);
+  if (options.cancellation.cancelled()) {
+    throw Cancelled(fmt::format("gather cancelled before it started (0 of {} items done)",
+                                detail::range_size(inputs)));
+  }
   auto pool = detail::start_gather<R>(inputs, fn, options);
   const auto end = detail::drive(*pool, options, /*fail_fast=*/true);
   if (end.error) std::rethrow_exception(end.error);
   detail::Failures failures;
   for (auto index : pool->completion_order()) {
     const auto& error = pool->slot(index).error;
-    // After the first failure, cancellations are the gather's own doing, not failures.
-    if (error && (failures.empty() || !detail::is_cancellation(error))) failures.add(index, error);
+    if (error) failures.add(index, error);
   }
-  failures.throw_if_any();
+  failures.throw_if_any(pool->size(), detail::input_namer(inputs, options));
   std::vector<Indexed<R>> results;
   results.reserve(pool->size());
   for (auto index : detail::result_order(*pool, options.order)) {
@@ -348,16 +453,36 @@ std::vector<Indexed<detail::gather_result_t<Range, F>>> gather(const Range& inpu
 }
 
 // Like gather, but runs every item whatever fails, and returns every outcome (value or error)
-// with its index. Items a gather timeout or a cancellation kept from finishing carry
-// TimeoutError or Cancelled. Throws only for a throwing progress callback.
+// with its index; Settled::ok() and Settled::cancelled() tell success, cancellation and failure
+// apart. After a cancel (options.cancellation):
+// - the token already cancelled when gather_settled is called: runs nothing, and every item
+//   carries Cancelled ("gather cancelled before it started ...");
+// - cancelled while items are unfinished: the running tasks' tokens are cancelled and waited
+//   for; every finished item keeps its value or error, every unfinished one carries Cancelled
+//   ("gather cancelled with <k> of <n> items done"); returns normally;
+// - cancelled once every item is done: changes nothing.
+// A gather timeout does the same with TimeoutError (a failure: cancelled() is false). Throws only
+// for a throwing progress callback (or an option that cannot work: OptionsError).
 template <class Range, class F>
 std::vector<Settled<detail::gather_result_t<Range, F>>> gather_settled(
     const Range& inputs, F&& fn, const GatherOptions& options = {}) {
   using R = detail::gather_result_t<Range, F>;
+  detail::check_gather_options(options);
+  std::vector<Settled<R>> results;
+  if (options.cancellation.cancelled()) {
+    const auto count = detail::range_size(inputs);
+    const auto error = std::make_exception_ptr(
+        Cancelled(fmt::format("gather cancelled before it started (0 of {} items done)", count)));
+    results.resize(count);
+    for (std::size_t i = 0; i < count; ++i) {
+      results[i].index = i;
+      results[i].error = error;
+    }
+    return results;
+  }
   auto pool = detail::start_gather<R>(inputs, fn, options);
   const auto end = detail::drive(*pool, options, /*fail_fast=*/false);
   if (end.callback_failed) std::rethrow_exception(end.error);
-  std::vector<Settled<R>> results;
   results.reserve(pool->size());
   for (auto index : detail::result_order(*pool, options.order)) {
     auto& slot = pool->slot(index);

@@ -8,6 +8,7 @@
 #include <iterator>
 #include <memory>
 #include <optional>
+#include <string>
 #include <utility>
 
 #include <ATen/ThreadLocalState.h>
@@ -34,12 +35,24 @@ struct PrefetchOptions {
   bool pin_memory = true;                  // with a CUDA device
   CancellationToken cancellation;          // once cancelled: as cancel() (polled every 10 ms)
   std::shared_ptr<spdlog::logger> logger;  // for what the destructor cannot throw
+  // Names item `index` in its TaskError (input()), in the user's terms: "batch 3 of epoch 2", a
+  // file name. Unset (the default): no name, and the message says "item <index> of <count>".
+  // Called on the consumer's thread, at the failed item's turn.
+  std::function<std::string(std::size_t index)> item_name;
 };
 
 // Loads items 0..count-1 ahead of the consumer with load(index) (or load(index, token)), keeping
 // `depth` in flight. An item's exception comes out of next() at that item's turn, as TaskError
-// with its index; later items still come. close() and the destructor cancel what runs and wait
-// for it. Move-only; a moved-from Prefetcher may only be destroyed or assigned to.
+// leading with the item's own message, then its name (item_name) and index; later items still
+// come. close() and the destructor cancel what runs and wait for it. Move-only; a moved-from
+// Prefetcher may only be destroyed or assigned to.
+//
+// After a cancel (cancel(), close(), or options.cancellation cancelled), next() and
+// next_indexed() return nullopt, at once and from then on, even for items already loaded: a
+// range-for ends as it does after the last item. They never throw Cancelled (the documented
+// contract, and what a training loop that saves its checkpoint after the loop relies on).
+// cancelled() tells the two ends apart: true when a cancel ended the items before the last one
+// was taken.
 template <class T>
 class Prefetcher {
  public:
@@ -96,7 +109,8 @@ class Prefetcher {
 
   std::size_t size() const noexcept { return pool_->size(); }
 
-  // The next item with its index, or nullopt after the last one (or after cancel()).
+  // The next item with its index, or nullopt after the last one, or after a cancel (cancel(),
+  // close(), options.cancellation; cancelled() then says so). A failed item throws TaskError.
   std::optional<Indexed<T>> next_indexed() {
     auto lock = pool_->lock();
     std::size_t index = 0;
@@ -118,7 +132,8 @@ class Prefetcher {
     auto& slot = pool_->slot(index);
     if (slot.error) {
       auto error = std::move(slot.error);
-      throw TaskError(index, error);
+      lock.unlock();  // the user's item_name runs without the pool's lock
+      throw TaskError(index, pool_->size(), name_of(index), std::move(error));
     }
     Item item = std::move(*slot.value);
     slot.value.reset();
@@ -127,14 +142,29 @@ class Prefetcher {
     return Indexed<T>{index, std::move(item.value)};
   }
 
-  // The next item, or nullopt after the last one.
+  // The next item, or nullopt after the last one or after a cancel: as next_indexed().
   std::optional<T> next() {
     auto item = next_indexed();
     if (!item) return std::nullopt;
     return std::move(item->value);
   }
 
-  // Stops loading: running loads see their tokens cancelled and are waited for.
+  // True when a cancel (cancel(), close(), or options.cancellation, even one that next() has not
+  // seen yet) ended the items before the last one was taken: next() returns nullopt though items
+  // remain. False while items remain and no cancel came, and after the last
+  // item was taken (a cancel then, e.g. close(), ends nothing). Lets a loop tell an interrupted
+  // epoch from a finished one:
+  //   for (auto& batch : batches) train_step(batch);
+  //   if (batches.cancelled()) { /* interrupted: save, exit 130 */ }
+  bool cancelled() const {
+    if (!pool_) return false;
+    auto lock = pool_->lock();
+    if (taken_ >= pool_->size()) return false;
+    return pool_->stopped() || options_.cancellation.cancelled();
+  }
+
+  // Stops loading: running loads see their tokens cancelled and are waited for. next() returns
+  // nullopt from then on; cancelled() is true if items remained.
   void cancel() noexcept {
     if (!pool_) return;
     {
@@ -183,6 +213,15 @@ class Prefetcher {
     T value;
     std::function<void(T&)> ready;  // CUDA: makes the consumer's stream wait for the copy
   };
+
+  // The item's name for its error, or empty; a failing item_name must not hide the item's error.
+  std::string name_of(std::size_t index) const noexcept {
+    try {
+      return options_.item_name ? options_.item_name(index) : std::string();
+    } catch (...) {
+      return {};
+    }
+  }
 
   static bool is_done(const typename detail::TaskPool<Item>::Slot& slot) {
     using Status = typename detail::TaskPool<Item>::Status;

@@ -30,33 +30,64 @@
 
 namespace torchguard {
 
-// An item failed: its index, its own exception (`cause()`), and, from a fail-fast gather, the
-// failures that followed it (`others()`, in completion order).
+// An item failed. The message leads with the item's own error, then says which input it was,
+// the index only as a detail:
+//   "no such file: /data/b.pt (input '/data/b.pt'; item 1 of 4, and 1 more failure)"
+//   "timed out after 2 s (item 7 of 100)"                        (an input without a name)
+// Accessors: index(), total() (the number of items; 0 when unknown), input() (the input's name
+// in the user's terms; empty when it has none), cause() (the item's own exception) and, from a
+// fail-fast gather, others(): the failures that followed it, in completion order.
 class TaskError : public Error {
  public:
   using Failure = std::pair<std::size_t, std::exception_ptr>;
 
   TaskError(std::size_t index, std::exception_ptr cause, std::vector<Failure> others = {})
-      : Error(message(index, cause, others.size())),
+      : TaskError(index, 0, std::string(), std::move(cause), std::move(others)) {}
+
+  // `total`: how many items there were (0: unknown); `input`: the failed input's name, or empty.
+  TaskError(std::size_t index, std::size_t total, std::string input, std::exception_ptr cause,
+            std::vector<Failure> others = {})
+      : Error(message(index, total, input, cause, others.size())),
         index_(index),
+        total_(total),
+        input_(std::move(input)),
         cause_(std::move(cause)),
         others_(std::move(others)) {}
 
   std::size_t index() const noexcept { return index_; }
+  std::size_t total() const noexcept { return total_; }
+  const std::string& input() const noexcept { return input_; }
   const std::exception_ptr& cause() const noexcept { return cause_; }
   const std::vector<Failure>& others() const noexcept { return others_; }
   // Throws the item's own exception, with its original type.
   [[noreturn]] void rethrow_cause() const { std::rethrow_exception(cause_); }
 
  private:
-  static std::string message(std::size_t index, const std::exception_ptr& cause,
-                             std::size_t others) {
-    if (others == 0) return fmt::format("item {} failed: {}", index, describe(cause));
-    return fmt::format("item {} failed: {} (and {} more failure{})", index, describe(cause), others,
-                       others > 1 ? "s" : "");
+  // The cause's own words: its message without describe()'s type name, which means little to a
+  // user (and c10's backtrace stripped); the type only when there is no message to show.
+  static std::string cause_text(const std::exception_ptr& cause) {
+    if (!cause) return describe(cause);
+    try {
+      std::rethrow_exception(cause);
+    } catch (const std::exception& e) {
+      auto text = error_message(e);
+      return text.empty() ? describe(cause) : text;
+    } catch (...) {
+      return describe(cause);  // not a std::exception: its type is all there is
+    }
+  }
+
+  static std::string message(std::size_t index, std::size_t total, const std::string& input,
+                             const std::exception_ptr& cause, std::size_t others) {
+    std::string where = input.empty() ? std::string() : fmt::format("input '{}'; ", input);
+    where += total > 0 ? fmt::format("item {} of {}", index, total) : fmt::format("item {}", index);
+    if (others > 0) where += fmt::format(", and {} more failure{}", others, others > 1 ? "s" : "");
+    return fmt::format("{} ({})", cause_text(cause), where);
   }
 
   std::size_t index_;
+  std::size_t total_;
+  std::string input_;
   std::exception_ptr cause_;
   std::vector<Failure> others_;
 };
@@ -253,8 +284,14 @@ class TaskPool {
         slot.status = Status::running;
         slot.started = Clock::now();
         running_.push_back(index);
+        const bool only_one = running_.size() == 1;
         const CancellationToken token(slot.cancel);
         lock.unlock();
+        // A gather's driver that went to sleep with nothing running (no item deadline to wake
+        // for) learns of the start and arms the item's timeout; otherwise a lone item past
+        // item_timeout would be waited for to its end. With others running, their deadlines
+        // or ends wake it.
+        if (only_one) progress_cv_.notify_all();
         try {
           value.emplace(work_(index, token));
         } catch (...) {

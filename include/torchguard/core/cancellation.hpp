@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -27,6 +28,20 @@ class TimeoutError : public Error {
  public:
   using Error::Error;
 };
+
+// True when `error` holds a Cancelled (or a class derived from it): work stopped because it was
+// told to, not because it failed. False for an empty exception_ptr and for anything else,
+// TimeoutError included (a timeout is a limit the work did not meet: a failure).
+inline bool is_cancellation(const std::exception_ptr& error) noexcept {
+  if (!error) return false;
+  try {
+    std::rethrow_exception(error);
+  } catch (const Cancelled&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
 
 namespace detail {
 
