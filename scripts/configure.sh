@@ -12,7 +12,7 @@ case "$config" in
     flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
     # Consumer projects are proven by the default and torch2 configurations.
     cmake_args+=("-DCMAKE_CXX_FLAGS=$flags" -DTORCHGUARD_CONSUMER_TESTS=OFF
-                 -DTORCHGUARD_BUILD_BENCHMARKS=OFF)
+                 -DTORCHGUARD_BUILD_BENCHMARKS=OFF -DTORCHGUARD_TESTED_EXAMPLES_ONLY=ON)
     export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
     export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
     ;;
@@ -34,9 +34,10 @@ case "$config" in
     # The wheel's CUDA libraries (nvidia/*/lib) must win over an older system CUDA at link time.
     rpath_link=$(find "$site/nvidia" -mindepth 2 -maxdepth 3 -type d -name lib 2>/dev/null |
                  sed 's/^/-Wl,-rpath-link,/' | tr '\n' ' ')
-    # Benchmarks are built and measured in the default configuration.
+    # Benchmarks are built and measured, and the consumer projects proven, in the default
+    # configuration.
     cmake_args+=(-DCMAKE_CXX_STANDARD=20 "-DCMAKE_PREFIX_PATH=$site/torch/share/cmake"
-                 -DTORCHGUARD_BUILD_BENCHMARKS=OFF
+                 -DTORCHGUARD_BUILD_BENCHMARKS=OFF -DTORCHGUARD_CONSUMER_TESTS=OFF
                  "-DCMAKE_EXE_LINKER_FLAGS=$rpath_link")
     # Torch's CMake package probes the GPUs unless told which architectures to target; the guards
     # compile no kernels, so any list will do.
