@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <torch/torch.h>
@@ -1410,7 +1411,7 @@ TEST_CASE("gather over futures throws Cancelled for cancelled answers, not TaskE
   }
 }
 
-TEST_CASE("a gather over inputs whose task throws Cancelled throws Cancelled",
+TEST_CASE("a task's own Cancelled that nothing asked for is that item's failure in gather",
           "[async][gather][cancel]") {
   GatherOptions options;
   options.max_in_flight = 1;
@@ -1419,18 +1420,163 @@ TEST_CASE("a gather over inputs whose task throws Cancelled throws Cancelled",
     return i;
   };
   try {
-    gather(iota(3), task, options);
+    gather(iota(5), task, options);
     FAIL("gather did not throw");
   } catch (const TaskError& error) {
-    FAIL("a cancellation came out as TaskError: " << error.what());
+    CHECK(error.index() == 1);
+    CHECK(std::string(error.what()) == "told to stop (input '1'; item 1 of 5)");
+    CHECK(error.others().empty());
+    CHECK(torchguard::is_cancellation(error.cause()));
+    CHECK_THROWS_AS(error.rethrow_cause(), Cancelled);
   } catch (const Cancelled& error) {
-    CHECK_THAT(error.what(), StartsWith("told to stop") && Contains("1 of 3 items cancelled"));
+    FAIL("nothing cancelled the gather, yet it threw Cancelled: " << error.what());
   }
-  auto results = gather_settled(iota(3), task, options);
-  REQUIRE(results.size() == 3);
-  CHECK(results[0].ok());
+  // Settled: each item's own outcome; the item is cancelled, the others stand.
+  auto results = gather_settled(iota(5), task, options);
+  REQUIRE(results.size() == 5);
   CHECK(results[1].cancelled());
-  CHECK(results[2].ok());
+  for (std::size_t i : {0U, 2U, 3U, 4U}) CHECK(results[i].ok());
+}
+
+TEST_CASE("a task's Cancelled once the gather's own token is cancelled is a cancellation",
+          "[async][gather][cancel]") {
+  CancellationSource source;
+  GatherOptions options;
+  options.max_in_flight = 1;
+  options.cancellation = source.token();
+  // The task watches the gather's token (as it is told to) and answers its cancel.
+  auto task = [&](int i) {
+    if (i == 1) {
+      source.cancel();
+      throw Cancelled("saw the stop");
+    }
+    return i;
+  };
+  CHECK_THROWS_AS(gather(iota(5), task, options), Cancelled);
+
+  // Every item done when the gather looks: Cancelled too, never TaskError.
+  CancellationSource last_source;
+  options.cancellation = last_source.token();
+  CHECK_THROWS_AS(gather(
+                      iota(2),
+                      [&](int i) {
+                        if (i == 1) {
+                          last_source.cancel();
+                          throw Cancelled("saw the stop");
+                        }
+                        return i;
+                      },
+                      options),
+                  Cancelled);
+}
+
+TEST_CASE("a failure recorded before an outside cancel is acted on wins: TaskError",
+          "[async][gather][cancel]") {
+  CancellationSource source;
+  std::promise<void> release_failure;
+  std::shared_future<void> failure_released = release_failure.get_future().share();
+  // Item 3 starts only on a worker freed by item 1 (item 2 waits for its token): once it starts,
+  // item 1's failure is recorded.
+  std::promise<void> third_started;
+  auto after_failure = third_started.get_future();
+  GatherOptions options;
+  options.max_in_flight = 2;
+  options.cancellation = source.token();
+  bool acted = false;
+  // Runs on the gathering thread after item 0 is done: while it runs, that thread watches
+  // nothing. Item 1 fails, the failure is recorded, then the cancel comes, all before the
+  // gather's loop looks again.
+  options.on_progress = [&](const GatherProgress&) {
+    if (acted) return;
+    acted = true;
+    release_failure.set_value();
+    REQUIRE(after_failure.wait_for(30s) == std::future_status::ready);
+    source.cancel();
+  };
+  try {
+    gather(
+        iota(4),
+        [&](int i, const CancellationToken& token) {
+          if (i == 1) {
+            failure_released.wait_for(30s);
+            throw std::runtime_error("real failure");
+          }
+          if (i == 3) third_started.set_value();
+          if (i >= 2) token.wait_for(30s);
+          return i;
+        },
+        options);
+    FAIL("gather did not throw");
+  } catch (const TaskError& error) {
+    CHECK(error.index() == 1);
+    CHECK_THAT(error.what(), StartsWith("real failure ("));
+    CHECK(error.others().empty());
+  } catch (const Cancelled& error) {
+    FAIL("the failure was lost to a later cancel: " << error.what());
+  }
+  CHECK(source.cancelled());
+}
+
+TEST_CASE("GatherProgress counts failures and cancellations apart", "[async][gather][cancel]") {
+  GatherProgress last;
+  GatherOptions options;
+  options.on_progress = [&](const GatherProgress& progress) { last = progress; };
+  SECTION("fail-fast: the running tasks' answers to the stop are cancellations") {
+    // Item 0 fails once items 1 and 2 run; they answer the stop with Cancelled.
+    std::vector<std::promise<void>> started(3);
+    std::vector<std::shared_future<void>> running;
+    for (auto& promise : started) running.push_back(promise.get_future().share());
+    options.max_in_flight = 3;
+    CHECK_THROWS_AS(gather(
+                        iota(3),
+                        [&](int i, const CancellationToken& token) {
+                          if (i == 0) {
+                            running[1].wait_for(30s);
+                            running[2].wait_for(30s);
+                            throw std::runtime_error("bad");
+                          }
+                          started[static_cast<std::size_t>(i)].set_value();
+                          token.wait_for(30s);
+                          token.throw_if_cancelled();
+                          return i;
+                        },
+                        options),
+                    TaskError);
+    CHECK(last.done == 3);
+    CHECK(last.failed == 1);
+    CHECK(last.cancelled == 2);
+    CHECK(last.total == 3);
+  }
+  SECTION("fail-fast: a task's own Cancelled that nothing asked for is a failure") {
+    options.max_in_flight = 1;
+    CHECK_THROWS_AS(gather(
+                        iota(3),
+                        [](int i) -> int {
+                          if (i == 0) throw Cancelled("unasked");
+                          return i;
+                        },
+                        options),
+                    TaskError);
+    CHECK(last.done >= 1);  // item 1 may start before the gather stops: it succeeds
+    CHECK(last.failed == 1);
+    CHECK(last.cancelled == 0);
+  }
+  SECTION("settled: a task's own Cancelled is a cancellation, as Settled::cancelled() says") {
+    options.max_in_flight = 2;
+    auto results = gather_settled(
+        iota(4),
+        [](int i) {
+          if (i == 1) throw std::runtime_error("bad");
+          if (i == 2) throw Cancelled("unasked");
+          return i;
+        },
+        options);
+    CHECK(results[2].cancelled());
+    CHECK(last.done == 4);
+    CHECK(last.failed == 1);
+    CHECK(last.cancelled == 1);
+    CHECK(last.total == 4);
+  }
 }
 
 TEST_CASE("Prefetcher::cancelled() tells an interrupted run from a finished one",
@@ -1484,4 +1630,121 @@ TEST_CASE("Prefetcher::cancelled() tells an interrupted run from a finished one"
     items.cancel();
     CHECK_FALSE(items.cancelled());
   }
+}
+
+TEST_CASE("a Prefetcher whose token is already cancelled starts no load",
+          "[async][prefetcher][cancel]") {
+  CancellationSource source;
+  source.cancel();
+  std::atomic<int> loads{0};
+  auto load = [&](std::size_t index) {
+    ++loads;
+    return static_cast<int>(index);
+  };
+  PrefetchOptions options;
+  options.depth = 4;
+  options.cancellation = source.token();
+  {
+    Prefetcher<int> items(10, load, options);
+    CHECK(items.cancelled());
+    CHECK_FALSE(items.next().has_value());
+    int seen = 0;
+    for (int value : items) {
+      (void)value;
+      ++seen;
+    }
+    CHECK(seen == 0);
+    CHECK(items.cancelled());
+    items.close(torchguard::Outcome::success);  // waits for any load that started
+  }
+  CHECK(loads == 0);
+  // As a gather given that token: it runs nothing either.
+  GatherOptions gather_options;
+  gather_options.cancellation = source.token();
+  CHECK_THROWS_AS(
+      gather(
+          iota(3), [&](int i) { return load(static_cast<std::size_t>(i)); }, gather_options),
+      Cancelled);
+  CHECK(loads == 0);
+  // No items: finished, not cancelled.
+  Prefetcher<int> empty(0, load, options);
+  CHECK_FALSE(empty.next().has_value());
+  CHECK_FALSE(empty.cancelled());
+}
+
+TEST_CASE("BatchedInference::submit() after a cancel throws Cancelled, closed or not",
+          "[async][batched][cancel]") {
+  CancellationSource source;
+  BatchedInferenceOptions options;
+  options.cancellation = source.token();
+  BatchedInference server([](const torch::Tensor& batch) { return batch; }, options);
+  SECTION("closed, then cancelled") {
+    server.close();
+    try {
+      server.submit(torch::ones({1}));
+      FAIL("submit() did not throw");
+    } catch (const Cancelled&) {
+      FAIL("Cancelled before any cancel");
+    } catch (const torchguard::Error& error) {
+      CHECK_THAT(error.what(), Contains("after close()"));
+    }
+    source.cancel();
+    CHECK_THROWS_AS(server.submit(torch::ones({1})), Cancelled);
+  }
+  SECTION("cancelled, then closed") {
+    source.cancel();
+    server.close();
+    CHECK_THROWS_AS(server.submit(torch::ones({1})), Cancelled);
+    CHECK_THROWS_WITH(server.submit(torch::ones({1})), Contains("after cancellation"));
+  }
+}
+
+TEST_CASE("BatchedInference::close() from the model's own thread does not wait for itself",
+          "[async][batched]") {
+  // As every guard's close(): it may throw (what a join throws); the destructor logs instead.
+  static_assert(!noexcept(std::declval<BatchedInference&>().close()));
+  BatchedInference* self = nullptr;
+  BatchedInferenceOptions options;
+  options.max_batch = 1;
+  BatchedInference server(
+      [&](const torch::Tensor& batch) {
+        self->close();  // the model shuts its server down: no join of its own thread
+        return batch + 1;
+      },
+      options);
+  self = &server;
+  CHECK(server.submit(torch::zeros({1})).get().item<float>() == 1.0F);  // answered all the same
+  CHECK_THROWS_WITH(server.submit(torch::zeros({1})), Contains("after close()"));
+  server.close();  // joins the model thread, which has ended
+  server.close(torchguard::Outcome::failure);
+  CHECK(server.stats().requests == 1);
+}
+
+TEST_CASE("a timed-out item's message shows the timeout as formatted, and settled names no input",
+          "[async][gather][errors]") {
+  CHECK(torchguard::detail::timeout_text(2s) == "2.00 s");  // TaskError's comment's example
+  GatherOptions options;
+  options.item_timeout = 20ms;
+  std::atomic<int> named{0};
+  options.item_name = [&](std::size_t index) {
+    ++named;
+    return "sample " + std::to_string(index);
+  };
+  auto stuck = [](int i, const CancellationToken& token) {
+    token.wait_for(30s);  // returns when the timeout cancels it
+    return i;
+  };
+  try {
+    gather(iota(1), stuck, options);
+    FAIL("gather did not throw");
+  } catch (const TaskError& error) {
+    CHECK(std::string(error.what()) == "timed out after 20.0 ms (input 'sample 0'; item 0 of 1)");
+  }
+  CHECK(named == 1);
+  auto results = gather_settled(iota(2), stuck, options);
+  REQUIRE(results.size() == 2);
+  for (auto& result : results) {
+    CHECK(message_of(result.error) == "timed out after 20.0 ms");  // results[i].index names it
+  }
+  CHECK(named == 1);  // gather_settled never calls item_name
 }

@@ -89,23 +89,28 @@ class BatchServer {
     auto future = promise.get_future();
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (closing_) throw Error("BatchedInference: submit() after close()");
+      // A cancel wins over a close, whichever came first: a caller stopping on Cancelled stops.
       if (options_.cancellation.cancelled()) {
         throw Cancelled("BatchedInference: submit() after cancellation");
       }
+      if (closing_) throw Error("BatchedInference: submit() after close()");
       queue_.push_back(Request{std::move(input), std::move(promise), Clock::now()});
     }
     cv_.notify_one();
     return future;
   }
 
-  // Stops new requests, answers every queued one, and joins the model thread. Idempotent.
+  // Stops new requests, answers every queued one, and joins the model thread. Idempotent. Throws
+  // what the join throws (std::system_error). Called from the model's own thread (the model
+  // closes its server), it cannot wait for itself: it stops new requests and returns; the thread
+  // answers what is queued and ends, and a later close() or the destructor joins it.
   void close() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       closing_ = true;
     }
     cv_.notify_one();
+    if (serving() == this) return;
     std::call_once(joined_, [this] {  // close() from two threads: one joins, both return
       if (worker_.joinable()) worker_.join();
     });
@@ -128,7 +133,14 @@ class BatchServer {
     return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.device() == b.device();
   }
 
+  // The server whose model thread this is, on that thread; null elsewhere.
+  static const BatchServer*& serving() noexcept {
+    static thread_local const BatchServer* server = nullptr;
+    return server;
+  }
+
   void run() noexcept {
+    serving() = this;
     at::init_num_threads();
     if (options_.intra_op_threads > 0) at::set_num_threads(options_.intra_op_threads);
     std::unique_lock<std::mutex> lock(mutex_);
@@ -272,7 +284,7 @@ class BatchServer {
 // is answered with Cancelled (its future's get() throws it), a batch already running finishes
 // and answers normally; gather() over the futures then throws Cancelled, not TaskError (unless a
 // request failed for another reason). close() returns normally; stats() counts the cancelled
-// requests as answered and failed.
+// requests as answered and failed. submit() after a cancel throws Cancelled, after close() too.
 class BatchedInference {
  public:
   using Options = BatchedInferenceOptions;
@@ -293,18 +305,16 @@ class BatchedInference {
   ~BatchedInference() = default;
 
   // Queues one input (no batch dimension) and returns the future of its output row. Throws
-  // Error after close(), Cancelled once options.cancellation is cancelled.
+  // Cancelled once options.cancellation is cancelled (closed or not), else Error after close().
   std::future<torch::Tensor> submit(torch::Tensor input) {
     return server_->submit(std::move(input));
   }
 
-  // Stops new requests, answers every queued one, and joins the model thread.
-  void close() noexcept {
-    if (server_) server_->close();
-  }
-
-  // The guard's close: close(), throwing what goes wrong. Idempotent; the outcome changes nothing.
-  void close(Outcome /*outcome*/) {
+  // The guard's close: stops new requests, answers every queued one, and joins the model thread.
+  // Idempotent; the outcome changes nothing. Throws what goes wrong (the join's
+  // std::system_error), as every guard's close() does; the destructor logs it instead. From the
+  // model's own thread it does not wait for that thread: see BatchServer::close().
+  void close(Outcome /*outcome*/ = Outcome::success) {
     if (server_) server_->close();
   }
 

@@ -31,10 +31,16 @@
 
 namespace torchguard {
 
+// done = succeeded + failed + cancelled. A cancellation is never a failure: `failed` counts the
+// items that failed (timeouts included; in a fail-fast gather, a task's own Cancelled that
+// nothing asked for, see gather), `cancelled` those that ended with a Cancelled (the running
+// tasks' answers to a fail-fast stop or to options.cancellation; in gather_settled, any
+// Cancelled). `cancelled` comes last so that {done, failed, total} still reads as it did.
 struct GatherProgress {
-  std::size_t done = 0;    // finished, successfully or not
-  std::size_t failed = 0;  // of those, failed (timeouts included)
+  std::size_t done = 0;    // finished: succeeded, failed or cancelled
+  std::size_t failed = 0;  // of those, failed (timeouts included; cancellations never)
   std::size_t total = 0;
+  std::size_t cancelled = 0;  // of those, cancelled
 };
 
 struct GatherOptions {
@@ -48,7 +54,9 @@ struct GatherOptions {
   // Names input `index` in a failed gather's TaskError (input()), in the user's terms: a file
   // name, a sample id. Unset (the default): the input itself when fmt can format it (a string,
   // a path, a number), elided in the middle past 80 characters; otherwise no name, and the
-  // message says "item <index> of <total>" only. Called on the gathering thread, once per error.
+  // message says "item <index> of <total>" only. Called on the gathering thread, once, for the
+  // TaskError's item. Used by gather's TaskError only: gather_settled never calls it (each
+  // Settled carries its index, and a loop over the results names inputs[index] itself).
   std::function<std::string(std::size_t index)> item_name;
 };
 
@@ -56,7 +64,9 @@ struct GatherOptions {
 // cases, told apart by ok() and cancelled():
 // - ok():        the item succeeded; `value` holds its result;
 // - cancelled(): the item did not run to its end because the gather was cancelled (or the task
-//   threw Cancelled itself): `value` is empty, `error` holds a Cancelled. Not the input's fault;
+//   threw Cancelled itself, asked or not: gather_settled reports each item's own outcome, where
+//   a fail-fast gather calls an unasked Cancelled a failure): `value` is empty, `error` holds a
+//   Cancelled. Not the input's fault;
 // - neither:     the item failed: `error` holds its exception. A TimeoutError (the item ran past
 //   item_timeout, or the whole gather past its timeout before the item finished) is a failure,
 //   not a cancellation: check the error's type to tell a timeout from other failures.
@@ -163,7 +173,9 @@ struct GatherEnd {
 // Runs the pool to the end on the calling thread: enforces timeouts, reports progress, and stops
 // launching on the first failure (fail_fast). A gather timeout or an outside cancellation that
 // comes while an item is unfinished fails every unfinished item with that error (GatherEnd);
-// once every item is done, neither changes anything.
+// once every item is done, neither changes anything. Fail-fast, a failure already recorded when
+// the loop looks wins over a cancellation or a timeout it has not acted on yet: the gather stops
+// for the failure and throws its TaskError, so a real error is never lost to a later cancel.
 template <class R>
 GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast) {
   using Clock = std::chrono::steady_clock;
@@ -192,7 +204,9 @@ GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast)
     // results stand.
     const bool all_done = pool.completion_order().size() == pool.size();
     if (!pool.stopped() && !all_done) {
-      if (options.cancellation.cancelled()) {
+      if (fail_fast && pool.failed_count() > 0) {
+        pool.stop(lock);  // a failure already recorded wins over a cancel or timeout not acted on
+      } else if (options.cancellation.cancelled()) {
         end_all(lock, std::make_exception_ptr(
                           Cancelled(fmt::format("gather cancelled with {}", done()))));
       } else if (now >= deadline) {
@@ -213,7 +227,8 @@ GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast)
     }
     if (options.on_progress && pool.completion_order().size() > reported && !end.error) {
       reported = pool.completion_order().size();
-      const GatherProgress progress{reported, pool.failed_count(), pool.size()};
+      const GatherProgress progress{reported, pool.failed_count(), pool.size(),
+                                    pool.cancelled_count()};
       lock.unlock();
       try {
         options.on_progress(progress);
@@ -243,8 +258,8 @@ GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast)
 }
 
 template <class R, class Range, class F>
-std::unique_ptr<TaskPool<R>> start_gather(const Range& inputs, F& fn,
-                                          const GatherOptions& options) {
+std::unique_ptr<TaskPool<R>> start_gather(const Range& inputs, F& fn, const GatherOptions& options,
+                                          bool fail_fast) {
   check_gather_options(options);
   auto first = std::begin(inputs);
   static_assert(
@@ -252,6 +267,12 @@ std::unique_ptr<TaskPool<R>> start_gather(const Range& inputs, F& fn,
                         typename std::iterator_traits<decltype(first)>::iterator_category>,
       "gather: the inputs must be a random-access range (a vector, an array, a deque)");
   const auto count = range_size(inputs);
+  typename TaskPool<R>::Config config;
+  config.workers = options.max_in_flight;
+  config.window = count + 1;
+  config.outside = options.cancellation;
+  config.watch = false;  // drive() polls it
+  config.unasked_cancel_fails = fail_fast;
   // Tasks run with the caller's LibTorch thread-local state: grad mode, inference mode, ...
   return std::make_unique<TaskPool<R>>(
       count,
@@ -260,7 +281,7 @@ std::unique_ptr<TaskPool<R>> start_gather(const Range& inputs, F& fn,
         at::ThreadLocalStateGuard caller_state(state);
         return invoke_with_token(fn, first[static_cast<std::ptrdiff_t>(index)], token);
       },
-      options.max_in_flight, count + 1);
+      std::move(config));
 }
 
 template <class R>
@@ -286,8 +307,16 @@ std::vector<std::size_t> result_order(TaskPool<R>& pool, Order order) {
 // Runs fn(input) (or fn(input, token)) for every input, at most max_in_flight at once, and
 // returns every result with its index, in input order (or completion order). Fail-fast: on the
 // first failure it starts nothing more, cancels the running tasks' tokens, waits for them, and
-// throws TaskError (the first failure, its input's name and index, the others). Cancellations
-// (the running tasks' answers to that stop, a task's own Cancelled) are never failures.
+// throws TaskError (the first failure, its input's name and index, the others). The running
+// tasks' answers to that stop (Cancelled) are cancellations, never failures: not in others().
+// A task that throws Cancelled itself:
+// - while a stop was asked for (its token cancelled: after a failure, a cancel, a timeout; or
+//   options.cancellation cancelled): a cancellation;
+// - while nothing asked for a stop: that item's failure, like any other exception: TaskError,
+//   cause() the Cancelled ("told to stop (input '1'; item 1 of 5)"). gather throws Cancelled
+//   only when the gather was cancelled, so a token the tasks watch belongs in
+//   options.cancellation. (gather_settled reports such an item as cancelled().)
+// A failure recorded before the gather acts on a cancel or its timeout wins: TaskError.
 // With options.cancellation, and options.timeout:
 // - the token already cancelled when gather is called: throws Cancelled, and runs nothing;
 // - cancelled while an item is unfinished (before a failure stopped the gather): cancels the
@@ -295,9 +324,8 @@ std::vector<std::size_t> result_order(TaskPool<R>& pool, Order order) {
 //   items done"); the finished results are dropped;
 // - past the timeout while an item is unfinished: the same, with TimeoutError;
 // - cancelled or past the timeout once every item is done: returns the results (or throws the
-//   TaskError of a failure), as if neither had come.
-// A task that throws Cancelled itself, when no item failed: throws Cancelled ("<its message> (<k>
-// of <n> items cancelled)"), not TaskError.
+//   TaskError of a failure, or, when none failed and tasks answered the cancel with Cancelled,
+//   Cancelled: "<its message> (<k> of <n> items cancelled)").
 template <class Range, class F>
 std::vector<Indexed<detail::gather_result_t<Range, F>>> gather(const Range& inputs, F&& fn,
                                                                const GatherOptions& options = {}) {
@@ -307,13 +335,13 @@ std::vector<Indexed<detail::gather_result_t<Range, F>>> gather(const Range& inpu
     throw Cancelled(fmt::format("gather cancelled before it started (0 of {} items done)",
                                 detail::range_size(inputs)));
   }
-  auto pool = detail::start_gather<R>(inputs, fn, options);
+  auto pool = detail::start_gather<R>(inputs, fn, options, /*fail_fast=*/true);
   const auto end = detail::drive(*pool, options, /*fail_fast=*/true);
   if (end.error) std::rethrow_exception(end.error);
   detail::Failures failures;
   for (auto index : pool->completion_order()) {
-    const auto& error = pool->slot(index).error;
-    if (error) failures.add(index, error);
+    const auto& slot = pool->slot(index);
+    if (slot.error) failures.add(index, slot.error, slot.cancelled);
   }
   failures.throw_if_any(pool->size(), detail::input_namer(inputs, options));
   std::vector<Indexed<R>> results;
@@ -326,7 +354,8 @@ std::vector<Indexed<detail::gather_result_t<Range, F>>> gather(const Range& inpu
 
 // Like gather, but runs every item whatever fails, and returns every outcome (value or error)
 // with its index; Settled::ok() and Settled::cancelled() tell success, cancellation and failure
-// apart. After a cancel (options.cancellation):
+// apart (a task's own Cancelled is cancelled() here, asked for or not). options.item_name is not
+// used: results[i].index names the input. After a cancel (options.cancellation):
 // - the token already cancelled when gather_settled is called: runs nothing, and every item
 //   carries Cancelled ("gather cancelled before it started ...");
 // - cancelled while items are unfinished: the running tasks' tokens are cancelled and waited
@@ -352,7 +381,7 @@ std::vector<Settled<detail::gather_result_t<Range, F>>> gather_settled(
     }
     return results;
   }
-  auto pool = detail::start_gather<R>(inputs, fn, options);
+  auto pool = detail::start_gather<R>(inputs, fn, options, /*fail_fast=*/false);
   const auto end = detail::drive(*pool, options, /*fail_fast=*/false);
   if (end.callback_failed) std::rethrow_exception(end.error);
   results.reserve(pool->size());

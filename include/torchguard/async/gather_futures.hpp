@@ -32,8 +32,15 @@ class Failures {
  public:
   using Namer = std::function<std::string(std::size_t)>;
 
+  // A Cancelled is a cancellation.
   void add(std::size_t index, std::exception_ptr error) {
-    if (is_cancellation(error)) {
+    const bool cancellation = is_cancellation(error);
+    add(index, std::move(error), cancellation);
+  }
+  // `cancellation`: the caller's verdict (a gather over inputs calls a task's unasked Cancelled a
+  // failure; TaskPool::Config).
+  void add(std::size_t index, std::exception_ptr error, bool cancellation) {
+    if (cancellation) {
       if (!cancellation_) cancellation_ = std::move(error);
       ++cancelled_;
     } else if (first_error_) {

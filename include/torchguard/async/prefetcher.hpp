@@ -47,6 +47,8 @@ struct PrefetchOptions {
 // come. close() and the destructor cancel what runs and wait for it. Move-only; a moved-from
 // Prefetcher may only be destroyed or assigned to.
 //
+// Given a token already cancelled, it starts no load: next() returns nullopt and cancelled() is
+// true (unless count is 0), as a gather with such a token runs nothing.
 // After a cancel (cancel(), close(), or options.cancellation cancelled), next() and
 // next_indexed() return nullopt, at once and from then on, even for items already loaded: a
 // range-for ends as it does after the last item. They never throw Cancelled (the documented
@@ -75,6 +77,10 @@ class Prefetcher {
       throw OptionsError(fmt::format("Prefetcher: workers ({}) must not exceed depth ({})", workers,
                                      options_.depth));
     }
+    typename detail::TaskPool<Item>::Config config;
+    config.workers = workers;
+    config.window = options_.depth;
+    config.outside = options_.cancellation;  // already cancelled: no load starts
     // Loads run concurrently on the workers, with the caller's LibTorch thread-local state.
     pool_ = std::make_unique<detail::TaskPool<Item>>(
         count,
@@ -89,7 +95,7 @@ class Prefetcher {
           }
           return item;
         },
-        workers, options_.depth, options_.cancellation);
+        std::move(config));
   }
 
   // The loads run on the pool, which a move hands over whole: they never see `this`.

@@ -1,7 +1,8 @@
 // The engine under gather and Prefetcher: a fixed number of worker threads (launched with
 // std::async) claim item indices in order, at most `window` claimed and not yet consumed, and
 // keep each item's result or error in its slot. Cancellation is cooperative (a token per item);
-// an outside token, when given, is polled and stops the pool.
+// an outside token, when given, is polled and stops the pool (or left to the pool's owner to
+// poll). An item's error is a failure or a cancellation: see TaskPool::Config.
 #pragma once
 
 #include <algorithm>
@@ -33,7 +34,7 @@ namespace torchguard {
 // An item failed. The message leads with the item's own error, then says which input it was,
 // the index only as a detail:
 //   "no such file: /data/b.pt (input '/data/b.pt'; item 1 of 4, and 1 more failure)"
-//   "timed out after 2 s (item 7 of 100)"                        (an input without a name)
+//   "timed out after 2.00 s (item 7 of 100)"                     (an input without a name)
 // Accessors: index(), total() (the number of items; 0 when unknown), input() (the input's name
 // in the user's terms; empty when it has none), cause() (the item's own exception) and, from a
 // fail-fast gather, others(): the failures that followed it, in completion order.
@@ -156,18 +157,40 @@ class TaskPool {
     Status status = Status::pending;
     std::optional<R> value;
     std::exception_ptr error;
+    bool cancelled = false;  // failed with a cancellation, which is not a failure (Config)
     Clock::time_point started;
     std::shared_ptr<CancelState> cancel;
   };
 
-  // `window`: how many items may be claimed and not yet consumed (consume()). `outside`: once
-  // cancelled, the pool stops as stop() does (polled every 10 ms while workers run).
-  TaskPool(std::size_t count, Work work, std::size_t workers, std::size_t window,
-           CancellationToken outside = {})
-      : work_(std::move(work)), slots_(count), window_(window) {
-    if (workers == 0) throw OptionsError("the number of workers must be at least 1");
-    if (window == 0) throw OptionsError("the window (depth) must be at least 1");
-    workers = std::min(workers, count);
+  struct Config {
+    std::size_t workers = 1;
+    std::size_t window = 1;  // how many items may be claimed and not yet consumed (consume())
+    // The caller's stop signal. With `watch`: cancelled already, the pool starts nothing (it is
+    // built stopped); cancelled later, it stops as stop() does (polled every 10 ms while workers
+    // run). Without `watch`, the pool's owner polls it (gather's driver). Either way, a task's
+    // Cancelled once it is cancelled is a cancellation.
+    CancellationToken outside;
+    bool watch = true;
+    // A task's own Cancelled while neither its token nor `outside` was cancelled (nothing asked
+    // for a stop): that item's failure when set (the fail-fast gather), else a cancellation.
+    bool unasked_cancel_fails = false;
+  };
+
+  TaskPool(std::size_t count, Work work, Config config)
+      : work_(std::move(work)),
+        slots_(count),
+        window_(config.window),
+        outside_(std::move(config.outside)),
+        unasked_cancel_fails_(config.unasked_cancel_fails) {
+    if (config.workers == 0) throw OptionsError("the number of workers must be at least 1");
+    if (window_ == 0) throw OptionsError("the window (depth) must be at least 1");
+    const bool watch = config.watch && outside_.can_be_cancelled();
+    // Stopped before it started: nothing runs (as a gather whose token is already cancelled).
+    if (watch && outside_.cancelled()) {
+      stopping_ = true;
+      return;
+    }
+    const std::size_t workers = std::min(config.workers, count);
     // Reserved up front: nothing allocates once workers run (run_worker is noexcept).
     futures_.reserve(workers + 1);
     completion_order_.reserve(count);
@@ -187,10 +210,10 @@ class TaskPool {
         break;
       }
     }
-    if (!outside.can_be_cancelled() || futures_.empty()) return;
+    if (!watch || futures_.empty()) return;
     lock.unlock();
     try {
-      futures_.push_back(std::async(std::launch::async, [this, outside] { watch(outside); }));
+      futures_.push_back(std::async(std::launch::async, [this] { watch_outside(); }));
     } catch (...) {
       {
         std::unique_lock<std::mutex> relock(mutex_);
@@ -228,7 +251,9 @@ class TaskPool {
   Slot& slot(std::size_t index) { return slots_[index]; }
   const std::vector<std::size_t>& completion_order() const { return completion_order_; }
   const std::vector<std::size_t>& running() const { return running_; }
+  // Items that failed (timeouts included), and items that ended with a cancellation: apart.
   std::size_t failed_count() const { return failed_; }
+  std::size_t cancelled_count() const { return cancelled_; }
   bool stopped() const { return stopping_; }
   bool is_running(std::size_t index) const { return slots_[index].status == Status::running; }
   // True when every worker has exited: nothing runs and nothing more will start.
@@ -240,12 +265,14 @@ class TaskPool {
     window_cv_.notify_all();
   }
 
-  // Fails a running or pending item from outside (a timeout); a late result is dropped.
+  // Fails a running or pending item from outside (a timeout, a gather's cancel: a Cancelled
+  // counts as a cancellation); a late result is dropped.
   void fail(std::unique_lock<std::mutex>&, std::size_t index, std::exception_ptr error) {
     Slot& slot = slots_[index];
     if (slot.status != Status::running && slot.status != Status::pending) return;
     if (slot.cancel) slot.cancel->cancel();
-    finish(index, std::nullopt, std::move(error));
+    const bool cancelled = is_cancellation(error);
+    finish(index, std::nullopt, std::move(error), cancelled);
   }
 
   // Starts nothing more and cancels what runs.
@@ -304,7 +331,12 @@ class TaskPool {
       }
       running_.erase(std::remove(running_.begin(), running_.end(), index), running_.end());
       if (slot.status == Status::running || slot.status == Status::pending) {
-        finish(index, std::move(value), std::move(error));
+        // Asked for: the item's token (stop(), a timeout) or the outside token was cancelled.
+        const bool cancelled =
+            is_cancellation(error) &&
+            (!unasked_cancel_fails_ || (slot.cancel && slot.cancel->is_cancelled()) ||
+             outside_.cancelled());
+        finish(index, std::move(value), std::move(error), cancelled);
       }
     }
     --active_workers_;
@@ -312,12 +344,12 @@ class TaskPool {
     window_cv_.notify_all();
   }
 
-  // Stops the pool once `outside` is cancelled; returns when the pool stops or its workers exit.
+  // Stops the pool once `outside_` is cancelled; returns when the pool stops or its workers exit.
   // A token linked to a signal flag cannot notify: poll.
-  void watch(const CancellationToken& outside) noexcept {
+  void watch_outside() noexcept {
     std::unique_lock<std::mutex> lock(mutex_);
     while (!stopping_ && active_workers_ > 0) {
-      if (outside.cancelled()) {
+      if (outside_.cancelled()) {
         stop(lock);
         return;
       }
@@ -325,12 +357,13 @@ class TaskPool {
     }
   }
 
-  void finish(std::size_t index, std::optional<R> value, std::exception_ptr error) {
+  void finish(std::size_t index, std::optional<R> value, std::exception_ptr error, bool cancelled) {
     Slot& slot = slots_[index];
     if (error) {
       slot.status = Status::failed;
       slot.error = std::move(error);
-      ++failed_;
+      slot.cancelled = cancelled;
+      ++(cancelled ? cancelled_ : failed_);
     } else {
       slot.status = Status::succeeded;
       slot.value = std::move(value);
@@ -348,9 +381,12 @@ class TaskPool {
   std::vector<std::size_t> running_;
   std::vector<std::future<void>> futures_;
   std::size_t window_;
+  CancellationToken outside_;
+  bool unasked_cancel_fails_;
   std::size_t next_ = 0;
   std::size_t consumed_ = 0;
   std::size_t failed_ = 0;
+  std::size_t cancelled_ = 0;
   std::size_t active_workers_ = 0;
   bool stopping_ = false;
 };
