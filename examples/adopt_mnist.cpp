@@ -143,7 +143,7 @@ std::string fingerprint(Net& model) {
   return text;
 }
 
-auto main(int argc, char** argv) -> int {
+auto run(int argc, char** argv) -> int {
   // torchguard: the settings.
   Settings settings;
   CLI::App app{
@@ -254,4 +254,9 @@ auto main(int argc, char** argv) -> int {
                 static_cast<long long>(checkpoint.current_step()), fingerprint(*model).c_str());
     return 0;
   });
+}
+
+// torchguard: errors end the program with "error: <message>" and status 1, never an abort.
+auto main(int argc, char** argv) -> int {
+  return torchguard::exit_status([&] { return run(argc, argv); });
 }

@@ -23,7 +23,7 @@ torch::Tensor load(const std::string& path) {
   return tensor;
 }
 
-int main() {
+int run() {
   // Three input files, so the example runs anywhere.
   const auto dir = fs::temp_directory_path() / "torchguard-async-loading";
   fs::create_directories(dir);
@@ -75,3 +75,6 @@ int main() {
   fs::remove_all(dir);
   return 0;
 }
+
+// Errors end the program with "error: <message>" and status 1, never an abort.
+int main() { return torchguard::exit_status(run); }

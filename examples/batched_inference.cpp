@@ -10,7 +10,7 @@
 
 #include "torchguard/async.hpp"
 
-int main() {
+int run() {
   torch::manual_seed(0);
   torch::nn::Sequential model(torch::nn::Linear(784, 256), torch::nn::ReLU(),
                               torch::nn::Linear(256, 10));
@@ -50,3 +50,6 @@ int main() {
       clients * requests);
   return agreed == clients * requests ? 0 : 1;
 }
+
+// Errors end the program with "error: <message>" and status 1, never an abort.
+int main() { return torchguard::exit_status(run); }

@@ -9,7 +9,7 @@
 #include <cstdio>
 #include <string>
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   const std::string directory = argc > 1 ? argv[1] : "checkpoints";
   const std::int64_t total_steps = 300;
   torch::manual_seed(0);
@@ -58,4 +58,9 @@ int main(int argc, char** argv) {
               static_cast<long long>(checkpoint.current_step()),
               checkpoint.resumed() ? "yes" : "no");
   return 0;
+}
+
+// Errors end the program with "error: <message>" and status 1, never an abort.
+int main(int argc, char** argv) {
+  return torchguard::exit_status([&] { return run(argc, argv); });
 }

@@ -443,19 +443,17 @@ inline torchguard::CheckpointOptions checkpoint_options(const std::filesystem::p
 }
 
 // main()'s end: runs `train`; a stop signal that interrupted loading or evaluation exits 130
-// like a stop within training, other errors exit 1 with the message.
+// like a stop within training, other errors exit 1 with the message (torchguard::exit_status).
 template <class Train>
 int exit_status(Train&& train) {
-  try {
-    return train();
-  } catch (const torchguard::Cancelled&) {
-    std::printf("interrupted; run the same command to resume from the last checkpoint\n");
-    return 130;
-  } catch (const std::exception& e) {
-    // TrainingSession has logged the error with its type; say it once more, last, for the user.
-    std::fprintf(stderr, "error: %s\n", torchguard::error_message(e).c_str());
-    return 1;
-  }
+  return torchguard::exit_status([&] {
+    try {
+      return train();
+    } catch (const torchguard::Cancelled&) {
+      std::printf("interrupted; run the same command to resume from the last checkpoint\n");
+      return torchguard::interrupted_exit_status;
+    }
+  });
 }
 
 }  // namespace fashion_mnist

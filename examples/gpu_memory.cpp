@@ -8,7 +8,7 @@
 
 #include <cstdio>
 
-int main() {
+int run() {
   const bool gpu = torch::cuda::is_available();
   const torch::Device device = gpu ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
   torch::nn::Sequential model(torch::nn::Linear(1024, 4096), torch::nn::ReLU(),
@@ -40,3 +40,6 @@ int main() {
   }
   return 0;
 }
+
+// Errors end the program with "error: <message>" and status 1, never an abort.
+int main() { return torchguard::exit_status(run); }

@@ -45,7 +45,7 @@ double train(torch::nn::Linear& model, torch::optim::SGD& optimizer,
 
 }  // namespace
 
-int main() {
+int run() {
   torch::manual_seed(0);
   // Shared with the CheckpointGuards (a module holder and a shared_ptr): they cannot dangle.
   torch::nn::Linear model(1, 1);
@@ -94,3 +94,6 @@ int main() {
   std::printf("experiment_002 should have failed\n");
   return 1;
 }
+
+// Errors end the program with "error: <message>" and status 1, never an abort.
+int main() { return torchguard::exit_status(run); }

@@ -29,3 +29,4 @@
 #include "torchguard/async/gather.hpp"
 #include "torchguard/async/prefetcher.hpp"
 #include "torchguard/async/task_pool.hpp"
+#include "torchguard/core/exit_status.hpp"

@@ -3,6 +3,7 @@
 
 #include "torchguard/core/cancellation.hpp"
 #include "torchguard/core/error.hpp"
+#include "torchguard/core/exit_status.hpp"
 #include "torchguard/core/guard.hpp"
 #include "torchguard/core/logging.hpp"
 #include "torchguard/core/outcome.hpp"

@@ -2,4 +2,5 @@
 // and its stop request (SIGINT/SIGTERM) as a CancellationToken. See session/.
 #pragma once
 
+#include "torchguard/core/exit_status.hpp"
 #include "torchguard/session/training_session.hpp"
