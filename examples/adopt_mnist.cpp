@@ -22,8 +22,8 @@
 
 #include <CLI/CLI.hpp>                // torchguard: the settings from the command line
 #include <torchguard/torchguard.hpp>  // torchguard
-#define XXH_INLINE_ALL                // torchguard: the parameters' fingerprint
-#include <xxhash.h>
+
+#include "parameter_fingerprint.hpp"  // torchguard: to compare runs
 
 // The batch size for training.
 const int64_t kTrainBatchSize = 64;
@@ -127,20 +127,6 @@ void test(Net& model, torch::Device device, DataLoader& data_loader, size_t data
   test_loss /= dataset_size;
   std::printf("\nTest set: Average loss: %.4f | Accuracy: %.3f\n", test_loss,
               static_cast<double>(correct) / dataset_size);
-}
-
-// torchguard: XXH3 of every parameter's bytes, in order: equal runs print equal fingerprints.
-std::string fingerprint(Net& model) {
-  std::vector<torch::Tensor> bytes;
-  for (const auto& parameter : model.parameters()) {
-    bytes.push_back(
-        parameter.detach().to(torch::kCPU).contiguous().reshape({-1}).view(torch::kUInt8));
-  }
-  const auto all = torch::cat(bytes);
-  char text[17];
-  std::snprintf(text, sizeof text, "%016llx",
-                static_cast<unsigned long long>(XXH3_64bits(all.data_ptr(), all.numel())));
-  return text;
 }
 
 auto run(int argc, char** argv) -> int {
@@ -251,7 +237,8 @@ auto run(int argc, char** argv) -> int {
       return 130;
     }
     std::printf("finished at step %lld; parameters %s\n",
-                static_cast<long long>(checkpoint.current_step()), fingerprint(*model).c_str());
+                static_cast<long long>(checkpoint.current_step()),
+                examples::parameter_fingerprint(*model).c_str());
     return 0;
   });
 }

@@ -2,8 +2,7 @@
 // the training demos and bench/distributed.cpp.
 #pragma once
 
-#define XXH_INLINE_ALL  // header-only, as torchguard uses it
-#include <xxhash.h>
+#include "parameter_fingerprint.hpp"
 
 #include <cstdio>
 #include <stdexcept>
@@ -49,18 +48,8 @@ inline torch::Device pick_device(const std::string& name) {
   return device;
 }
 
-// XXH3 of every parameter's bytes, in order: equal runs print equal fingerprints.
 inline std::string parameter_fingerprint(Net& model) {
-  std::vector<torch::Tensor> bytes;
-  for (const auto& parameter : model->parameters()) {
-    bytes.push_back(
-        parameter.detach().to(torch::kCPU).contiguous().reshape({-1}).view(torch::kUInt8));
-  }
-  const auto all = torch::cat(bytes);
-  char text[17];
-  std::snprintf(text, sizeof text, "%016llx",
-                static_cast<unsigned long long>(XXH3_64bits(all.data_ptr(), all.numel())));
-  return text;
+  return examples::parameter_fingerprint(*model);
 }
 
 }  // namespace fashion_mnist

@@ -10,10 +10,7 @@ binary=$1
 work=$(mktemp -d "${TMPDIR:-/tmp}/torchguard-adopt-XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-fail() { echo "FAILED: $*"; exit 1; }
-expect_in() {  # expect_in <file> <text>
-  grep -qF -- "$2" "$1" || { echo "--- $1"; cat "$1"; fail "'$2' not in $1"; }
-}
+source "$(dirname "$0")/script_support.sh"
 fingerprint() { sed -n 's/.*finished at step [0-9]*; parameters \([0-9a-f]*\).*/\1/p' "$1"; }
 
 # torch::data::datasets::MNIST reads the uncompressed files; Debian ships them gzipped.

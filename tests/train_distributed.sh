@@ -8,7 +8,7 @@ launch=$1
 binary=$2
 work=$(mktemp -d "${TMPDIR:-/tmp}/torchguard-distributed-XXXXXX")
 trap 'rm -rf "$work"' EXIT
-fail() { echo "FAILED: $*"; exit 1; }
+source "$(dirname "$0")/script_support.sh"
 run=("$launch" --grace 20 2 "$binary" --run-dir "$work/run" --max-steps 300 --checkpoint-every 25
      --timeout 60)
 

@@ -20,10 +20,7 @@ trap 'umount "$work/disk" 2>/dev/null; rm -rf "$work"' EXIT
 # Small and quick, and the same in every run: the thread count fixes the arithmetic.
 common=(--threads 2 --no-plots --eval-samples 1000 --log-every 10)
 
-fail() { echo "FAILED: $*"; exit 1; }
-expect_in() {  # expect_in <file> <text>
-  grep -qF -- "$2" "$1" || { echo "--- $1"; cat "$1"; fail "'$2' not in $1"; }
-}
+source "$(dirname "$0")/script_support.sh"
 fingerprint() { cat "$1/parameters.xxh3"; }
 # The training figures of two run directories agree: metrics.jsonl without its timing fields
 # (time, speed and memory differ by nature).

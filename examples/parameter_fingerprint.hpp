@@ -1,0 +1,28 @@
+// The examples' check that two runs ended equal: XXH3 of every parameter's bytes, in order.
+#pragma once
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#define XXH_INLINE_ALL  // header-only, as torchguard uses it
+#include <xxhash.h>
+
+namespace examples {
+
+inline std::string parameter_fingerprint(const torch::nn::Module& module) {
+  std::vector<torch::Tensor> bytes;
+  for (const auto& parameter : module.parameters()) {
+    bytes.push_back(
+        parameter.detach().to(torch::kCPU).contiguous().reshape({-1}).view(torch::kUInt8));
+  }
+  const auto all = torch::cat(bytes);
+  char text[17];
+  std::snprintf(text, sizeof text, "%016llx",
+                static_cast<unsigned long long>(XXH3_64bits(all.data_ptr(), all.numel())));
+  return text;
+}
+
+}  // namespace examples
