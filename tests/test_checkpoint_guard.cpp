@@ -499,7 +499,8 @@ TEST_CASE("retention keeps the last N and the best K, never a NaN, never the res
 
 TEST_CASE("a truncated or corrupted file is detected and the previous checkpoint loads",
           "[checkpoint][corruption]") {
-  for (const std::string file : {"tensors.bin", "state.pt", "manifest.json"}) {
+  for (const std::string file :
+       {"model.safetensors", "optimizer.safetensors", "extra.safetensors", "manifest.json"}) {
     for (const bool truncate : {true, false}) {
       DYNAMIC_SECTION(file << (truncate ? " truncated" : " with a flipped byte")) {
         TempDir dir;
@@ -535,7 +536,7 @@ TEST_CASE("checkpoints that exist but none valid: a clear error, or a fresh star
   TempDir dir;
   Run run(1);
   make_checkpoints(dir.path, 1, run);
-  fs::resize_file(checkpoint_dirs(dir.path).back() / "tensors.bin", 10);
+  fs::resize_file(checkpoint_dirs(dir.path).back() / "model.safetensors", 10);
   CapturedLogger captured;
   Run fresh(2);
   auto options = fresh.options(dir.path, captured.logger);
@@ -568,7 +569,7 @@ TEST_CASE("an unreadable file is an error, not damage: the checkpoint is not mov
   Run run(1);
   make_checkpoints(dir.path, 1, run);
   const fs::path newest = checkpoint_dirs(dir.path).back();
-  fs::permissions(newest / "tensors.bin", fs::perms::none);
+  fs::permissions(newest / "model.safetensors", fs::perms::none);
   CapturedLogger captured;
   Run fresh(2);
   auto options = fresh.options(dir.path, captured.logger);

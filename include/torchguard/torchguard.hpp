@@ -11,6 +11,7 @@
 #include "torchguard/async.hpp"
 #include "torchguard/checkpoint_guard.hpp"
 #include "torchguard/data.hpp"
+#include "torchguard/safetensors.hpp"
 // ProcessGroupGuard needs LibTorch's distributed build and Gloo's headers (Debian: libgloo-dev).
 #if defined(USE_DISTRIBUTED) && __has_include(<gloo/rendezvous/store.h>)
 #include "torchguard/distributed.hpp"

@@ -1,7 +1,8 @@
 // The commit protocol and the directory's names. A commit writes every file under a temporary
 // name beside the target (hashed with XXH3 while written, fsynced), writes the manifest (size and
 // checksum of every file, step, epoch, metrics, LibTorch version, format version) last, fsyncs
-// it, renames the temporary to ckpt-<seq>-step-<step>, and fsyncs the directory. A crash at any
+// it, renames the temporary to ckpt-<seq>-step-<step>, and fsyncs the directory. The files are
+// described in format.hpp. A crash at any
 // moment leaves either the previous checkpoint or the new one, never a mix.
 #pragma once
 
@@ -42,10 +43,12 @@ struct Snapshot {
   std::int64_t epoch = 0;
   nlohmann::json metrics = nlohmann::json::object();
   nlohmann::json metadata = nlohmann::json::object();
-  std::string optimizer_kind;        // "adam", ...; "archive": in state.pt; "": none
-  std::vector<NamedTensor> tensors;  // on the host: live CPU tensors, or staged copies
-  std::unique_ptr<torch::serialize::OutputArchive> state;  // serialized at write time, or
-  std::string state_bytes;                                 // already serialized
+  std::string optimizer_kind;       // "adam", ...; "archive": in state.pt; "": none
+  nlohmann::json optimizer_groups;  // a built-in optimizer's groups' settings
+  std::vector<TensorFile> files;    // on the host: live CPU tensors, or staged copies
+  // An optimizer that is not built in: state.pt, serialized at write time, or already.
+  std::unique_ptr<torch::serialize::OutputArchive> state;
+  std::string state_bytes;
 };
 
 // "ckpt-000042-step-1200" -> 42; nullopt for other names.
@@ -65,7 +68,10 @@ inline std::string checkpoint_name(std::uint64_t sequence, std::int64_t step) {
 // write(out) with its own `out` (anything with write(data, size)). Each runs once per snapshot.
 template <class Each>
 void write_checkpoint_files(Snapshot& snapshot, Each&& each) {
-  each(tensors_name, [&](auto& out) { write_tensor_file(out, snapshot.tensors); });
+  for (const auto& file : snapshot.files) {
+    each(file.name, [&](auto& out) { write_safetensors(out, file.tensors, file.metadata); });
+  }
+  if (!snapshot.state && snapshot.state_bytes.empty()) return;
   each(state_name, [&](auto& out) {
     if (snapshot.state) {
       serialize_archive(*snapshot.state,
@@ -101,6 +107,14 @@ inline std::map<std::string, std::string> manifest_checksums(const nlohmann::jso
   return checksums;
 }
 
+// The manifest's own checksum (format 2): XXH3 of its JSON without this key, as dump(2) writes
+// it. A damaged manifest could otherwise change a step or a setting and still parse.
+inline constexpr const char* manifest_checksum_key = "manifest_xxh3_64";
+inline std::string manifest_checksum(nlohmann::ordered_json manifest) {
+  manifest.erase(manifest_checksum_key);
+  return hex64(checksum_of(manifest.dump(2)));
+}
+
 // Commits `snapshot` into `directory` and returns the bytes written. Throws CheckpointError; on
 // error the temporary is removed and every committed checkpoint is as it was.
 inline std::uint64_t write_checkpoint(const std::filesystem::path& directory, Snapshot& snapshot) {
@@ -128,9 +142,12 @@ inline std::uint64_t write_checkpoint(const std::filesystem::path& directory, Sn
     manifest["metrics"] = snapshot.metrics;
     manifest["metadata"] = snapshot.metadata;
     manifest["optimizer"] = snapshot.optimizer_kind;
+    if (!snapshot.optimizer_groups.is_null())
+      manifest["optimizer_groups"] = snapshot.optimizer_groups;
     manifest["libtorch_version"] = TORCH_VERSION;
     manifest["created_unix_s"] = static_cast<std::int64_t>(std::time(nullptr));
     manifest["files"] = files;
+    manifest[manifest_checksum_key] = manifest_checksum(manifest);
     const std::string text = fmt::format("{}\n", manifest.dump(2));
     DurableFile manifest_file(temporary / manifest_name);
     manifest_file.write(text.data(), text.size());

@@ -7,12 +7,13 @@
 //   }
 //   // leaving the scope saves (policy: always / on success / never)
 //
-// Layout: <directory>/ckpt-<seq>-step-<step>/{tensors.bin, state.pt, manifest.json}. tensors.bin
-// holds the model's, the built-in optimizers' and the extras' tensors raw (format.hpp); state.pt
-// the optimizer groups' settings (and the state of an optimizer that is not built in) in
-// LibTorch's archive format. The parts: options.hpp (what users name), format.hpp (the files),
-// commit.hpp (the crash-safe commit), retention.hpp (what stays), restore.hpp (verify,
-// quarantine), state.hpp (what is saved and loaded), writer.hpp (the background thread).
+// Layout: <directory>/ckpt-<seq>-step-<step>/{model.safetensors, optimizer.safetensors,
+// extra.safetensors, manifest.json}: the model's state_dict as Python names it, the optimizer's
+// and the extras' tensors, and the rest in JSON (format.hpp). The parts: options.hpp (what users
+// name), format.hpp (the files), safetensors.hpp and state_dict.hpp (the format, and exchange
+// with PyTorch), commit.hpp (the crash-safe commit), retention.hpp (what stays), restore.hpp
+// (verify, quarantine), format_v1.hpp (the previous format, read only), state.hpp (what is saved
+// and loaded), writer.hpp (the background thread).
 #pragma once
 
 #include <algorithm>

@@ -21,6 +21,7 @@
 
 #include "torchguard/checkpoint/commit.hpp"
 #include "torchguard/checkpoint/format.hpp"
+#include "torchguard/checkpoint/format_v1.hpp"
 #include "torchguard/checkpoint/options.hpp"
 #include "torchguard/core/error.hpp"
 #include "torchguard/detail/files.hpp"
@@ -36,6 +37,12 @@ struct VerifiedCheckpoint {
   std::string_view bytes(const std::string& name) const { return files.at(name)->bytes(); }
 };
 
+// A name with no directory part ("model.safetensors"; not "../x", "/etc/x", "a/b", "." or "").
+inline bool is_plain_file_name(const std::string& name) {
+  return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
+         name.find('\0') == std::string::npos;
+}
+
 [[noreturn]] inline void fail_restore(const std::filesystem::path& path, const std::exception& e) {
   throw CheckpointError(fmt::format("CheckpointGuard: cannot read checkpoint '{}': {}",
                                     path.string(), error_message(e)));
@@ -47,8 +54,10 @@ struct VerifiedCheckpoint {
 inline std::string verify_checkpoint(const std::filesystem::path& path, VerifiedCheckpoint& out) {
   out.path = path;
   out.files.clear();
+  nlohmann::ordered_json as_written;
   try {
-    out.manifest = nlohmann::json::parse(read_whole_file(path / manifest_name));
+    as_written = nlohmann::ordered_json::parse(read_whole_file(path / manifest_name));
+    out.manifest = as_written;
   } catch (const FileError& e) {
     if (e.error_number() != ENOENT) fail_restore(path, e);
     return "it has no manifest (an interrupted save or deletion)";
@@ -63,8 +72,20 @@ inline std::string verify_checkpoint(const std::filesystem::path& path, Verified
           "torchguard reads ({}): upgrade torchguard",
           path.string(), version, checkpoint_format_version));
     }
+    if (version >= 2) {
+      const auto recorded = as_written.find(manifest_checksum_key);
+      if (recorded == as_written.end()) return "its manifest has no checksum of its own";
+      if (!recorded->is_string() || *recorded != manifest_checksum(as_written)) {
+        return "its manifest fails its own checksum";
+      }
+    }
     for (const auto& file : out.manifest.at("files")) {
       const std::string name = file.at("name").get<std::string>();
+      // A manifest never makes the reader open anything outside its checkpoint directory.
+      if (!is_plain_file_name(name)) {
+        return fmt::format("its manifest lists '{}', which is not a file name in the checkpoint",
+                           name);
+      }
       std::unique_ptr<MappedFile> content;
       try {
         content = std::make_unique<MappedFile>(path / name);
@@ -86,8 +107,13 @@ inline std::string verify_checkpoint(const std::filesystem::path& path, Verified
       }
       out.files.emplace(name, std::move(content));
     }
-    for (const char* required : {tensors_name, state_name}) {
-      if (!out.files.count(required)) return fmt::format("its manifest lists no {}", required);
+    const bool archive = out.manifest.value("optimizer", "") == "archive";
+    const std::vector<const char*> required =
+        version < 2 ? std::vector<const char*>{format1_tensors_name, state_name}
+        : archive   ? std::vector<const char*>{model_file, extra_file, state_name}
+                    : std::vector<const char*>{model_file, extra_file};
+    for (const char* name : required) {
+      if (!out.files.count(name)) return fmt::format("its manifest lists no {}", name);
     }
   } catch (const nlohmann::json::exception& e) {
     return fmt::format("its manifest is malformed ({})", e.what());
