@@ -39,6 +39,7 @@ struct Config : fashion_mnist::Settings {
   std::string device = "auto";
   std::int64_t eval_samples = 0;  // 0: the whole test set
   bool plots = true;
+  std::string init_from;  // a safetensors state_dict to start from (e.g. written by Python)
 };
 
 // The process's peak resident memory since the last reset_peak_rss() (Linux: VmHWM), in MiB:
@@ -181,6 +182,10 @@ int train(const Config& config) {
   return session.run([&] {
     log->info("device {}, {} intra-op threads, seed {}, batch {}, learning rate {}", device.str(),
               at::get_num_threads(), config.seed, config.batch_size, config.learning_rate);
+    if (!config.init_from.empty()) {  // a fresh start begins here; a resume overrides it
+      torchguard::load_state_dict(*model, fs::path(config.init_from));
+      log->info("initialized the model from {}", config.init_from);
+    }
     auto& checkpoint = open_checkpoint(stack, model, optimizer, session, config, device);
     const auto load_start = Clock::now();
     const auto data = fashion_mnist::load_dataset(config.data_dir, session.stop_token());
@@ -226,6 +231,9 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app.add_flag("!--no-plots", config.plots, "do not draw plots");
+  app.add_option("--init-from", config.init_from,
+                 "start from these weights (a safetensors state_dict, e.g. from Python: "
+                 "examples/fashion_mnist.py init); a checkpoint to resume from wins");
   CLI11_PARSE(app, argc, argv);
   return fashion_mnist::exit_status([&] { return train(config); });
 }

@@ -9,6 +9,9 @@
 #   settings-refused  a resume with another --batch-size is refused, naming the setting and both
 #               values, and leaves the checkpoints and metrics as they were
 #   settings-warned   a resume with another --lr goes on with a warning and the new value
+#   python      PyTorch and the demo share weights: Python's initial weights start the demo
+#               (--init-from), and Python evaluates the demo's newest checkpoint to the demo's
+#               own test accuracy (needs Python with safetensors; skipped visibly without it)
 #   full-disk   a save that fails mid-run (a 12 MiB file system: two checkpoints fit, the third
 #               does not) ends with the error and exit status 1, never a crash, and the committed
 #               checkpoints stay (needs the privilege to mount; skipped visibly without it)
@@ -112,7 +115,7 @@ case "$case_name" in
     newest=$(ls -d "$work/run/checkpoints"/ckpt-* | sort | tail -1)
     case "$newest" in *-step-30) ;; *) fail "newest checkpoint is $newest, not step 30" ;; esac
     # Flip one byte in the middle of the newest checkpoint's tensors.
-    tensors="$newest/tensors.bin"
+    tensors="$newest/model.safetensors"
     offset=$(($(stat -c %s "$tensors") / 2))
     byte=$(od -An -tu1 -j "$offset" -N1 "$tensors" | tr -d ' ')
     printf "$(printf '\\%03o' $(((byte + 1) % 256)))" |
@@ -151,6 +154,34 @@ case "$case_name" in
     newest=$(ls -d "$work/run/checkpoints"/ckpt-* | sort | tail -1)
     grep -Eq '"learning_rate": ?0.002' "$newest/manifest.json" ||
       fail "the new --lr is not in the settings of $newest"
+    ;;
+  python)
+    python=$(interop_python safetensors.torch) || { echo "$python"; exit 0; }
+    script="$(dirname "$0")/../examples/fashion_mnist.py"
+    "$python" "$script" init "$work/init.safetensors" --seed 5 > "$work/init.out" 2>&1 ||
+      { cat "$work/init.out"; fail "fashion_mnist.py init failed"; }
+    for run in plain init; do
+      extra=()
+      [ "$run" = init ] && extra=(--init-from "$work/init.safetensors")
+      "$binary" "${common[@]}" --run-dir "$work/$run" --max-steps 30 "${extra[@]}" \
+        > "$work/$run.out" 2>&1 || { cat "$work/$run.out"; fail "the $run run failed"; }
+    done
+    expect_in "$work/init/train.log" "initialized the model from $work/init.safetensors"
+    [ "$(fingerprint "$work/plain")" != "$(fingerprint "$work/init")" ] ||
+      fail "--init-from changed nothing"
+    "$python" "$script" evaluate "$work/init/checkpoints" --samples 1000 > "$work/eval.out" 2>&1 ||
+      { cat "$work/eval.out"; fail "fashion_mnist.py evaluate failed"; }
+    expect_in "$work/eval.out" "ckpt-000001-step-30: test accuracy"
+    python_accuracy=$(sed -E 's/.*test accuracy ([0-9.]+).*/\1/' "$work/eval.out")
+    demo_accuracy=$(grep -o '"test_accuracy":[0-9.]*' "$work/init/metrics.jsonl" | tail -1 | cut -d: -f2)
+    "$python" -c "import sys; sys.exit(abs($python_accuracy - $demo_accuracy) > 0.0015)" ||
+      fail "Python evaluates the checkpoint to $python_accuracy, the demo to $demo_accuracy"
+    # A Python file that does not fit: every problem named, nothing trained.
+    "$python" -c "import torch; from safetensors.torch import save_file; save_file({'fc1.weight': torch.zeros(3)}, '$work/bad.safetensors')"
+    "$binary" "${common[@]}" --run-dir "$work/bad" --max-steps 30 --init-from "$work/bad.safetensors" \
+      > "$work/bad.out" 2>&1 && fail "a state_dict that does not fit was accepted"
+    expect_in "$work/bad.out" "missing keys: 'conv1.weight'"
+    expect_in "$work/bad.out" "fc1.weight: shape [3] in '$work/bad.safetensors', [128, 3136] in the module"
     ;;
   full-disk)
     mkdir "$work/disk"
