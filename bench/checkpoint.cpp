@@ -5,6 +5,9 @@
 //         deleted, as checkpoint rotation does (the disk's bound)
 //   load: CheckpointGuard (verifies every checksum) vs torch::load
 //   stall: how long step() blocks the training loop with the background writer vs a sync save
+//   state_dict: save_state_dict / load_state_dict of the model (a safetensors file) vs Python's
+//         safetensors.torch.save_file (+ fsync) / load_file of the same file, where a Python
+//         with safetensors is found ($TORCHGUARD_PYTHON, or scripts/setup.sh --torch2's venv)
 // Medians of several rounds; ratios are computed from figures measured in this run.
 //   bench_checkpoint [directory]   (default: a new directory under /tmp)
 #include <fcntl.h>
@@ -14,13 +17,16 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include <torch/torch.h>
 #include <torchguard/checkpoint_guard.hpp>
+#include <torchguard/safetensors.hpp>
 
 namespace fs = std::filesystem;
 
@@ -72,6 +78,48 @@ void raw_write_fsync(const fs::path& path, const std::string& bytes) {
     done += static_cast<std::size_t>(n);
   }
   if (::fsync(fd) != 0 || ::close(fd) != 0) throw std::runtime_error("fsync failed");
+}
+
+// A Python that imports safetensors.torch, or "".
+std::string find_python() {
+  std::vector<std::string> candidates;
+  if (const char* python = std::getenv("TORCHGUARD_PYTHON")) candidates.push_back(python);
+  const char* venv = std::getenv("TORCHGUARD_TORCH2_VENV");
+  candidates.push_back(std::string(venv ? venv : "/opt/torchguard-venv") + "/bin/python");
+  for (const auto& python : candidates) {
+    if (fs::exists(python) &&
+        std::system((python + " -c 'import safetensors.torch' 2>/dev/null").c_str()) == 0) {
+      return python;
+    }
+  }
+  return {};
+}
+
+// Python's save_file (+ fsync, as save_state_dict does) and load_file of `path`: medians, in
+// seconds, as "save load".
+std::pair<double, double> python_safetensors(const std::string& python, const fs::path& path) {
+  const std::string script =
+      "import os, statistics, sys, time\n"
+      "from safetensors.torch import load_file, save_file\n"
+      "path, out = sys.argv[1], sys.argv[1] + '.py'\n"
+      "state = load_file(path)\n"
+      "saves, loads = [], []\n"
+      "for _ in range(" +
+      std::to_string(rounds) +
+      "):\n"
+      "    os.sync(); t = time.perf_counter(); save_file(state, out)\n"
+      "    fd = os.open(out, os.O_RDONLY); os.fsync(fd); os.close(fd)\n"
+      "    saves.append(time.perf_counter() - t)\n"
+      "    t = time.perf_counter(); loaded = load_file(path); loads.append(time.perf_counter() - "
+      "t)\n"
+      "    del loaded\n"
+      "os.remove(out)\n"
+      "print(statistics.median(saves), statistics.median(loads))\n";
+  const std::string command = python + " -c \"" + script + "\" '" + path.string() + "'";
+  std::unique_ptr<FILE, int (*)(FILE*)> pipe(::popen(command.c_str(), "r"), ::pclose);
+  double save = 0, load = 0;
+  if (!pipe || std::fscanf(pipe.get(), "%lf %lf", &save, &load) != 2) return {0, 0};
+  return {save, load};
 }
 
 }  // namespace
@@ -174,6 +222,30 @@ int main(int argc, char** argv) {
               guard_load / torch_load);
   std::printf("ratio background stall / synchronous save:              %.2f (target <= 0.10)\n",
               background_stall / guard_save);
+
+  // state_dict exchange: the model alone, as a safetensors file.
+  const fs::path state_file = base / "model.safetensors";
+  const auto state_dict = interleaved_medians({
+      [&] { torchguard::save_state_dict(*model, state_file); },
+      [&] { torchguard::load_state_dict(*model, state_file); },
+  });
+  std::printf("state_dict save_state_dict (crash-safe):          %.3f s  %.0f MiB/s\n",
+              state_dict[0],
+              static_cast<double>(parameter_bytes) / (1024.0 * 1024.0) / state_dict[0]);
+  std::printf("state_dict load_state_dict (checked, copied in):  %.3f s\n", state_dict[1]);
+  const std::string python = find_python();
+  const auto [python_save, python_load] =
+      python.empty() ? std::pair<double, double>{0, 0} : python_safetensors(python, state_file);
+  if (python_save > 0) {
+    std::printf("state_dict Python save_file + fsync / load_file:  %.3f s / %.3f s\n", python_save,
+                python_load);
+    std::printf("ratio save time save_state_dict / Python save_file:  %.2f\n",
+                state_dict[0] / python_save);
+    std::printf("ratio load time load_state_dict / Python load_file:  %.2f\n",
+                state_dict[1] / python_load);
+  } else {
+    std::printf("state_dict Python: no Python with safetensors (scripts/setup.sh --torch2)\n");
+  }
   if (argc <= 1) fs::remove_all(base);
   return 0;
 }
