@@ -6,7 +6,8 @@
 //   load: CheckpointGuard (verifies every checksum) vs torch::load
 //   stall: how long step() blocks the training loop with the background writer vs a sync save
 //   state_dict: save_state_dict / load_state_dict of the model (a safetensors file) vs Python's
-//         safetensors.torch.save_file (+ fsync) / load_file of the same file, where a Python
+//         safetensors.torch.save_file (+ fsync) / load_file copied into a model's tensors
+//         (what model.load_state_dict(load_file(...)) does) of the same file, where a Python
 //         with safetensors is found ($TORCHGUARD_PYTHON, or scripts/setup.sh --torch2's venv)
 // Medians of several rounds; ratios are computed from figures measured in this run.
 //   bench_checkpoint [directory]   (default: a new directory under /tmp)
@@ -95,14 +96,15 @@ std::string find_python() {
   return {};
 }
 
-// Python's save_file (+ fsync, as save_state_dict does) and load_file of `path`: medians, in
-// seconds, as "save load".
+// Python's save_file (+ fsync, as save_state_dict does) and load_file of `path` copied into
+// tensors of a model (as load_state_dict copies into the module): medians, in seconds.
 std::pair<double, double> python_safetensors(const std::string& python, const fs::path& path) {
   const std::string script =
-      "import os, statistics, sys, time\n"
+      "import os, statistics, sys, time, torch\n"
       "from safetensors.torch import load_file, save_file\n"
       "path, out = sys.argv[1], sys.argv[1] + '.py'\n"
       "state = load_file(path)\n"
+      "model = {k: torch.empty_like(v) for k, v in state.items()}\n"
       "saves, loads = [], []\n"
       "for _ in range(" +
       std::to_string(rounds) +
@@ -110,9 +112,9 @@ std::pair<double, double> python_safetensors(const std::string& python, const fs
       "    os.sync(); t = time.perf_counter(); save_file(state, out)\n"
       "    fd = os.open(out, os.O_RDONLY); os.fsync(fd); os.close(fd)\n"
       "    saves.append(time.perf_counter() - t)\n"
-      "    t = time.perf_counter(); loaded = load_file(path); loads.append(time.perf_counter() - "
-      "t)\n"
-      "    del loaded\n"
+      "    t = time.perf_counter()\n"
+      "    for k, v in load_file(path).items(): model[k].copy_(v)\n"
+      "    loads.append(time.perf_counter() - t)\n"
       "os.remove(out)\n"
       "print(statistics.median(saves), statistics.median(loads))\n";
   const std::string command = python + " -c \"" + script + "\" '" + path.string() + "'";
@@ -175,8 +177,11 @@ int main(int argc, char** argv) {
   const double guard_save = saves[0], torch_save = saves[1], raw_write = saves[2];
 
   // Loads (the files are in the page cache for both).
+  // The restoring guard does not write (the saving one holds the directory's lock).
+  torchguard::CheckpointOptions load_options = options;
+  load_options.is_writer = [] { return false; };
   const auto loads = interleaved_medians({
-      [&] { torchguard::CheckpointGuard restore(model, optimizer, options); },
+      [&] { torchguard::CheckpointGuard restore(model, optimizer, load_options); },
       [&] {
         torch::load(model, torch_model.string());
         torch::load(optimizer, torch_optimizer.string());
@@ -237,8 +242,8 @@ int main(int argc, char** argv) {
   const auto [python_save, python_load] =
       python.empty() ? std::pair<double, double>{0, 0} : python_safetensors(python, state_file);
   if (python_save > 0) {
-    std::printf("state_dict Python save_file + fsync / load_file:  %.3f s / %.3f s\n", python_save,
-                python_load);
+    std::printf("state_dict Python save_file + fsync / load_file + copy_: %.3f s / %.3f s\n",
+                python_save, python_load);
     std::printf("ratio save time save_state_dict / Python save_file:  %.2f\n",
                 state_dict[0] / python_save);
     std::printf("ratio load time load_state_dict / Python load_file:  %.2f\n",
