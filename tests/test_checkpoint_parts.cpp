@@ -595,8 +595,9 @@ TEST_CASE("restore falls back past a damaged checkpoint and quarantines it with 
   CHECK(fs::exists(dir.path / "quarantine" / older.filename()));
 }
 
-TEST_CASE("a checkpoint of format 1 (tensors.bin, state.pt) restores, and the next save writes format 2",
-          "[checkpoint][parts][restore]") {
+TEST_CASE(
+    "a checkpoint of format 1 (tensors.bin, state.pt) restores, and the next save writes format 2",
+    "[checkpoint][parts][restore]") {
   TempDir dir;
   torch::manual_seed(3);
   torch::nn::Linear saved(3, 2);
