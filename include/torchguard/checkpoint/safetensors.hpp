@@ -133,7 +133,7 @@ class SafetensorsView {
  public:
   // `source` names the bytes in messages (a path). Throws SafetensorsError.
   explicit SafetensorsView(std::string_view bytes, std::string source = "safetensors data")
-      : bytes_(bytes), source_(std::move(source)) {
+      : source_(std::move(source)) {
     if (bytes.size() < 8) {
       fail(fmt::format("it has {} bytes, fewer than the 8 of its header length", bytes.size()));
     }
@@ -159,14 +159,12 @@ class SafetensorsView {
   std::optional<torch::Tensor> tensor(const std::string& name) const {
     const auto it = entries_.find(name);
     if (it == entries_.end()) return std::nullopt;
-    const Entry& e = it->second;
-    return torch::from_blob(const_cast<char*>(data_.data() + e.begin), e.shape,
-                            torch::TensorOptions().dtype(e.dtype));
+    return view(it->second);
   }
   // Every tensor, by name (views of the bytes).
   TensorMap tensors() const {
     TensorMap all;
-    for (const auto& entry : entries_) all.emplace(entry.first, *tensor(entry.first));
+    for (const auto& [name, entry] : entries_) all.emplace(name, view(entry));
     return all;
   }
   std::vector<std::string> names() const {
@@ -184,6 +182,11 @@ class SafetensorsView {
     std::uint64_t begin;
     std::uint64_t end;
   };
+
+  torch::Tensor view(const Entry& e) const {
+    return torch::from_blob(const_cast<char*>(data_.data() + e.begin), e.shape,
+                            torch::TensorOptions().dtype(e.dtype));
+  }
 
   [[noreturn]] void fail(const std::string& why) const {
     throw SafetensorsError(fmt::format("'{}' is not a valid safetensors file: {}", source_, why));
@@ -295,7 +298,6 @@ class SafetensorsView {
     }
   }
 
-  std::string_view bytes_;
   std::string source_;
   std::string_view data_;
   std::map<std::string, Entry> entries_;

@@ -67,7 +67,7 @@ class TrainingState {
           {scheduler_step_key, torch::tensor(static_cast<std::int64_t>(count))});
     }
     snapshot.files.push_back(std::move(model));
-    if (snapshot.optimizer_kind != "" && snapshot.optimizer_kind != "archive") {
+    if (!snapshot.optimizer_groups.is_null()) {  // a built-in optimizer
       snapshot.files.push_back(std::move(optimizer));
     }
     snapshot.files.push_back(std::move(extra));
