@@ -11,11 +11,13 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #include "support.hpp"
 #include "torchguard/checkpoint_guard.hpp"
@@ -45,6 +47,33 @@ int free_port() {
   ::close(fd);
   return ntohs(address.sin_port);
 }
+
+// A TCP server that lets clients connect and never answers them, as torchrun's agent of torch
+// 2.1 or later does to the store client of LibTorch before 2.1: the kernel completes the
+// connections, and nobody reads them. Never closed: LibTorch 1.13's client ends the process when
+// its connection is reset (std::terminate in its own thread).
+class SilentServer {
+ public:
+  SilentServer() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    REQUIRE(fd_ >= 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
+    REQUIRE(::listen(fd_, 16) == 0);
+    socklen_t length = sizeof address;
+    REQUIRE(::getsockname(fd_, reinterpret_cast<sockaddr*>(&address), &length) == 0);
+    port_ = ntohs(address.sin_port);
+  }
+  SilentServer(const SilentServer&) = delete;
+  SilentServer& operator=(const SilentServer&) = delete;
+  int port() const { return port_; }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+};
 
 // Sets environment variables for a scope, restoring the previous values.
 class ScopedEnv {
@@ -401,6 +430,43 @@ TEST_CASE("an unreachable master is an error within the timeout", "[distributed]
   CHECK_THROWS_WITH(ProcessGroupGuard(options),
                     Contains("rank 1 could not reach the master at 127.0.0.1:"));
   CHECK(std::chrono::steady_clock::now() - start < 30s);
+}
+
+TEST_CASE("a store that never answers is an error within the timeout that names the likely cause",
+          "[distributed]") {
+  static SilentServer server;
+  // As under torchrun, whose agent serves the store: every rank, rank 0 too, is a client.
+  ScopedEnv env({{"TORCHELASTIC_USE_AGENT_STORE", "True"}, {"TORCHELASTIC_RESTART_COUNT", "0"}});
+  ProcessGroupOptions options;
+  options.logger = quiet();
+  options.world_size = 2;
+  options.master_addr = "127.0.0.1";
+  options.master_port = server.port();
+  options.timeout = 2s;
+  for (const int rank : {0, 1}) {
+    options.rank = rank;
+    const auto start = std::chrono::steady_clock::now();
+    std::string message;
+    try {
+      ProcessGroupGuard group(options);
+    } catch (const DistributedError& e) {
+      message = e.what();
+    }
+    const auto elapsed = std::chrono::steady_clock::now() - start;
+    INFO(message);
+    CHECK(elapsed < 2s + 2s + 2s);  // the timeout, the grace (here the timeout again), a margin
+    CHECK_THAT(message, Contains("rank " + std::to_string(rank)) &&
+                            Contains("127.0.0.1:" + std::to_string(server.port())) &&
+                            Contains("within 2.00 s"));
+#if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 1)
+    // LibTorch 1.13's client connects and then waits for its first answer without an end.
+    CHECK_THAT(message, Contains("had no answer from the store") &&
+                            Contains("claiming its rank (its first request to the store)") &&
+                            Contains("a torchrun from torch 2.1 or later") &&
+                            Contains("scripts/launch.sh") &&
+                            Contains("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"));
+#endif
+  }
 }
 
 TEST_CASE("ranks that disagree on WORLD_SIZE fail at the rendezvous", "[distributed]") {

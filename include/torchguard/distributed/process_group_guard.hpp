@@ -83,11 +83,10 @@ class ProcessGroupGuard {
       throw DistributedError("ProcessGroupGuard: the timeout must be positive");
     }
     choose_backend();
-    detail::RendezvousPlace place{rank_, world_size_, options_.timeout, {}, false};
-    store_ = detail::connect_store(options_, place);
+    detail::RendezvousPlace place{rank_, world_size_, options_.timeout, {}, false, {}};
+    store_ = detail::join_group(options_, place);
     where_ = place.where;
     serves_store_ = place.serves_store;
-    detail::rendezvous(*store_, place);
     create_group();
     logger_->info("ProcessGroupGuard: rank {} of {} (local rank {}), {} on {}", rank_, world_size_,
                   local_rank_, backend_name(), device_.str());

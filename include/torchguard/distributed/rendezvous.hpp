@@ -1,18 +1,25 @@
 // How the ranks of a process group meet: the store (a TCPStore served by rank 0 or by torchrun's
 // agent, or a FileStore), then a rendezvous that checks every rank agrees on the world size and
-// that no rank is claimed twice. Every wait is bounded by the timeout.
+// that no rank is claimed twice. Every wait is bounded by the timeout, including those that
+// c10d's own client would not end (join_group).
 #pragma once
 
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
+#include <future>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <spdlog/fmt/fmt.h>
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -32,7 +39,40 @@ struct RendezvousPlace {
   std::chrono::milliseconds timeout{0};
   std::string where;          // "host:port" or "FileStore '...'", for messages
   bool serves_store = false;  // this process is the TCPStore's server
+  std::chrono::steady_clock::time_point deadline{};  // the store and the rendezvous end by then
+
+  std::chrono::milliseconds remaining() const {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    return std::max(left, std::chrono::milliseconds(1));
+  }
 };
+
+// What a joining rank is doing now, for the message of a wait that did not end (join_group).
+class JoinProgress {
+ public:
+  void set(std::string step, std::string where = {}) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    step_ = std::move(step);
+    if (!where.empty()) where_ = std::move(where);
+  }
+  std::string step() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return step_;
+  }
+  std::string where() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return where_;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::string step_ = "starting";
+  std::string where_;
+};
+
+// The step during which the store has not answered a rank's first request.
+inline constexpr const char* kFirstRequest = "claiming its rank (its first request to the store)";
 
 inline std::vector<std::uint8_t> to_bytes(const std::string& text) {
   return std::vector<std::uint8_t>(text.begin(), text.end());
@@ -46,7 +86,8 @@ inline std::string to_text(const std::vector<std::uint8_t>& bytes) {
 // attempt may still be in torchrun's store after an elastic restart). Fills place.where and
 // place.serves_store.
 inline c10::intrusive_ptr<c10d::Store> connect_store(const ProcessGroupOptions& options,
-                                                     RendezvousPlace& place) {
+                                                     RendezvousPlace& place,
+                                                     JoinProgress& progress) {
   c10::intrusive_ptr<c10d::Store> store;
   if (!options.file_store.empty()) {
     try {
@@ -55,7 +96,6 @@ inline c10::intrusive_ptr<c10d::Store> connect_store(const ProcessGroupOptions& 
       throw DistributedError(fmt::format("ProcessGroupGuard: cannot open the FileStore '{}': {}",
                                          options.file_store, error_message(e)));
     }
-    store->setTimeout(place.timeout);
     place.where = fmt::format("FileStore '{}'", options.file_store);
   } else {
     std::string host = options.master_addr;
@@ -77,6 +117,7 @@ inline c10::intrusive_ptr<c10d::Store> connect_store(const ProcessGroupOptions& 
           fmt::format("ProcessGroupGuard: MASTER_PORT {} is not a TCP port (1 to 65535)", port));
     }
     place.where = fmt::format("{}:{}", host, port);
+    progress.set("connecting to it", place.where);
     c10d::TCPStoreOptions store_options;
     store_options.port = static_cast<std::uint16_t>(port);
     // Under torchrun, its agent may serve the store already (as Python's env:// knows).
@@ -85,16 +126,17 @@ inline c10::intrusive_ptr<c10d::Store> connect_store(const ProcessGroupOptions& 
     store_options.isServer = place.serves_store;
     store_options.numWorkers = static_cast<std::size_t>(place.world_size);
     store_options.waitWorkers = false;  // the rendezvous waits, and says who is missing
-    store_options.timeout = place.timeout;
+    store_options.timeout = place.remaining();
     try {
       store = c10::make_intrusive<c10d::TCPStore>(host, store_options);
     } catch (const std::exception& e) {
       throw DistributedError(
           fmt::format("ProcessGroupGuard: rank {} could not {} at {} within {}: {}", place.rank,
-                      place.rank == 0 ? "serve the store" : "reach the master", place.where,
+                      place.serves_store ? "serve the store" : "reach the master", place.where,
                       format_duration(place.timeout), error_message(e)));
     }
   }
+  store->setTimeout(place.timeout);  // for what Gloo and the collectives ask of it later
   const char* restart = std::getenv("TORCHELASTIC_RESTART_COUNT");
   return c10::make_intrusive<c10d::PrefixStore>(
       fmt::format("torchguard/{}", restart && *restart ? restart : "0"), store);
@@ -103,7 +145,7 @@ inline c10::intrusive_ptr<c10d::Store> connect_store(const ProcessGroupOptions& 
 // Every rank announces its rank and world size; each checks the others against its own.
 // A rank that serves the store keeps it up, on a mismatch, until every rank that joined has
 // read what it needs: otherwise the other ranks would see a closed connection, not the cause.
-inline void rendezvous(c10d::Store& store, const RendezvousPlace& place) {
+inline void rendezvous(c10d::Store& store, const RendezvousPlace& place, JoinProgress& progress) {
   const std::string mine = std::to_string(place.world_size);
   const auto lost = [&](const std::exception& e) {
     return DistributedError(
@@ -111,6 +153,7 @@ inline void rendezvous(c10d::Store& store, const RendezvousPlace& place) {
                     place.rank, place.where, error_message(e)));
   };
   try {
+    progress.set(kFirstRequest);
     if (store.add(fmt::format("rank/{}", place.rank), 1) > 1) {
       throw DistributedError(fmt::format("ProcessGroupGuard: two processes claim RANK {} (at {})",
                                          place.rank, place.where));
@@ -126,11 +169,14 @@ inline void rendezvous(c10d::Store& store, const RendezvousPlace& place) {
   std::optional<DistributedError> mismatch;
   for (int other = 0; other < place.world_size && !mismatch; ++other) {
     const std::string key = fmt::format("world_size/{}", other);
-    const auto started = std::chrono::steady_clock::now();
+    progress.set(fmt::format("waiting for rank {} to join", other));
     try {
-      store.wait({key}, place.timeout);
+      store.wait({key}, place.remaining());
     } catch (const std::exception& e) {
-      if (std::chrono::steady_clock::now() - started < place.timeout) throw lost(e);
+      // c10d's clock may end the wait a little before ours.
+      if (std::chrono::steady_clock::now() + std::chrono::milliseconds(100) < place.deadline) {
+        throw lost(e);
+      }
       throw DistributedError(fmt::format(
           "ProcessGroupGuard: rank {} did not join at {} within {} (WORLD_SIZE is {} here: is it "
           "the same on every rank, and did every rank start?)",
@@ -164,6 +210,70 @@ inline void rendezvous(c10d::Store& store, const RendezvousPlace& place) {
     // The mismatch is the error to report; a store gone by now changes nothing.
   }
   throw *mismatch;
+}
+
+// Why a rank's first request to the store may go unanswered, and what to do: LibTorch before 2.1
+// under the agent's store of a torchrun from torch 2.1 or later. Empty for any other case.
+inline std::string unanswered_store_cause(const std::string& step) {
+#if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 1)
+  const char* agent_store = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
+  if (step == kFirstRequest && agent_store && std::string(agent_store) == "True") {
+    return fmt::format(
+        ". The store is torchrun's agent's (TORCHELASTIC_USE_AGENT_STORE=True) and this program "
+        "is built on LibTorch {}: a torchrun from torch 2.1 or later speaks a newer store "
+        "protocol, which LibTorch before 2.1 does not, and ignores its requests. Remedies: start "
+        "this build with scripts/launch.sh; or give the ranks a store of their own with "
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and torchrun's c10d rendezvous "
+        "(`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone ...`, or on several machines "
+        "--rdzv-backend=c10d --rdzv-endpoint=HOST:PORT); or build the program with LibTorch 2.1 "
+        "or later (the torch that torchrun comes from)",
+        TORCH_VERSION);
+  }
+#else
+  (void)step;
+#endif
+  return {};
+}
+
+// Connects to the store and meets the other ranks (connect_store, then rendezvous) on a thread of
+// its own, waiting for it until the timeout (and a grace, for c10d's own error to come first).
+// The TCPStore client of LibTorch before 2.1 waits for an answer without a timeout, so a server
+// that never answers would hold the rank forever. When the deadline passes, the thread is left
+// behind (it owns copies of all it uses, and ends with the connection) and the error says what
+// the rank was waiting for. The process should not go on long after that error: when the server
+// later closes the connection, LibTorch 1.13's store client ends the process (std::terminate
+// in its own thread).
+inline c10::intrusive_ptr<c10d::Store> join_group(const ProcessGroupOptions& options,
+                                                  RendezvousPlace& place) {
+  place.deadline = std::chrono::steady_clock::now() + place.timeout;
+  // c10d's connection retries may end a little after their timeout.
+  const auto grace = std::min<std::chrono::milliseconds>(place.timeout, std::chrono::seconds(5));
+  using Joined = std::pair<c10::intrusive_ptr<c10d::Store>, RendezvousPlace>;
+  auto progress = std::make_shared<JoinProgress>();
+  std::promise<Joined> promise;
+  auto joined = promise.get_future();
+  std::thread worker([options, place, progress, promise = std::move(promise)]() mutable {
+    try {
+      auto store = connect_store(options, place, *progress);
+      rendezvous(*store, place, *progress);
+      promise.set_value({std::move(store), place});
+    } catch (...) {
+      promise.set_exception(std::current_exception());
+    }
+  });
+  if (joined.wait_until(place.deadline + grace) != std::future_status::ready) {
+    worker.detach();
+    const auto step = progress->step();
+    const auto where = progress->where();
+    throw DistributedError(fmt::format(
+        "ProcessGroupGuard: rank {} had no answer from the store{} within {} while {}{}",
+        place.rank, where.empty() ? "" : " at " + where, format_duration(place.timeout), step,
+        unanswered_store_cause(step)));
+  }
+  worker.join();
+  auto [store, settled] = joined.get();
+  place = settled;
+  return store;
 }
 
 }  // namespace detail
