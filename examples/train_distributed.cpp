@@ -27,6 +27,7 @@ namespace {
 
 struct Config : fashion_mnist::Settings {
   int timeout_s = 120;
+  bool evaluate = true;
 };
 
 torchguard::TrainingSession& open_session(torchguard::ScopeStack& stack,
@@ -111,18 +112,25 @@ int train(Config config) {
       }
       return 130;
     }
+    // Data parallelism keeps one model: the ranks must end with the same parameters.
+    group.check_same(static_cast<std::int64_t>(examples::parameter_hash(*model) >> 1),
+                     "the final parameters");
     if (group.is_main()) {
-      const auto evaluation = fashion_mnist::evaluate(model, data.test, data.test.images.size(0),
-                                                      device, session.stop_token());
+      std::string accuracy = "not evaluated";
+      if (config.evaluate) {
+        const auto evaluation = fashion_mnist::evaluate(model, data.test, data.test.images.size(0),
+                                                        device, session.stop_token());
+        accuracy = fmt::format("{:.4f}", evaluation.accuracy);
+      }
       std::printf(
-          "%d ranks: %lld steps of %lld samples, %.0f samples/s; test accuracy %.4f; "
-          "parameters %s\n",
+          "%d ranks: %lld steps of %lld samples, %.0f samples/s; test accuracy %s; "
+          "parameters %s on every rank\n",
           group.world_size(), static_cast<long long>(checkpoint.current_step()),
           static_cast<long long>(run.schedule.global_batch),
           static_cast<double>((checkpoint.current_step() - first_step) *
                               run.schedule.global_batch) /
               std::max(seconds, 1e-9),
-          evaluation.accuracy, fashion_mnist::parameter_fingerprint(model).c_str());
+          accuracy.c_str(), fashion_mnist::parameter_fingerprint(model).c_str());
     }
     group.barrier();  // rank 0 evaluates while the others wait, then all leave together
     return 0;
@@ -143,6 +151,9 @@ int main(int argc, char** argv) {
   fashion_mnist::add_options(app, config);
   app.add_option("--timeout", config.timeout_s, "seconds to wait for the other ranks")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_flag("--evaluate,!--no-evaluate", config.evaluate,
+               "measure the test accuracy at the end (rank 0; the others wait)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   return fashion_mnist::exit_status([&] { return train(config); });

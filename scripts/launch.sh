@@ -8,11 +8,14 @@
 #     --node-rank R       this machine's index, 0 to K-1 (default 0)
 #     --master-addr HOST  rank 0's machine (default 127.0.0.1)
 #     --master-port PORT  default: a random free-looking port on one machine, 29500 on several
-#     --grace SECONDS     after a rank fails, how long the others get to fail too (default 30)
+#     --grace SECONDS     after a rank fails, how long the others get to stop (default 30)
 #
-# Each output line is prefixed with its rank. SIGINT and SIGTERM are passed on to every rank.
-# When a rank fails, the others are given the grace period, then killed. The exit status is the
-# first failing rank's, else 0.
+# For LibTorch before 2.1, whose store client cannot talk to the agent of a torchrun from torch
+# 2.1 or later; with LibTorch 2.x, torchrun does this and more (restarts, several nodes' rendezvous).
+# As torchrun does: each output line is prefixed with its rank; SIGINT and SIGTERM are passed on
+# to every rank; when a rank fails, the others get SIGTERM, then SIGKILL after the grace period
+# (unless the ranks are stopping on a signal passed on).
+# The exit status is the first failing rank's (128+N for a rank killed by signal N), else 0.
 set -uo pipefail
 nnodes=1 node_rank=0 master_addr=127.0.0.1 master_port="" grace=30
 while [[ $# -gt 0 && $1 == --* ]]; do
@@ -48,9 +51,19 @@ for ((local_rank = 0; local_rank < nproc; local_rank++)); do
 done
 set +m
 
-forward() { kill -s "$1" "${pids[@]}" 2>/dev/null; }
-trap 'forward INT' INT
-trap 'forward TERM' TERM
+declare -A exit_of  # rank index -> exit status, once it has ended
+forward() {  # to the ranks still running
+  local i
+  for i in "${!pids[@]}"; do
+    [[ -z ${exit_of[$i]:-} ]] && kill -s "$1" "${pids[$i]}" 2>/dev/null
+  done
+  return 0
+}
+# A signal the user sends is passed on once; the ranks stop as they agree (a second signal would
+# terminate them, so a rank's exit status after it does not set off the SIGTERM below).
+interrupted=""
+trap 'interrupted=1; forward INT' INT
+trap 'interrupted=1; forward TERM' TERM
 
 # A rank has ended when its process is gone or a zombie (not yet waited for).
 ended() {
@@ -59,8 +72,7 @@ ended() {
   [[ -z $state || $state == Z ]]
 }
 
-status=0 failed_at=""
-declare -A exit_of
+status=0 failed_at="" terminated=""
 while :; do
   alive=0
   for i in "${!pids[@]}"; do
@@ -72,8 +84,14 @@ while :; do
     if ((code != 0 && status == 0)); then status=$code failed_at=$SECONDS; fi
   done
   ((alive == 0)) && break
+  [[ -n $interrupted ]] && { sleep 0.2; continue; }
+  if [[ -n $failed_at && -z $terminated ]]; then
+    echo "launch.sh: a rank failed (exit status $status); stopping the others (SIGTERM, then" \
+         "SIGKILL after ${grace} s)" >&2
+    forward TERM
+    terminated=1
+  fi
   if [[ -n $failed_at ]] && ((SECONDS - failed_at >= grace)); then
-    echo "launch.sh: a rank failed; stopping the others after ${grace} s" >&2
     forward KILL
   fi
   sleep 0.2
