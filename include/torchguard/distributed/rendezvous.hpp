@@ -4,6 +4,7 @@
 // c10d's own client would not end (join_group).
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
