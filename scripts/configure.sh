@@ -10,7 +10,9 @@ case "$config" in
   default)
     bash scripts/setup.sh
     # CI does not run the benchmarks: it proves they compile (-fsyntax-only), in a third of the time.
-    if [[ ${CI:-} == true ]]; then cmake_args+=(-DTORCHGUARD_CHECK_BENCHMARKS_ONLY=ON); fi
+    benchmarks_checked_only=OFF
+    if [[ ${CI:-} == true ]]; then benchmarks_checked_only=ON; fi
+    cmake_args+=("-DTORCHGUARD_CHECK_BENCHMARKS_ONLY=$benchmarks_checked_only")
     ;;
   asan)
     bash scripts/setup.sh

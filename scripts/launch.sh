@@ -28,6 +28,10 @@ while [[ $# -gt 0 && $1 == --* ]]; do
     *) echo "launch.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
+if [[ ! $grace =~ ^[0-9]+$ ]]; then
+  echo "launch.sh: --grace takes whole seconds, not '$grace'" >&2
+  exit 2
+fi
 if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
   echo "usage: scripts/launch.sh [options] N program [args...]   (N: processes on this machine)" >&2
   exit 2
@@ -72,6 +76,7 @@ ended() {
   [[ -z $state || $state == Z ]]
 }
 
+now_us() { echo "${EPOCHREALTIME//[.,]/}"; }  # microseconds, whatever the locale's decimal point
 status=0 failed_at="" terminated=""
 while :; do
   alive=0
@@ -81,7 +86,7 @@ while :; do
     wait "${pids[$i]}"
     code=$?
     exit_of[$i]=$code
-    if ((code != 0 && status == 0)); then status=$code failed_at=$SECONDS; fi
+    if ((code != 0 && status == 0)); then status=$code failed_at=$(now_us); fi
   done
   ((alive == 0)) && break
   [[ -n $interrupted ]] && { sleep 0.2; continue; }
@@ -91,7 +96,7 @@ while :; do
     forward TERM
     terminated=1
   fi
-  if [[ -n $failed_at ]] && ((SECONDS - failed_at >= grace)); then
+  if [[ -n $failed_at ]] && (($(now_us) - failed_at >= grace * 1000000)); then
     forward KILL
   fi
   sleep 0.2

@@ -12,6 +12,7 @@ source "$(dirname "$0")/script_support.sh"
 # A stand-in rank: argument number RANK+1 says what rank RANK does.
 #   exit:N      exits N after 0.3 s          late:N    on SIGTERM, exits N 0.3 s later
 #   stubborn    ignores SIGTERM              wait      exits 128+signal on SIGINT or SIGTERM
+#   slow-stop   on SIGINT, exits 130 1.5 s later (a rank saving its checkpoint)
 # Each signal a rank gets is recorded in $work/<signal>-<rank>.
 cat > "$work/rank.sh" <<'EOF'
 #!/usr/bin/env bash
@@ -24,6 +25,7 @@ case $mode in
   late:*) trap 'record TERM; sleep 0.3; exit '"${mode#late:}" TERM ;;
   stubborn) trap 'record TERM' TERM ;;
   wait) trap 'record INT; exit 130' INT; trap 'record TERM; exit 143' TERM ;;
+  slow-stop) trap 'record INT; sleep 1.5; exit 130' INT; trap 'record TERM; exit 143' TERM ;;
 esac
 while :; do sleep 0.05; done
 EOF
@@ -70,10 +72,11 @@ no_rank_left first-failure
 
 # A rank that ignores SIGTERM is killed after the grace period, not before.
 rm -f "$work"/TERM-*
-start=$SECONDS
+start_us=${EPOCHREALTIME//[.,]/}
 run grace --grace 2 2 "$work/rank.sh" stubborn exit:4
 finish grace 4 10
-((SECONDS - start >= 2)) || fail "grace: the stubborn rank was killed before the grace period"
+((${EPOCHREALTIME//[.,]/} - start_us >= 2300000)) ||  # exit:4 ends 0.3 s after the start
+  fail "grace: the stubborn rank was killed before the grace period"
 [ -e "$work/TERM-0" ] || fail "grace: the stubborn rank got no SIGTERM first"
 no_rank_left grace
 
@@ -88,4 +91,14 @@ for signal in INT:130 TERM:143; do
   [ -e "$work/$signal-0" ] && [ -e "$work/$signal-1" ] || fail "$signal did not reach every rank"
   no_rank_left "signal-$signal"
 done
+# While the ranks stop on a signal passed on, one that ends first does not set off SIGTERM (a
+# second signal would terminate a rank still saving).
+rm -f "$work"/INT-* "$work"/TERM-*
+run stopping 2 "$work/rank.sh" wait slow-stop
+sleep 1
+kill -INT "$pid"
+finish stopping 130 10
+[ -e "$work/INT-1" ] || fail "stopping: rank 1 got no SIGINT"
+[ ! -e "$work/TERM-1" ] || fail "stopping: rank 1 got SIGTERM while it stopped on SIGINT"
+no_rank_left stopping
 echo "passed"

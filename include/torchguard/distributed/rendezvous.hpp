@@ -197,12 +197,12 @@ inline void rendezvous(c10d::Store& store, const RendezvousPlace& place, JoinPro
   }
   if (!mismatch) return;
   try {
+    progress.set("letting the other ranks read that WORLD_SIZE differs");
     const auto checked = store.add("checked", 1);
     if (place.serves_store) {
-      // Bounded: a rank that joined but hangs must not hold this one past the timeout.
-      const auto deadline = std::chrono::steady_clock::now() + place.timeout;
+      // Bounded: a rank that joined but hangs must not hold this one past the deadline.
       auto done = checked;
-      while (done < store.add("joined", 0) && std::chrono::steady_clock::now() < deadline) {
+      while (done < store.add("joined", 0) && std::chrono::steady_clock::now() < place.deadline) {
         std::this_thread::sleep_for(std::chrono::milliseconds(5));
         done = store.add("checked", 0);
       }
@@ -246,7 +246,9 @@ inline std::string unanswered_store_cause(const std::string& step) {
 // in its own thread).
 inline c10::intrusive_ptr<c10d::Store> join_group(const ProcessGroupOptions& options,
                                                   RendezvousPlace& place) {
-  place.deadline = std::chrono::steady_clock::now() + place.timeout;
+  // A timeout of years (milliseconds::max() meaning "never") must not overflow the clock.
+  place.deadline = std::chrono::steady_clock::now() +
+                   std::min<std::chrono::milliseconds>(place.timeout, std::chrono::hours(24 * 365));
   // c10d's connection retries may end a little after their timeout.
   const auto grace = std::min<std::chrono::milliseconds>(place.timeout, std::chrono::seconds(5));
   using Joined = std::pair<c10::intrusive_ptr<c10d::Store>, RendezvousPlace>;
