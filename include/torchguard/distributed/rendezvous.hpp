@@ -72,7 +72,9 @@ class JoinProgress {
   std::string where_;
 };
 
-// The step during which the store has not answered a rank's first request.
+// The steps a watchdog's message tells apart: connecting (as c10d's own connection timeout says
+// it, whichever ends first), and a first request the store has not answered.
+inline constexpr const char* kConnecting = "connecting to it";
 inline constexpr const char* kFirstRequest = "claiming its rank (its first request to the store)";
 
 inline std::vector<std::uint8_t> to_bytes(const std::string& text) {
@@ -118,7 +120,7 @@ inline c10::intrusive_ptr<c10d::Store> connect_store(const ProcessGroupOptions& 
           fmt::format("ProcessGroupGuard: MASTER_PORT {} is not a TCP port (1 to 65535)", port));
     }
     place.where = fmt::format("{}:{}", host, port);
-    progress.set("connecting to it", place.where);
+    progress.set(kConnecting, place.where);
     c10d::TCPStoreOptions store_options;
     store_options.port = static_cast<std::uint16_t>(port);
     // Under torchrun, its agent may serve the store already (as Python's env:// knows).
@@ -268,6 +270,12 @@ inline c10::intrusive_ptr<c10d::Store> join_group(const ProcessGroupOptions& opt
     worker.detach();
     const auto step = progress->step();
     const auto where = progress->where();
+    if (step == kConnecting) {  // a server binds at once or fails: this is a client
+      throw DistributedError(
+          fmt::format("ProcessGroupGuard: rank {} could not reach the master at "
+                      "{} within {} (no answer)",
+                      place.rank, where, format_duration(place.timeout)));
+    }
     throw DistributedError(fmt::format(
         "ProcessGroupGuard: rank {} had no answer from the store{} within {} while {}{}",
         place.rank, where.empty() ? "" : " at " + where, format_duration(place.timeout), step,
