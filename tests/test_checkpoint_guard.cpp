@@ -14,8 +14,10 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <limits>
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -65,13 +67,15 @@ struct Run {
     scheduler = std::make_unique<torch::optim::StepLR>(*optimizer, 3, 0.5);
   }
   // One step on random data: uses the RNG for data and dropout, like real training.
-  double train_step() {
+  // `before_update` runs just before the optimizer steps (a CheckpointGuard's fence).
+  double train_step(const std::function<void()>& before_update = {}) {
     model->train();
     const torch::Tensor x = torch::randn({32, 8});
     const torch::Tensor y = x.sum(1, true);
     optimizer->zero_grad();
     torch::Tensor loss = torch::mse_loss(model->forward(x), y);
     loss.backward();
+    if (before_update) before_update();
     optimizer->step();
     scheduler->step();
     return loss.item<double>();
@@ -832,6 +836,128 @@ TEST_CASE("the background writer: at most one write in flight, errors surface la
     CHECK_THROWS_WITH(guard.close(Outcome::success), Contains("File too large"));  // and at exit
   });
   CHECK(guard.list().size() == 5);
+}
+
+namespace {
+
+// The model's parameters and buffers now, copied, by state_dict name.
+torchguard::TensorMap state_now(const torch::nn::Module& module) {
+  torchguard::TensorMap state;
+  for (const auto& item : module.named_parameters()) state[item.key()] = item.value().clone();
+  for (const auto& item : module.named_buffers()) state[item.key()] = item.value().clone();
+  return state;
+}
+
+// The committed checkpoints' steps, each checked against the state recorded at that step.
+std::vector<std::int64_t> checked_steps(const fs::path& dir,
+                                        std::map<std::int64_t, torchguard::TensorMap>& recorded) {
+  std::vector<std::int64_t> steps;
+  for (const auto& info : torchguard::detail::list_committed(dir)) {
+    steps.push_back(info.step);
+    const auto saved = torchguard::load_safetensors(info.path / "model.safetensors");
+    const auto& expected = recorded.at(info.step);
+    REQUIRE(saved.size() == expected.size());
+    for (const auto& [name, tensor] : expected) {
+      INFO("step " << info.step << ", " << name);
+      CHECK(torch::equal(saved.at(name), tensor));
+    }
+  }
+  return steps;
+}
+
+}  // namespace
+
+TEST_CASE("overlapped staging: a fenced loop's background saves hold exactly their step",
+          "[checkpoint][background]") {
+  TempDir dir;
+  CapturedLogger captured;
+  Run run(1);
+  auto options = run.options(dir.path, captured.logger);
+  options.background = true;
+  options.every_n_steps = 2;
+  options.keep_last = 100;
+  std::map<std::int64_t, torchguard::TensorMap> recorded;
+  {
+    CheckpointGuard guard(run.model, *run.optimizer, options);
+    for (int i = 0; i < 6; ++i) {
+      // The copy of step 2k runs while step 2k+1's forward and backward run; the fence waits.
+      run.train_step([&] { guard.before_optimizer_step(); });
+      guard.step();
+      recorded[guard.current_step()] = state_now(*run.model);
+    }
+  }  // step 6's copy is settled and written by close()
+  CHECK(checked_steps(dir.path, recorded) == std::vector<std::int64_t>{2, 4, 6});
+  CHECK(captured.sink->count(spdlog::level::warn) == 0);
+  // The optimizer's state and the rest resume as a synchronous save would have them.
+  Run resumed(2);
+  {
+    auto restore = resumed.options(dir.path, captured.logger);
+    restore.save_on_exit = SaveOnExit::never;
+    CheckpointGuard guard(resumed.model, *resumed.optimizer, restore);
+    CHECK(guard.current_step() == 6);
+  }
+  CHECK(same_parameters(*run.model, *resumed.model));
+  torch::manual_seed(7);  // the same batch for both: the optimizer's state decides the step
+  run.train_step();
+  torch::manual_seed(7);
+  resumed.train_step();
+  CHECK(same_parameters(*run.model, *resumed.model));
+}
+
+TEST_CASE("overlapped staging: an optimizer step before the fence drops the copy, never tears it",
+          "[checkpoint][background]") {
+  TempDir dir;
+  CapturedLogger captured;
+  Run run(1);
+  auto options = run.options(dir.path, captured.logger);
+  options.background = true;
+  options.every_n_steps = 2;
+  options.keep_last = 100;
+  std::map<std::int64_t, torchguard::TensorMap> recorded;
+  {
+    CheckpointGuard guard(run.model, *run.optimizer, options);
+    for (int i = 0; i < 2; ++i) {  // fenced: step 2's copy is deferred
+      run.train_step([&] { guard.before_optimizer_step(); });
+      guard.step();
+      recorded[guard.current_step()] = state_now(*run.model);
+    }
+    for (int i = 0; i < 3; ++i) {  // the fence comes after the optimizer's step
+      run.train_step();
+      guard.before_optimizer_step();
+      guard.step();
+      recorded[guard.current_step()] = state_now(*run.model);
+    }
+  }
+  // Step 2's copy may have read parameters the optimizer was changing: dropped, and step 3
+  // saved in its place; from then on the copies are made in step().
+  CHECK(checked_steps(dir.path, recorded) == std::vector<std::int64_t>{3, 4, 5});
+  CHECK(captured.sink->count(spdlog::level::warn, "background save of step 2") == 1);
+  CHECK(captured.sink->contains(spdlog::level::warn, "dropped"));
+}
+
+TEST_CASE("overlapped staging: parameters changed in place before the fence are not saved torn",
+          "[checkpoint][background]") {
+  TempDir dir;
+  CapturedLogger captured;
+  Run run(1);
+  auto options = run.options(dir.path, captured.logger);
+  options.background = true;
+  options.every_n_steps = 1;
+  options.keep_last = 100;
+  options.save_on_exit = SaveOnExit::never;
+  std::map<std::int64_t, torchguard::TensorMap> recorded;
+  CheckpointGuard guard(run.model, *run.optimizer, options);
+  guard.before_optimizer_step();  // the loop marks the point: copies are deferred from now on
+  guard.step();
+  recorded[1] = state_now(*run.model);
+  {
+    torch::NoGradGuard no_grad;
+    run.model->parameters()[0].add_(1.0);  // not the optimizer, but an in-place change all the same
+  }
+  guard.close(Outcome::success);  // step 1's copy is dropped; the state at hand is saved
+  recorded.at(1) = state_now(*run.model);
+  CHECK(checked_steps(dir.path, recorded) == std::vector<std::int64_t>{1});
+  CHECK(captured.sink->contains(spdlog::level::warn, "dropped"));
 }
 
 // ---- crash safety: a writer SIGKILLed at many moments ------------------------------------

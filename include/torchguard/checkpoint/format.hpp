@@ -59,42 +59,6 @@ struct CheckpointTensors {
   TensorMap extra;
 };
 
-inline constexpr std::size_t staging_alignment = 64;
-inline std::size_t align_up(std::size_t value) {
-  return (value + staging_alignment - 1) / staging_alignment * staging_alignment;
-}
-
-// A host buffer reused from one background save to the next, so that copying the state out
-// of the training loop is a memcpy into memory already mapped, not fresh page faults.
-class HostStaging {
- public:
-  // Replaces every file's tensors by copies in the buffer (grown if needed), valid until the
-  // next call.
-  void stage(std::vector<TensorFile>& files) {
-    std::size_t total = 0;
-    for (const auto& file : files) {
-      for (const auto& item : file.tensors) total = align_up(total + item.tensor.nbytes());
-    }
-    if (!buffer_.defined() || static_cast<std::size_t>(buffer_.numel()) < total) {
-      buffer_ = torch::empty({static_cast<std::int64_t>(total)}, torch::kUInt8);
-    }
-    std::size_t offset = 0;
-    auto* base = static_cast<char*>(buffer_.data_ptr());
-    for (auto& file : files) {
-      for (auto& item : file.tensors) {
-        torch::Tensor copy = torch::from_blob(base + offset, item.tensor.sizes(),
-                                              torch::TensorOptions().dtype(item.tensor.dtype()));
-        copy.copy_(item.tensor.detach());
-        offset = align_up(offset + item.tensor.nbytes());
-        item.tensor = std::move(copy);
-      }
-    }
-  }
-
- private:
-  torch::Tensor buffer_;
-};
-
 // Serializes an archive through `sink(data, size)`. Torch must never see our I/O errors (its
 // stream writer would throw again from a destructor): the first one is kept and rethrown after.
 template <class Sink>

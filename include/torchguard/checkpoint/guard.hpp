@@ -2,7 +2,9 @@
 //
 //   torchguard::CheckpointGuard guard(model, optimizer, "checkpoints");   // restores, if any
 //   for (...; ...; ) {
-//     ... one training step ...
+//     ... forward, backward ...
+//     guard.before_optimizer_step();   // optional: lets a background save's copy overlap training
+//     optimizer.step();
 //     if (guard.step({{"loss", loss}}).stop) break;   // saves every N steps, or on a stop request
 //   }
 //   // leaving the scope saves (policy: always / on success / never)
@@ -13,7 +15,8 @@
 // name), format.hpp (the files), safetensors.hpp and state_dict.hpp (the format, and exchange
 // with PyTorch), commit.hpp (the crash-safe commit), retention.hpp (what stays), restore.hpp
 // (verify, quarantine), format_v1.hpp (the previous format, read only), state.hpp (what is saved
-// and loaded), writer.hpp (the background thread).
+// and loaded), staging.hpp (the host copy, overlapped with training), writer.hpp (the background
+// thread).
 #pragma once
 
 #include <algorithm>
@@ -91,6 +94,10 @@ struct CheckpointGuardState {
   nlohmann::json resumed_manifest;  // of the checkpoint restored on entry
   bool saved_this_step = false;     // set by save(), cleared by step(): the exit save may skip
   bool last_commit_failed = false;  // the newest save point's write did not commit
+  bool overlap = false;          // the loop calls before_optimizer_step(): copies may be deferred
+  bool overlap_refused = false;  // a deferred copy was found torn: never again in this run
+  bool resave = false;           // a background save was dropped: save the state at hand
+  std::int64_t staged_step = 0;  // the step of the last background snapshot
   std::atomic<bool> stop_flag{false};
   bool stop_logged = false;
   bool closed = false;
@@ -170,9 +177,11 @@ class CheckpointGuard {
     ++s_->step;
     s_->saved_this_step = false;
     set_metrics(metrics);
+    settle();  // a dropped background save is replaced now
     StepResult result;
     result.stop = stop_requested();
-    const bool due = s_->options.every_n_steps > 0 && s_->step % s_->options.every_n_steps == 0;
+    const bool due =
+        s_->resave || (s_->options.every_n_steps > 0 && s_->step % s_->options.every_n_steps == 0);
     // A stop saves once, at the first step that sees it: a loop that goes on does not save at
     // every step after it.
     if (due || (result.stop && !s_->stop_logged)) {
@@ -203,10 +212,22 @@ class CheckpointGuard {
     if (after_save) after_save();
   }
 
+  // The point where the parameters are about to change: call it just before optimizer.step().
+  // With `background`, it waits until a save's copy of the parameters and the optimizer's state
+  // is done: that copy then runs while the forward and backward after step() run, and this is
+  // the only wait of the training loop. A loop that never calls it (or steps the optimizer
+  // before it) is still saved whole: the copy is made in step(), or a copy that the optimizer
+  // overtook is dropped and the state saved again, with a warning. Cheap when nothing is due.
+  void before_optimizer_step() {
+    settle();
+    if (s_->background && !s_->overlap_refused) s_->overlap = true;
+  }
+
   // Waits for a background write in flight; rethrows its error.
   void wait() {
     if (!s_->background) return;
     try {
+      settle();
       s_->background->wait();
     } catch (...) {
       s_->last_commit_failed = true;
@@ -235,6 +256,8 @@ class CheckpointGuard {
             s_->resumed_from->string());
       } else if (save_now && !s_->saved_this_step) {
         save();
+      } else if (s_->resave && s_->writer) {  // a dropped background save, replaced
+        commit_or_queue();
       } else if (save_now && (error || s_->last_commit_failed) && s_->writer) {
         // The last save point's write failed: write the final state once more. No fence: the
         // other processes consider this step saved.
@@ -308,7 +331,9 @@ class CheckpointGuard {
     }
   }
 
-  std::unique_ptr<detail::Snapshot> take_snapshot(bool background) {
+  // `deferred`: a background snapshot's copies that may run later (staging.hpp).
+  std::unique_ptr<detail::Snapshot> take_snapshot(bool background,
+                                                  detail::DeferredCopies* deferred = nullptr) {
     auto& s = *s_;
     auto snapshot = std::make_unique<detail::Snapshot>();
     snapshot->sequence = ++s.sequence;
@@ -316,7 +341,9 @@ class CheckpointGuard {
     snapshot->epoch = s.epoch;
     snapshot->metrics = s.metrics;
     snapshot->metadata = s.metadata;
-    s.training.capture(*snapshot, background ? &s.staging : nullptr);
+    auto copies = s.training.capture(*snapshot, background ? &s.staging : nullptr,
+                                     deferred != nullptr && s.overlap);
+    if (deferred) *deferred = std::move(copies);
     return snapshot;
   }
 
@@ -347,8 +374,34 @@ class CheckpointGuard {
       return;
     }
     wait();  // at most one write in flight: the previous one ends before the next is copied
-    s_->background->submit(take_snapshot(true));
+    detail::DeferredCopies deferred;
+    auto snapshot = take_snapshot(true, &deferred);
+    s_->staged_step = snapshot->step;
+    s_->background->submit(std::move(snapshot), std::move(deferred));
     s_->last_commit_failed = false;  // until the writer reports otherwise
+    s_->resave = false;
+  }
+
+  // Decides a background snapshot whose copies were deferred, once they are done: written when
+  // none of their sources changed since capture, dropped when one did (the optimizer stepped
+  // before before_optimizer_step(): the copy may be torn). The state is then saved again at the
+  // next step() or close(), and copies are made in step() for the rest of the run.
+  void settle() {
+    auto& s = *s_;
+    if (!s.background) return;
+    const bool kept = s.background->settle(
+        [](const detail::DeferredCopies& copies) { return copies.unchanged(); });
+    if (kept) return;
+    s.overlap = false;
+    s.overlap_refused = true;
+    s.resave = true;
+    s.saved_this_step = false;
+    s.logger->warn(
+        "CheckpointGuard: the parameters changed while the background save of step {} was "
+        "copying them (optimizer.step() before guard.before_optimizer_step()?): that save is "
+        "dropped, the state is saved again at the next step() or close(), and background saves "
+        "copy in step() from now on",
+        s.staged_step);
   }
 
   void finish() noexcept {

@@ -10,6 +10,7 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -22,6 +23,7 @@
 #include "torchguard/checkpoint/optimizer_state.hpp"
 #include "torchguard/checkpoint/options.hpp"
 #include "torchguard/checkpoint/restore.hpp"
+#include "torchguard/checkpoint/staging.hpp"
 #include "torchguard/checkpoint/state_dict.hpp"
 #include "torchguard/core/error.hpp"
 
@@ -36,8 +38,9 @@ class TrainingState {
   // Fills the snapshot's tensor files, optimizer kind and settings (and the archive of an
   // optimizer that is not built in). With `staging`, the tensors are copied into its buffer and
   // the archive is serialized now (training may go on while another thread writes); without,
-  // they are written later from the tensors' own memory.
-  void capture(Snapshot& snapshot, HostStaging* staging) const {
+  // they are written later from the tensors' own memory. With `defer` too, the copies of what
+  // only the optimizer changes (parameters, the optimizer's tensors) are returned, not made.
+  DeferredCopies capture(Snapshot& snapshot, HostStaging* staging, bool defer = false) const {
     TensorFile model{model_file, module_state(*model_), {{"format", "pt"}}};
     TensorFile optimizer{optimizer_file, {}, {{"format", "pt"}}};
     TensorFile extra{extra_file, {}, {}};
@@ -66,13 +69,27 @@ class TrainingState {
       extra.tensors.push_back(
           {scheduler_step_key, torch::tensor(static_cast<std::int64_t>(count))});
     }
+    std::unordered_set<const c10::TensorImpl*> later;  // what only the optimizer changes
+    if (staging && defer) {
+      auto add = [&later](const torch::Tensor& tensor) {
+        later.insert(tensor.unsafeGetTensorImpl());
+      };
+      for (const auto& parameter : model_->parameters()) add(parameter);
+      for (const auto& [name, module] : options_->modules) {
+        for (const auto& parameter : module->parameters()) add(parameter);
+      }
+      for (const auto& item : optimizer.tensors) add(item.tensor);
+    }
     snapshot.files.push_back(std::move(model));
     if (!snapshot.optimizer_groups.is_null()) {  // a built-in optimizer
       snapshot.files.push_back(std::move(optimizer));
     }
     snapshot.files.push_back(std::move(extra));
+    DeferredCopies deferred;
     if (staging) {
-      staging->stage(snapshot.files);
+      deferred = staging->stage(snapshot.files, [&](const torch::Tensor& tensor) {
+        return later.count(tensor.unsafeGetTensorImpl()) > 0;
+      });
       if (snapshot.state) {
         snapshot.state_bytes = serialize_to_memory(*snapshot.state);
         snapshot.state.reset();
@@ -82,6 +99,7 @@ class TrainingState {
         for (auto& item : file.tensors) item.tensor = host_tensor(item.tensor);
       }
     }
+    return deferred;
   }
 
   // Loads a verified checkpoint. Everything is checked before anything changes: a checkpoint

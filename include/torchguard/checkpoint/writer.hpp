@@ -1,6 +1,8 @@
 // The background writer: one thread that writes snapshots while training goes on. At most one
 // snapshot is pending and one being written; a failed write is kept and rethrown by the next
-// wait() (the guard's next save, or close()).
+// wait() (the guard's next save, or close()). A snapshot with deferred copies (staging.hpp) is
+// copied here first, then held until the training thread decides, through settle(), whether
+// the copy is the captured state (written) or may be torn (dropped).
 #pragma once
 
 #include <condition_variable>
@@ -12,6 +14,7 @@
 #include <utility>
 
 #include "torchguard/checkpoint/commit.hpp"
+#include "torchguard/checkpoint/staging.hpp"
 
 namespace torchguard {
 namespace detail {
@@ -26,28 +29,47 @@ class BackgroundWriter {
   BackgroundWriter& operator=(const BackgroundWriter&) = delete;
 
   // Waits until nothing is pending or being written; rethrows (once) the error of a failed
-  // write.
+  // write. A snapshot with deferred copies must be settled first.
   void wait() {
     std::unique_lock<std::mutex> lock(mutex_);
     idle_.wait(lock, [&] { return !pending_ && !writing_; });
     if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
   }
 
-  // Hands a snapshot to the writer thread. Call wait() first: one write in flight at most.
-  void submit(std::unique_ptr<Snapshot> snapshot) {
+  // Hands a snapshot to the writer thread, with the copies its staging deferred. Call wait()
+  // first: one write in flight at most.
+  void submit(std::unique_ptr<Snapshot> snapshot, DeferredCopies deferred = {}) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       pending_ = std::move(snapshot);
+      deferred_ = std::move(deferred);
+      unsettled_ = !deferred_.empty();
+      keep_ = false;
     }
     wake_.notify_one();
   }
 
+  // For a snapshot with deferred copies: waits until they are done, then writes the snapshot if
+  // `keep(copies)` says so, or drops it. Returns what `keep` said; true when nothing was
+  // waiting to be settled.
+  bool settle(const std::function<bool(const DeferredCopies&)>& keep) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (!unsettled_) return true;
+    idle_.wait(lock, [&] { return copied_; });
+    keep_ = keep(deferred_);
+    unsettled_ = false;
+    wake_.notify_all();
+    return keep_;
+  }
+
   // Writes what is pending, then ends the thread. Idempotent.
+  // A snapshot never settled is dropped: it may be torn.
   void stop() noexcept {
     if (!thread_.joinable()) return;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stopping_ = true;
+      unsettled_ = false;
     }
     wake_.notify_all();
     thread_.join();
@@ -61,10 +83,25 @@ class BackgroundWriter {
       if (!pending_) return;  // stopping, nothing left
       std::unique_ptr<Snapshot> snapshot = std::move(pending_);
       writing_ = true;
-      lock.unlock();
       std::exception_ptr error;
+      if (!deferred_.empty()) {
+        lock.unlock();
+        try {
+          deferred_.run();
+        } catch (...) {
+          error = std::current_exception();
+        }
+        lock.lock();
+        copied_ = true;
+        idle_.notify_all();
+        wake_.wait(lock, [&] { return !unsettled_; });
+        copied_ = false;
+        if (!keep_) snapshot.reset();  // dropped, or stopping before it was settled
+      }
+      deferred_ = DeferredCopies();
+      lock.unlock();
       try {
-        write_(*snapshot);
+        if (snapshot && !error) write_(*snapshot);
       } catch (...) {
         error = std::current_exception();
       }
@@ -81,6 +118,10 @@ class BackgroundWriter {
   std::condition_variable wake_;
   std::condition_variable idle_;
   std::unique_ptr<Snapshot> pending_;
+  DeferredCopies deferred_;  // the pending or current snapshot's
+  bool unsettled_ = false;   // its copies wait for settle()
+  bool copied_ = false;      // ... and are done
+  bool keep_ = false;        // settle()'s verdict
   bool writing_ = false;
   bool stopping_ = false;
   std::exception_ptr error_;
