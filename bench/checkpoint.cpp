@@ -5,21 +5,32 @@
 //         deleted, as checkpoint rotation does (the disk's bound)
 //   load: CheckpointGuard (verifies every checksum) vs torch::load
 //   stall: how long step() blocks the training loop with the background writer vs a sync save
+//   loop: a training loop (forward, backward, SGD step) that checkpoints every N steps, N such
+//         that synchronous saves cost about 20%, against the same loop without checkpoints:
+//         background saves copied in step() or overlapped with training (the fence before the
+//         optimizer's step), the time the loop is blocked per save, and the CPU each save costs
+//         (copy, hashing and write measured apart)
+//   memory: the peak extra resident memory of a save, a restore and background saves, in a
+//         child process each, for two state sizes
 //   state_dict: save_state_dict / load_state_dict of the model (a safetensors file) vs Python's
 //         safetensors.torch.save_file (+ fsync) / load_file copied into a model's tensors
 //         (what model.load_state_dict(load_file(...)) does) of the same file, where a Python
 //         with safetensors is found ($TORCHGUARD_PYTHON, or scripts/setup.sh --torch2's venv)
 // Medians of several rounds; ratios are computed from figures measured in this run.
 //   bench_checkpoint [directory]   (default: a new directory under /tmp)
+//   bench_checkpoint --memory <layers> <directory>   (the memory figure alone, in this process)
 #include <fcntl.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <string>
@@ -27,6 +38,7 @@
 
 #include <torch/torch.h>
 #include <torchguard/checkpoint_guard.hpp>
+#include <torchguard/detail/files.hpp>
 #include <torchguard/safetensors.hpp>
 
 namespace fs = std::filesystem;
@@ -124,9 +136,217 @@ std::pair<double, double> python_safetensors(const std::string& python, const fs
   return {save, load};
 }
 
+// The process's user + system CPU time, in seconds.
+double cpu_seconds() {
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  auto seconds = [](const timeval& t) { return static_cast<double>(t.tv_sec) + t.tv_usec * 1e-6; };
+  return seconds(usage.ru_utime) + seconds(usage.ru_stime);
+}
+
+// A resident-memory figure of /proc/self/status ("VmRSS:", "VmHWM:"), in bytes.
+double status_bytes(const char* key) {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind(key, 0) == 0) return std::stod(line.substr(std::strlen(key))) * 1024.0;
+  }
+  return 0;
+}
+
+using Model = torch::nn::Sequential;
+
+Model make_model(int layers) {
+  torch::manual_seed(0);
+  Model model;
+  for (int i = 0; i < layers; ++i) model->push_back(torch::nn::Linear(4096, 4096));
+  return model;
+}
+
+// One training step of the benchmark's loop; `fence` runs before the optimizer steps.
+void train_step(Model& model, torch::optim::Optimizer& optimizer, const torch::Tensor& batch,
+                const std::function<void()>& fence = {}) {
+  optimizer.zero_grad();
+  torch::mse_loss(model->forward(batch), batch).backward();
+  if (fence) fence();
+  optimizer.step();
+}
+
+// The peak extra resident memory of a synchronous save, a restore and overlapped background
+// saves, over the process's memory once the state exists and over a training step's own peak;
+// printed as a multiple of the state.
+int memory_figure(int layers, const fs::path& directory) {
+  auto model = make_model(layers);
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(1e-3).momentum(0.9));
+  const auto batch = torch::randn({8, 4096});
+  train_step(model, optimizer, batch);  // the momentum buffers exist
+  torchguard::CheckpointOptions options;
+  options.directory = directory;
+  options.keep_last = 1;
+  options.save_on_exit = torchguard::SaveOnExit::never;
+  std::int64_t state_bytes = 0;
+  for (const auto& p : model->parameters()) state_bytes += 2 * p.numel() * p.element_size();
+  // Training's own transient peak (gradients, temporaries) is not the checkpoints' doing.
+  const double base = status_bytes("VmRSS:");
+  std::ofstream("/proc/self/clear_refs") << "5";  // the peak starts again from here
+  train_step(model, optimizer, batch);
+  const double training_peak = status_bytes("VmHWM:") - base;
+  std::ofstream("/proc/self/clear_refs") << "5";
+  {
+    torchguard::CheckpointGuard guard(model, optimizer, options);
+    guard.save();
+  }
+  {
+    torchguard::CheckpointOptions restore = options;
+    restore.is_writer = [] { return false; };
+    torchguard::CheckpointGuard guard(model, optimizer, restore);
+  }
+  {
+    torchguard::CheckpointOptions background = options;
+    background.background = true;
+    background.every_n_steps = 1;
+    torchguard::CheckpointGuard guard(model, optimizer, background);
+    for (int i = 0; i < 3; ++i) {
+      train_step(model, optimizer, batch, [&] { guard.before_optimizer_step(); });
+      guard.step();
+    }
+  }
+  const double extra = status_bytes("VmHWM:") - base - training_peak;
+  const double mib = 1024.0 * 1024.0;
+  std::printf(
+      "memory  state %4.0f MiB: peak extra resident %4.0f MiB = %.2fx the state (save, restore, "
+      "overlapped background saves; target <= 1.10)\n",
+      static_cast<double>(state_bytes) / mib, extra / mib,
+      extra / static_cast<double>(state_bytes));
+  return 0;
+}
+
+struct LoopFigures {
+  double seconds = 0;  // the loop's wall time (median)
+  double blocked = 0;  // in the guard's step() and fence, per save (median)
+  double cpu = 0;      // the process's CPU time (median)
+};
+
+// The training loop, checkpointing every N steps (N: synchronous saves cost about 20%), against
+// the same loop without checkpoints; `guard_save` is a synchronous save's time.
+void training_loop_figures(Model& model, torch::optim::Optimizer& optimizer,
+                           const torchguard::CheckpointOptions& options, const fs::path& base,
+                           double guard_save, const std::string& bytes) {
+  const double mib = static_cast<double>(bytes.size()) / (1024.0 * 1024.0);
+  const auto batch = torch::randn({8, 4096});
+  std::vector<double> step_times;
+  for (int i = 0; i < 7; ++i) {
+    step_times.push_back(seconds_of([&] { train_step(model, optimizer, batch); }));
+  }
+  const double step_time = median(step_times);
+  const int every = std::max(1, static_cast<int>(std::lround(4 * guard_save / step_time)));
+  const int loop_rounds = 3;
+  // Contenders: no checkpoints; synchronous saves; background saves copied in step(); background
+  // saves overlapped with training. A round is 2N steps with a save at N/2 and 3N/2, so that the
+  // last write ends inside the round.
+  enum Mode { none, synchronous, in_step, overlapped };
+  const char* mode_names[] = {"no checkpoints", "synchronous saves", "background, copy in step()",
+                              "background, overlapped"};
+  std::vector<std::unique_ptr<torchguard::CheckpointGuard>> loop_guards;
+  for (int mode = 0; mode < 4; ++mode) {
+    if (mode == none) {
+      loop_guards.emplace_back();
+      continue;
+    }
+    torchguard::CheckpointOptions loop_options = options;
+    loop_options.directory = base / ("loop-" + std::to_string(mode));
+    loop_options.every_n_steps = every;
+    loop_options.background = mode != synchronous;
+    loop_guards.push_back(
+        std::make_unique<torchguard::CheckpointGuard>(model, optimizer, loop_options));
+    loop_guards.back()->set_step(every / 2);
+  }
+  std::vector<std::vector<double>> loop_seconds(4), loop_blocked(4), loop_cpu(4);
+  for (int round = 0; round < loop_rounds; ++round) {
+    for (int mode = 0; mode < 4; ++mode) {
+      auto* guard = loop_guards[static_cast<std::size_t>(mode)].get();
+      ::sync();
+      double blocked = 0;
+      auto timed = [&](const std::function<void()>& fn) { blocked += seconds_of(fn); };
+      const double cpu_before = cpu_seconds();
+      const double seconds = seconds_of([&] {
+        for (int i = 0; i < 2 * every; ++i) {
+          if (mode == overlapped) {
+            train_step(model, optimizer, batch,
+                       [&] { timed([&] { guard->before_optimizer_step(); }); });
+          } else {
+            train_step(model, optimizer, batch);
+          }
+          if (guard) timed([&] { guard->step(); });
+        }
+      });
+      if (guard) guard->wait();  // untimed: the last write ended inside the round anyway
+      loop_cpu[static_cast<std::size_t>(mode)].push_back(cpu_seconds() - cpu_before);
+      loop_seconds[static_cast<std::size_t>(mode)].push_back(seconds);
+      loop_blocked[static_cast<std::size_t>(mode)].push_back(blocked / 2);
+    }
+  }
+  loop_guards.clear();
+  std::vector<LoopFigures> loops;
+  for (int mode = 0; mode < 4; ++mode) {
+    const auto m = static_cast<std::size_t>(mode);
+    loops.push_back({median(loop_seconds[m]), median(loop_blocked[m]), median(loop_cpu[m])});
+  }
+  // The writer's work per save, measured apart: the copy (memcpy into a reused buffer), the
+  // hashing (XXH3) and the write (its CPU time; the fsync's wait is not CPU).
+  std::vector<char> staging_copy(bytes.size(), 1);
+  const double copy_cpu =
+      median({seconds_of([&] { std::memcpy(staging_copy.data(), bytes.data(), bytes.size()); }),
+              seconds_of([&] { std::memcpy(staging_copy.data(), bytes.data(), bytes.size()); }),
+              seconds_of([&] { std::memcpy(staging_copy.data(), bytes.data(), bytes.size()); })});
+  volatile std::uint64_t digest = 0;
+  auto hash = [&] { digest = digest + torchguard::detail::checksum_of(bytes); };
+  const double hash_cpu = median({seconds_of(hash), seconds_of(hash), seconds_of(hash)});
+  std::vector<double> write_cpus;
+  for (int i = 0; i < 3; ++i) {
+    const double before = cpu_seconds();
+    raw_write_fsync(base / "cpu.bin", bytes);
+    write_cpus.push_back(cpu_seconds() - before);
+    fs::remove(base / "cpu.bin");
+  }
+  const double write_cpu = median(write_cpus);
+  std::printf(
+      "loop  step %.3f s; a save every %d steps (a synchronous save = %.2f steps); %d steps "
+      "per round, median of %d rounds\n",
+      step_time, every, guard_save / step_time, 2 * every, loop_rounds);
+  for (int mode = 0; mode < 4; ++mode) {
+    const auto& loop = loops[static_cast<std::size_t>(mode)];
+    std::printf("loop  %-28s %6.2f steps/s", mode_names[mode], 2 * every / loop.seconds);
+    if (mode != none) {
+      std::printf("  blocked %.3f s per save  CPU +%.2f s per save", loop.blocked,
+                  (loop.cpu - loops[none].cpu) / 2);
+    }
+    std::printf("\n");
+  }
+  std::printf(
+      "loop  the writer's work per save, measured apart: copy %.3f s, hashing %.3f s, "
+      "write %.3f s of CPU (%.0f MiB)\n",
+      copy_cpu, hash_cpu, write_cpu, mib);
+  std::printf("ratio overlapped stall / synchronous save:              %.3f (target <= 0.05)\n",
+              loops[overlapped].blocked / guard_save);
+  std::printf("ratio loop throughput synchronous saves / none:         %.3f\n",
+              loops[none].seconds / loops[synchronous].seconds);
+  std::printf("ratio loop throughput background, copy in step() / none: %.3f\n",
+              loops[none].seconds / loops[in_step].seconds);
+  std::printf("ratio loop throughput overlapped / none:                %.3f (target >= 0.97)\n",
+              loops[none].seconds / loops[overlapped].seconds);
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 4 && std::string(argv[1]) == "--memory") {
+    torchguard::set_default_logger(std::make_shared<spdlog::logger>("quiet"));
+    return memory_figure(std::stoi(argv[2]), argv[3]);
+  }
+  const bool loop_only = argc > 1 && std::string(argv[1]) == "--loop";
+  if (loop_only) --argc, ++argv;
   std::string base_text = argc > 1 ? argv[1] : "/tmp/torchguard-bench-XXXXXX";
   if (argc <= 1 && ::mkdtemp(base_text.data()) == nullptr) return 1;
   const fs::path base = base_text;
@@ -158,6 +378,16 @@ int main(int argc, char** argv) {
   const fs::path torch_optimizer = base / "optimizer.pt";
   const std::string bytes(checkpoint_bytes, '\x5a');
   int raw_round = 0;
+  if (loop_only) {  // the loop's figures alone: a synchronous save timed here
+    std::vector<double> sync_saves;
+    for (int i = 0; i < 3; ++i) {
+      ::sync();
+      sync_saves.push_back(seconds_of([&] { guard.save(); }));
+    }
+    training_loop_figures(model, optimizer, options, base, median(sync_saves), bytes);
+    if (argc <= 1) fs::remove_all(base);
+    return 0;
+  }
 
   // Saves: CheckpointGuard (synchronous); torch::save of the same state (the model and the
   // optimizer, two files, no fsync); a raw write + fsync of as many bytes: what the disk allows.
@@ -227,6 +457,18 @@ int main(int argc, char** argv) {
               guard_load / torch_load);
   std::printf("ratio background stall / synchronous save:              %.2f (target <= 0.10)\n",
               background_stall / guard_save);
+  std::fflush(stdout);
+
+  training_loop_figures(model, optimizer, options, base, guard_save, bytes);
+
+  // Peak memory, in a fresh process per state size (one 4096x4096 layer: 128 MiB with momentum).
+  for (int layers : {1, 3}) {
+    const fs::path memory_dir = base / ("memory-" + std::to_string(layers));
+    const std::string command = fs::read_symlink("/proc/self/exe").string() + " --memory " +
+                                std::to_string(layers) + " '" + memory_dir.string() + "'";
+    if (std::system(command.c_str()) != 0)
+      std::printf("memory  the child for %d layers failed\n", layers);
+  }
 
   // state_dict exchange: the model alone, as a safetensors file.
   const fs::path state_file = base / "model.safetensors";
