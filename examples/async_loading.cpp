@@ -68,7 +68,8 @@ int run() {
     std::printf("gather failed as expected: %s\n", error.what());
   }
   for (auto& result : torchguard::gather_settled(paths, load, options)) {
-    // cancelled(): stopped by options.cancellation, not the file's fault (none here).
+    // cancelled(): the item's task threw Cancelled itself, not the file's fault (none here);
+    // a cancel of options.cancellation throws Cancelled from gather_settled instead.
     std::printf("  item %zu: %s\n", result.index,
                 result.ok() ? "loaded" : (result.cancelled() ? "cancelled" : "failed"));
   }

@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <filesystem>
+#include <functional>
 #include <future>
 #include <iostream>
 #include <mutex>
@@ -73,6 +75,33 @@ struct ConcurrencyMeter {
     }
   }
   void leave() { --running; }
+};
+
+// Holds a model call (the model thread) until opened: requests submitted meanwhile queue.
+class Gate {
+ public:
+  void pass() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    entered_ = true;
+    cv_.notify_all();
+    cv_.wait(lock, [this] { return open_; });
+  }
+  void open() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  // Waits until a call is held here (30 s at most, then fails the test).
+  void wait_entered() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    REQUIRE(cv_.wait_for(lock, 30s, [this] { return entered_; }));
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool entered_ = false;
+  bool open_ = false;
 };
 
 std::string message_of(const std::exception_ptr& error) {
@@ -609,6 +638,7 @@ TEST_CASE("Prefetcher yields every item in order, at most depth ahead", "[async]
   std::atomic<long> most_ahead{0};
   PrefetchOptions options;
   options.depth = 3;
+  options.max_depth = 3;  // a fixed window
   Prefetcher<int> items(
       50,
       [&](std::size_t index) {
@@ -769,6 +799,44 @@ TEST_CASE("Prefetcher::cancel() from another thread ends a consumer blocked in n
   CHECK_FALSE(items.next().has_value());  // and stays ended
 }
 
+TEST_CASE("Prefetcher's window grows to max_depth while a slow item holds the consumer up",
+          "[async][prefetcher]") {
+  // Item 0 is slow; the others load at once. With depth 2, items 0 and 1 fill the window and the
+  // consumer waits on item 0 while a loader waits for room: the window grows by one item per
+  // waiting loader (one here) to max_depth 4, so items 2 and 3 load during item 0's load, and
+  // item 4 does not.
+  std::atomic<long> most_started{0};
+  std::atomic<long> most_started_while_held{-1};
+  PrefetchOptions options;
+  options.depth = 2;
+  options.workers = 2;
+  options.max_depth = 4;
+  Prefetcher<int> items(
+      10,
+      [&](std::size_t index) {
+        const long mine = static_cast<long>(index);
+        long seen = most_started.load();
+        while (mine > seen && !most_started.compare_exchange_weak(seen, mine)) {
+        }
+        if (index == 0) {
+          // Held until item 3 has started (10 s at most: without growth it never does), and a
+          // little longer, which would let item 4 start if the window went past max_depth.
+          const auto until = std::chrono::steady_clock::now() + 10s;
+          while (most_started.load() < 3 && std::chrono::steady_clock::now() < until) {
+            std::this_thread::sleep_for(1ms);
+          }
+          std::this_thread::sleep_for(50ms);
+          most_started_while_held = most_started.load();
+        }
+        return static_cast<int>(index);
+      },
+      options);
+  int expected = 0;
+  while (auto item = items.next()) CHECK(*item == expected++);
+  CHECK(expected == 10);
+  CHECK(most_started_while_held == 3);
+}
+
 TEST_CASE("Prefetcher checks its options", "[async][prefetcher]") {
   auto load = [](std::size_t index) { return torch::zeros({1}) + static_cast<double>(index); };
   PrefetchOptions options;
@@ -778,6 +846,10 @@ TEST_CASE("Prefetcher checks its options", "[async][prefetcher]") {
   options.workers = 3;
   CHECK_THROWS_WITH(Prefetcher<torch::Tensor>(3, load, options), Contains("must not exceed depth"));
   options.workers = 0;
+  options.max_depth = 1;
+  CHECK_THROWS_WITH(Prefetcher<torch::Tensor>(3, load, options),
+                    Contains("max_depth (1) must not be below depth (2)"));
+  options.max_depth = 0;
   options.device = torch::Device(torch::kCPU);
   CHECK_THROWS_WITH(Prefetcher<torch::Tensor>(3, load, options), Contains("CUDA device"));
   options.device = torch::Device(torch::kCUDA);
@@ -993,6 +1065,52 @@ TEST_CASE("BatchedInference::close() racing submit(): each request is answered o
   CHECK(server.stats().requests == answered);
 }
 
+TEST_CASE("a request that finds BatchedInference idle runs at once whatever max_delay",
+          "[async][batched]") {
+  BatchedInferenceOptions options;
+  options.max_batch = 32;
+  options.max_delay = std::chrono::seconds(10);  // an upper bound: a lone request never waits it
+  BatchedInference server([](const torch::Tensor& batch) { return batch + 1; }, options);
+  for (int i = 0; i < 3; ++i) {  // the first request, and each after the previous answer
+    auto answer = server.submit(torch::full({2}, double(i)));
+    REQUIRE(answer.wait_for(5s) == std::future_status::ready);
+    CHECK(answer.get()[0].item<float>() == float(i + 1));
+  }
+  server.close();  // the stats of the last batch are in
+  CHECK(server.stats().batches == 3);
+  CHECK(server.stats().largest_batch == 1);
+}
+
+TEST_CASE("requests that arrive while a batch runs make the next batch at once",
+          "[async][batched]") {
+  BatchedInferenceOptions options;
+  options.max_batch = 3;
+  options.max_delay = std::chrono::seconds(10);
+  Gate gate;  // holds the first batch in the model
+  BatchedInference server(
+      [&](const torch::Tensor& batch) {
+        gate.pass();
+        return batch * 2;
+      },
+      options);
+  auto first = server.submit(torch::full({1}, 0.0));
+  gate.wait_entered();  // the first request runs alone: it found the model thread idle
+  std::vector<std::future<torch::Tensor>> queued;
+  for (int i = 1; i <= 4; ++i) queued.push_back(server.submit(torch::full({1}, double(i))));
+  gate.open();
+  CHECK(first.get()[0].item<float>() == 0.0F);
+  for (int i = 1; i <= 4; ++i) {
+    auto& answer = queued[static_cast<std::size_t>(i - 1)];
+    REQUIRE(answer.wait_for(5s) == std::future_status::ready);  // not max_delay later
+    CHECK(answer.get()[0].item<float>() == float(2 * i));
+  }
+  server.close();
+  const auto stats = server.stats();
+  CHECK(stats.batches == 3);  // {0}, then {1, 2, 3} (max_batch), then {4}
+  CHECK(stats.largest_batch == 3);
+  CHECK(stats.requests == 5);
+}
+
 TEST_CASE("BatchedInference checks its arguments", "[async][batched]") {
   auto identity = [](const torch::Tensor& x) { return x; };
   CHECK_THROWS_WITH(BatchedInference(identity, 0, std::chrono::milliseconds(1)),
@@ -1153,22 +1271,31 @@ TEST_CASE("a BatchedInference whose token is cancelled answers queued requests w
   CancellationSource source;
   BatchedInferenceOptions options;
   options.max_batch = 64;
-  options.max_delay = std::chrono::seconds(30);  // the batch never fills: requests stay queued
   options.cancellation = source.token();
-  BatchedInference server([](const torch::Tensor& batch) { return batch * 2; }, options);
+  Gate gate;  // holds the first batch in the model: the requests after it stay queued
+  BatchedInference server(
+      [&](const torch::Tensor& batch) {
+        gate.pass();
+        return batch * 2;
+      },
+      options);
+  auto running = server.submit(torch::ones({2}));
+  gate.wait_entered();
   std::vector<std::future<torch::Tensor>> futures;
   for (int i = 0; i < 5; ++i) futures.push_back(server.submit(torch::ones({2})));
   CHECK(futures[0].wait_for(30ms) == std::future_status::timeout);
   source.cancel();
+  gate.open();
+  CHECK(running.get()[0].item<float>() == 2.0F);  // the running batch finishes
   for (auto& future : futures) {
     REQUIRE(future.wait_for(10s) == std::future_status::ready);
     CHECK_THROWS_AS(future.get(), Cancelled);
   }
   CHECK_THROWS_AS(server.submit(torch::ones({2})), Cancelled);
   server.close();
-  CHECK(server.stats().requests == 5);
+  CHECK(server.stats().requests == 6);
   CHECK(server.stats().failed == 5);
-  CHECK(server.stats().batches == 0);
+  CHECK(server.stats().batches == 1);
 }
 
 TEST_CASE("Prefetcher and BatchedInference move while their threads run, and close once",
@@ -1221,20 +1348,25 @@ TEST_CASE("is_cancellation recognises Cancelled only", "[async][cancel]") {
 }
 
 TEST_CASE("gather_settled tells cancelled items from failed ones", "[async][gather][cancel]") {
-  CancellationSource source;
+  // A stop the tasks watch themselves (not the gather's own token, which would make
+  // gather_settled throw): each item answers it with Cancelled, its own outcome.
+  CancellationSource stop;
   GatherOptions options;
   options.max_in_flight = 8;
-  options.cancellation = source.token();
-  // Items 0 and 1 succeed and item 2 fails at once; the others wait for their tokens, so the
-  // cancel comes once the first three are done and before any other is.
+  // Items 0 and 1 succeed and item 2 fails at once; the others wait for the stop, so it comes
+  // once the first three are done and before any other is.
   options.on_progress = [&](const GatherProgress& progress) {
-    if (progress.done >= 3) source.cancel();
+    if (progress.done >= 3) stop.cancel();
   };
+  const auto stop_token = stop.token();
   auto results = gather_settled(
       iota(8),
-      [](int i, const CancellationToken& token) {
+      [&stop_token](int i) {
         if (i == 2) throw std::runtime_error("bad file");
-        if (i > 2) token.wait_for(30s);
+        if (i > 2) {
+          stop_token.wait_for(30s);
+          stop_token.throw_if_cancelled();
+        }
         return i;
       },
       options);
@@ -1292,11 +1424,12 @@ TEST_CASE("a gather whose token is already cancelled runs nothing", "[async][gat
   };
   CHECK_THROWS_AS(gather(iota(5), task, options), Cancelled);
   CHECK_THROWS_WITH(gather(iota(5), task, options), Contains("0 of 5 items done"));
-  auto results = gather_settled(iota(5), task, options);
-  REQUIRE(results.size() == 5);
-  for (std::size_t i = 0; i < results.size(); ++i) {
-    CHECK(results[i].index == i);
-    CHECK(results[i].cancelled());
+  // gather_settled too: the gather itself is cancelled, so it throws rather than returning.
+  try {
+    gather_settled(iota(5), task, options);
+    FAIL("gather_settled did not throw");
+  } catch (const Cancelled& error) {
+    CHECK(std::string(error.what()) == "gather cancelled before it started (0 of 5 items done)");
   }
   CHECK(ran == 0);
 }
@@ -1353,18 +1486,121 @@ TEST_CASE("a gather's timeout that passes after every item is done leaves the re
   CHECK(torchguard::values(std::move(results)) == std::vector<int>{0, 1, 2});
 }
 
+// A result whose task has returned, held before the gather records it: `after_return` runs in
+// the destructor of the object the worker moved the result out of, so between the task's return
+// and the worker taking the pool's lock (the moment a cancel or a timeout can race the result).
+struct Landing {
+  int value = 0;
+  std::function<void()> after_return;
+  bool moved_from = false;
+
+  Landing(int value, std::function<void()> after_return)
+      : value(value), after_return(std::move(after_return)) {}
+  Landing(Landing&& other) noexcept : value(other.value) { other.moved_from = true; }
+  Landing& operator=(Landing&& other) noexcept {
+    value = other.value;
+    other.moved_from = true;
+    return *this;
+  }
+  ~Landing() {
+    if (moved_from && after_return) after_return();
+  }
+};
+
+TEST_CASE("a cancel that comes once an item's task has returned leaves its result",
+          "[async][gather][cancel]") {
+  // The item's token is cancelled when the gather fails the item: without the rule, the wait ends
+  // early and the result is dropped ("gather cancelled with 0 of 1 items done").
+  CancellationSource source;
+  GatherOptions options;
+  options.cancellation = source.token();
+  auto task = [&](int i, const CancellationToken& token) {
+    return Landing(i + 7, [&source, token] {
+      source.cancel();
+      token.wait_for(300ms);
+    });
+  };
+  auto results = gather(iota(1), task, options);
+  CHECK(source.cancelled());
+  REQUIRE(results.size() == 1);
+  CHECK(results[0].value.value == 7);
+
+  // Settled, one item: its task returned before the cancel, so every item is done and the
+  // results stand.
+  CancellationSource single_source;
+  options.cancellation = single_source.token();
+  auto single = gather_settled(
+      iota(1),
+      [&](int i, const CancellationToken& token) {
+        return Landing(i + 5, [&single_source, token] {
+          single_source.cancel();
+          token.wait_for(300ms);
+        });
+      },
+      options);
+  CHECK(single_source.cancelled());
+  REQUIRE(single.size() == 1);
+  CHECK(single[0].ok());
+  CHECK(single[0].get().value == 5);
+
+  // Settled, two items, one unfinished: the gather is cancelled and throws; the returned item
+  // counts as done.
+  CancellationSource settled_source;
+  options.cancellation = settled_source.token();
+  options.max_in_flight = 2;
+  CHECK_THROWS_MATCHES(gather_settled(
+                           iota(2),
+                           [&](int i, const CancellationToken& token) {
+                             if (i == 1) {
+                               token.wait_for(30s);
+                               return Landing(i, {});
+                             }
+                             return Landing(i, [&settled_source, token] {
+                               settled_source.cancel();
+                               token.wait_for(300ms);
+                             });
+                           },
+                           options),
+                       Cancelled,
+                       Catch::Matchers::Message("gather cancelled with 1 of 2 items done"));
+}
+
+TEST_CASE("a gather timeout that passes once every task has returned leaves the results",
+          "[async][gather][cancel]") {
+  GatherOptions options;
+  options.timeout = 50ms;
+  // The result is held past the gather's deadline, before the gather has recorded it.
+  auto results = gather(
+      iota(1),
+      [](int i, const CancellationToken& token) {
+        return Landing(i + 3, [token] { token.wait_for(300ms); });
+      },
+      options);
+  REQUIRE(results.size() == 1);
+  CHECK(results[0].value.value == 3);
+}
+
 TEST_CASE("gather over futures throws Cancelled for cancelled answers, not TaskError",
           "[async][gather][cancel]") {
   SECTION("BatchedInference's answers to a cancel") {
     CancellationSource source;
     BatchedInferenceOptions options;
     options.max_batch = 64;
-    options.max_delay = std::chrono::seconds(30);  // the batch never fills: requests stay queued
     options.cancellation = source.token();
-    BatchedInference server([](const torch::Tensor& batch) { return batch * 2; }, options);
+    Gate gate;  // holds the first batch in the model: the requests after it stay queued
+    BatchedInference server(
+        [&](const torch::Tensor& batch) {
+          gate.pass();
+          return batch * 2;
+        },
+        options);
+    auto running = server.submit(torch::ones({2}));
+    gate.wait_entered();
     std::vector<std::future<torch::Tensor>> futures;
     for (int i = 0; i < 5; ++i) futures.push_back(server.submit(torch::ones({2})));
     source.cancel();
+    gate.open();
+    running.get();
     try {
       gather(std::move(futures));
       FAIL("gather did not throw");
@@ -1468,6 +1704,77 @@ TEST_CASE("a task's Cancelled once the gather's own token is cancelled is a canc
                       },
                       options),
                   Cancelled);
+}
+
+TEST_CASE("gather_settled throws Cancelled when its own token fires mid-gather",
+          "[async][gather][cancel]") {
+  CancellationSource source;
+  std::atomic<int> started{0};
+  std::atomic<int> running{0};
+  std::atomic<int> ended{0};
+  GatherOptions options;
+  options.max_in_flight = 2;
+  options.cancellation = source.token();
+  // Items 0 and 1 return at once; the others wait for their tokens, so the cancel comes with
+  // exactly two items done.
+  options.on_progress = [&](const GatherProgress& progress) {
+    if (progress.done >= 2) source.cancel();
+  };
+  try {
+    gather_settled(
+        iota(6),
+        [&](int i, const CancellationToken& token) {
+          ++started;
+          ++running;
+          if (i >= 2) token.wait_for(30s);
+          --running;
+          ++ended;
+          return i;
+        },
+        options);
+    FAIL("gather_settled returned results after its own token was cancelled");
+  } catch (const Cancelled& error) {
+    CHECK(std::string(error.what()) == "gather cancelled with 2 of 6 items done");
+    // Every task that started has ended before the throw: no work is left behind.
+    CHECK(running == 0);
+    CHECK(ended == started.load());
+    CHECK(started < 6);  // items not started by the cancel never start
+  }
+}
+
+TEST_CASE("gather_settled keeps an item's own Cancelled or TaskError or timeout in its results",
+          "[async][gather][cancel]") {
+  // The gather's own token is watched but never cancelled: each item's failure or cancellation
+  // is that item's outcome, and gather_settled returns normally.
+  CancellationSource source;
+  GatherOptions options;
+  options.max_in_flight = 2;
+  options.cancellation = source.token();
+  options.item_timeout = 100ms;
+  std::vector<torchguard::Settled<int>> results;
+  REQUIRE_NOTHROW(results = gather_settled(
+                      iota(5),
+                      [](int i, const CancellationToken& token) {
+                        if (i == 1) throw Cancelled("the item's own stop");
+                        if (i == 2) {  // a nested gather that fails: TaskError
+                          gather(iota(1), [](int) -> int { throw std::runtime_error("inner"); });
+                        }
+                        if (i == 3) token.wait_for(30s);  // past item_timeout
+                        return i;
+                      },
+                      options));
+  CHECK_FALSE(source.cancelled());
+  REQUIRE(results.size() == 5);
+  CHECK(results[0].ok());
+  CHECK(results[4].ok());
+  CHECK(results[1].cancelled());
+  CHECK(message_of(results[1].error) == "the item's own stop");
+  CHECK_FALSE(results[2].ok());
+  CHECK_FALSE(results[2].cancelled());
+  CHECK_THROWS_AS(results[2].get(), TaskError);
+  CHECK_FALSE(results[3].ok());
+  CHECK_FALSE(results[3].cancelled());
+  CHECK_THROWS_AS(results[3].get(), TimeoutError);
 }
 
 TEST_CASE("a failure recorded before an outside cancel is acted on wins: TaskError",

@@ -1,4 +1,5 @@
-// BatchedInference: merges single inputs from concurrent callers into batches for one model thread.
+// BatchedInference: merges single inputs from concurrent callers into batches for one model
+// thread; a batch is what queued while the previous one ran (it never waits to fill).
 #pragma once
 
 #include <algorithm>
@@ -32,14 +33,17 @@ namespace torchguard {
 
 struct BatchedInferenceOptions {
   std::size_t max_batch = 32;
-  std::chrono::microseconds max_delay{2000};  // how long the first request of a batch may wait
+  // The most a request waits for others to join its batch. An upper bound only: a batch runs as
+  // soon as the model thread is free, with what queued while the previous batch ran (up to
+  // max_batch), so a request that finds the thread idle runs at once and never waits for company.
+  std::chrono::microseconds max_delay{2000};
   // Intra-op threads for the model (0: leave LibTorch's setting). Model calls run on one thread,
   // one batch at a time, so concurrent callers never multiply the intra-op pool. LibTorch's
   // setting is process-wide.
   int intra_op_threads = 0;
   std::optional<torch::Device> device;  // where inputs go before the model (default: stay)
   // Once cancelled: submit() throws Cancelled, and queued requests are answered with Cancelled
-  // (polled every 10 ms while a batch fills; a batch already running finishes).
+  // (checked before each batch; a batch already running finishes).
   CancellationToken cancellation;
   std::shared_ptr<spdlog::logger> logger;
 };
@@ -94,7 +98,7 @@ class BatchServer {
         throw Cancelled("BatchedInference: submit() after cancellation");
       }
       if (closing_) throw Error("BatchedInference: submit() after close()");
-      queue_.push_back(Request{std::move(input), std::move(promise), Clock::now()});
+      queue_.push_back(Request{std::move(input), std::move(promise)});
     }
     cv_.notify_one();
     return future;
@@ -122,11 +126,9 @@ class BatchServer {
   }
 
  private:
-  using Clock = std::chrono::steady_clock;
   struct Request {
     torch::Tensor input;
     std::promise<torch::Tensor> promise;
-    Clock::time_point submitted;
   };
 
   static bool same_kind(const torch::Tensor& a, const torch::Tensor& b) {
@@ -147,7 +149,9 @@ class BatchServer {
     for (;;) {
       cv_.wait(lock, [this] { return closing_ || !queue_.empty(); });
       if (queue_.empty()) return;  // closing, and every request answered
-      wait_for_batch(lock);
+      // No wait for the batch to fill: what queued while the model ran is the next batch, and a
+      // request that finds this thread idle runs at once (continuous batching). The token is
+      // checked before each batch.
       if (options_.cancellation.cancelled()) {
         refuse_queued();
         continue;
@@ -170,19 +174,6 @@ class BatchServer {
       stats_.failed += failed;
       stats_.batches += 1;
       stats_.largest_batch = std::max(stats_.largest_batch, batch.size());
-    }
-  }
-
-  // Until the batch is full, closing, cancelled, or max_delay after its first request. The
-  // token's cancel() cannot wake this thread: poll it.
-  void wait_for_batch(std::unique_lock<std::mutex>& lock) {
-    const auto deadline = queue_.front().submitted + options_.max_delay;
-    const bool poll = options_.cancellation.can_be_cancelled();
-    while (!closing_ && queue_.size() < options_.max_batch && !options_.cancellation.cancelled()) {
-      const auto now = Clock::now();
-      if (now >= deadline) return;
-      cv_.wait_until(lock,
-                     poll ? std::min(deadline, now + std::chrono::milliseconds(10)) : deadline);
     }
   }
 
@@ -273,11 +264,13 @@ class BatchServer {
 
 }  // namespace detail
 
-// Merges single inputs from concurrent callers into batches (up to max_batch, waiting at most
-// max_delay for the batch to fill) and runs the model on them under inference mode, on one
-// thread. Each caller gets a future of its own output row. A batch the model fails on is rerun
-// one request at a time, so one bad input fails only its own request. Inputs of different shapes
-// go in different batches. close() (and the destructor) stops new requests and answers every
+// Merges single inputs from concurrent callers into batches (up to max_batch) and runs the model
+// on them under inference mode, on one thread. A request that finds the thread idle runs at once;
+// requests that arrive while a batch runs make the next batch, which runs as soon as the model
+// is free (continuous batching: a lone caller pays no delay, many callers get large batches).
+// Each caller gets a future of its own output row. A batch the model fails on is rerun one
+// request at a time, so one bad input fails only its own request. Inputs of different shapes go
+// in different batches. close() (and the destructor) stops new requests and answers every
 // pending one. Move-only; a moved-from BatchedInference may only be destroyed or assigned to.
 //
 // After options.cancellation is cancelled: submit() throws Cancelled; every request still queued

@@ -63,10 +63,11 @@ struct GatherOptions {
 // One item's outcome from gather_settled: a value or an error, with the input's index. Three
 // cases, told apart by ok() and cancelled():
 // - ok():        the item succeeded; `value` holds its result;
-// - cancelled(): the item did not run to its end because the gather was cancelled (or the task
-//   threw Cancelled itself, asked or not: gather_settled reports each item's own outcome, where
-//   a fail-fast gather calls an unasked Cancelled a failure): `value` is empty, `error` holds a
-//   Cancelled. Not the input's fault;
+// - cancelled(): the item's task ended with Cancelled (it threw Cancelled itself, asked or not,
+//   e.g. answering a token it watches: gather_settled reports each item's own outcome, where a
+//   fail-fast gather calls an unasked Cancelled a failure): `value` is empty, `error` holds a
+//   Cancelled. Not the input's fault. (A cancel of the gather's own token while items are
+//   unfinished makes gather_settled throw Cancelled instead of returning results.)
 // - neither:     the item failed: `error` holds its exception. A TimeoutError (the item ran past
 //   item_timeout, or the whole gather past its timeout before the item finished) is a failure,
 //   not a cancellation: check the error's type to tell a timeout from other failures.
@@ -173,9 +174,11 @@ struct GatherEnd {
 // Runs the pool to the end on the calling thread: enforces timeouts, reports progress, and stops
 // launching on the first failure (fail_fast). A gather timeout or an outside cancellation that
 // comes while an item is unfinished fails every unfinished item with that error (GatherEnd);
-// once every item is done, neither changes anything. Fail-fast, a failure already recorded when
-// the loop looks wins over a cancellation or a timeout it has not acted on yet: the gather stops
-// for the failure and throws its TaskError, so a real error is never lost to a later cancel.
+// once every item is done, neither changes anything. An item is done once its task has returned,
+// even before its worker has recorded the outcome: a cancel or a timeout at that moment leaves
+// its value or error. Fail-fast, a failure already recorded when the loop looks wins over a
+// cancellation or a timeout it has not acted on yet: the gather stops for the failure and throws
+// its TaskError, so a real error is never lost to a later cancel.
 template <class R>
 GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast) {
   using Clock = std::chrono::steady_clock;
@@ -183,26 +186,29 @@ GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast)
   const auto deadline =
       options.timeout ? saturating_add(start, *options.timeout) : Clock::time_point::max();
   GatherEnd end;
+  // Fails each unfinished item before stop() cancels the running tokens: a task that answers its
+  // cancelled token by returning must not count as done (TaskPool::fail). Under the lock
+  // throughout, so no worker claims an item in between.
   auto end_all = [&](std::unique_lock<std::mutex>& lock, std::exception_ptr error) {
     end.error = error;
-    pool.stop(lock);
     for (std::size_t i = 0; i < pool.size(); ++i) pool.fail(lock, i, error);
+    pool.stop(lock);
   };
-  // Only while an item still runs: a timed-out item that ignores its token has no deadline left.
+  // Only while an item still runs: a timed-out item that ignores its token has no deadline left,
+  // nor has an item whose task has returned.
   auto item_deadline = [&](std::size_t index) {
-    return pool.is_running(index) ? saturating_add(pool.slot(index).started, *options.item_timeout)
-                                  : Clock::time_point::max();
+    return pool.is_running(index) && !pool.slot(index).returned.load()
+               ? saturating_add(pool.slot(index).started, *options.item_timeout)
+               : Clock::time_point::max();
   };
-  auto done = [&] {
-    return fmt::format("{} of {} items done", pool.completion_order().size(), pool.size());
-  };
+  auto done = [&] { return fmt::format("{} of {} items done", pool.done_count(), pool.size()); };
   std::size_t reported = 0;
   auto lock = pool.lock();
   for (;;) {
     const auto now = Clock::now();
-    // Every item done: a cancellation or a timeout now has nothing left to stop, and the
-    // results stand.
-    const bool all_done = pool.completion_order().size() == pool.size();
+    // Every item done (its task returned, recorded or not yet): a cancellation or a timeout now
+    // has nothing left to stop, and the results stand.
+    const bool all_done = pool.done_count() == pool.size();
     if (!pool.stopped() && !all_done) {
       if (fail_fast && pool.failed_count() > 0) {
         pool.stop(lock);  // a failure already recorded wins over a cancel or timeout not acted on
@@ -241,12 +247,14 @@ GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast)
       continue;
     }
     if (pool.finished()) break;
-    // Once stopped, only the workers' exits are awaited: they notify.
-    auto wake = pool.stopped() ? Clock::time_point::max() : deadline;
-    if (options.item_timeout && !pool.stopped()) {
+    // Once stopped, or once every item is done, only the workers' records and exits are
+    // awaited: they notify.
+    const bool waiting_for_workers = pool.stopped() || all_done;
+    auto wake = waiting_for_workers ? Clock::time_point::max() : deadline;
+    if (options.item_timeout && !waiting_for_workers) {
       for (auto index : pool.running()) wake = std::min(wake, item_deadline(index));
     }
-    if (options.cancellation.can_be_cancelled() && !pool.stopped()) {
+    if (options.cancellation.can_be_cancelled() && !waiting_for_workers) {
       // A source's cancel() cannot wake this thread: poll it.
       wake = std::min(wake, now + std::chrono::milliseconds(10));
     }
@@ -354,36 +362,36 @@ std::vector<Indexed<detail::gather_result_t<Range, F>>> gather(const Range& inpu
 
 // Like gather, but runs every item whatever fails, and returns every outcome (value or error)
 // with its index; Settled::ok() and Settled::cancelled() tell success, cancellation and failure
-// apart (a task's own Cancelled is cancelled() here, asked for or not). options.item_name is not
-// used: results[i].index names the input. After a cancel (options.cancellation):
-// - the token already cancelled when gather_settled is called: runs nothing, and every item
-//   carries Cancelled ("gather cancelled before it started ...");
-// - cancelled while items are unfinished: the running tasks' tokens are cancelled and waited
-//   for; every finished item keeps its value or error, every unfinished one carries Cancelled
-//   ("gather cancelled with <k> of <n> items done"); returns normally;
-// - cancelled once every item is done: changes nothing.
-// A gather timeout does the same with TimeoutError (a failure: cancelled() is false). Throws only
-// for a throwing progress callback (or an option that cannot work: OptionsError).
+// apart (a task's own Cancelled is cancelled() here, asked for or not: an item's own failure or
+// cancellation never makes gather_settled throw). options.item_name is not used:
+// results[i].index names the input. The gather's own token (options.cancellation) cancels the
+// gather itself, as asyncio's gather raises CancelledError even with return_exceptions=True:
+// - the token already cancelled when gather_settled is called: runs nothing, and throws Cancelled
+//   ("gather cancelled before it started (0 of <n> items done)");
+// - cancelled while items are unfinished: the running tasks' tokens are cancelled and waited for
+//   (no task runs once it throws), then throws Cancelled ("gather cancelled with <k> of <n> items
+//   done"; an item whose task had returned at that moment counts as done); the results are
+//   dropped;
+// - cancelled once every item is done: changes nothing, the results are returned.
+// A gather timeout (options.timeout) does not throw: every unfinished item carries a TimeoutError
+// ("gather timed out after ..."; a failure, cancelled() is false), the finished ones keep their
+// outcomes, and the results are returned. Throws otherwise only for a throwing progress callback
+// (or an option that cannot work: OptionsError).
 template <class Range, class F>
 std::vector<Settled<detail::gather_result_t<Range, F>>> gather_settled(
     const Range& inputs, F&& fn, const GatherOptions& options = {}) {
   using R = detail::gather_result_t<Range, F>;
   detail::check_gather_options(options);
-  std::vector<Settled<R>> results;
   if (options.cancellation.cancelled()) {
-    const auto count = detail::range_size(inputs);
-    const auto error = std::make_exception_ptr(
-        Cancelled(fmt::format("gather cancelled before it started (0 of {} items done)", count)));
-    results.resize(count);
-    for (std::size_t i = 0; i < count; ++i) {
-      results[i].index = i;
-      results[i].error = error;
-    }
-    return results;
+    throw Cancelled(fmt::format("gather cancelled before it started (0 of {} items done)",
+                                detail::range_size(inputs)));
   }
   auto pool = detail::start_gather<R>(inputs, fn, options, /*fail_fast=*/false);
   const auto end = detail::drive(*pool, options, /*fail_fast=*/false);
-  if (end.callback_failed) std::rethrow_exception(end.error);
+  // The progress callback's error, or the gather's own cancellation (drive() has waited for
+  // every task); a gather timeout stays in the results.
+  if (end.callback_failed || is_cancellation(end.error)) std::rethrow_exception(end.error);
+  std::vector<Settled<R>> results;
   results.reserve(pool->size());
   for (auto index : detail::result_order(*pool, options.order)) {
     auto& slot = pool->slot(index);

@@ -1,11 +1,13 @@
-// Prefetcher: loads items ahead of the consumer on a bounded set of worker threads, optionally
-// staging their tensors on a CUDA device.
+// Prefetcher: loads items ahead of the consumer on a bounded set of worker threads, in a window
+// that grows (to max_depth) while a slow item holds the consumer up, optionally staging their
+// tensors on a CUDA device.
 #pragma once
 
 #include <chrono>
 #include <cstddef>
 #include <functional>
 #include <iterator>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -26,7 +28,12 @@
 namespace torchguard {
 
 struct PrefetchOptions {
-  std::size_t depth = 4;    // items loading or loaded ahead of the consumer
+  std::size_t depth = 4;  // items loading or loaded ahead of the consumer, to begin with
+  // How far `depth` may grow (0: twice depth; set it to depth for a fixed window). In input order
+  // a slow item holds up the consumer while the loads after it are done and loaders wait for
+  // room: then the window grows by one item per waiting loader, and again while that lasts, up
+  // to max_depth, and stays grown. Bounds the items held at once, as depth did.
+  std::size_t max_depth = 0;
   std::size_t workers = 0;  // loads at once (0: depth)
   Order order = Order::input;
   // A CUDA device: each item's tensors are pinned and copied there non-blocking on a side stream,
@@ -42,7 +49,8 @@ struct PrefetchOptions {
 };
 
 // Loads items 0..count-1 ahead of the consumer with load(index) (or load(index, token)), keeping
-// `depth` in flight. An item's exception comes out of next() at that item's turn, as TaskError
+// `depth` in flight (more, up to max_depth, while a slow item holds the consumer up and loaders
+// wait for room). An item's exception comes out of next() at that item's turn, as TaskError
 // leading with the item's own message, then its name (item_name) and index; later items still
 // come. close() and the destructor cancel what runs and wait for it. Move-only; a moved-from
 // Prefetcher may only be destroyed or assigned to.
@@ -71,6 +79,14 @@ class Prefetcher {
             "vectors, pairs and tuples of them)");
       }
       options_.device = detail::check_stage_device(*options_.device);  // with its index
+    }
+    if (options_.max_depth == 0) {
+      const auto most = std::numeric_limits<std::size_t>::max();
+      options_.max_depth = options_.depth > most / 2 ? most : 2 * options_.depth;
+    }
+    if (options_.max_depth < options_.depth) {
+      throw OptionsError(fmt::format("Prefetcher: max_depth ({}) must not be below depth ({})",
+                                     options_.max_depth, options_.depth));
     }
     const std::size_t workers = options_.workers ? options_.workers : options_.depth;
     if (workers > options_.depth) {
@@ -130,6 +146,8 @@ class Prefetcher {
         index = pool_->completion_order()[taken_];
         break;
       }
+      // The consumer waits while loaders wait for room: the window is too short for this wait.
+      if (pool_->window_holds_workers()) pool_->grow_window(lock, options_.max_depth);
       // The pool stops when the token is cancelled, and notifies.
       pool_->wait_until(lock, std::chrono::steady_clock::time_point::max());
     }

@@ -1,8 +1,9 @@
 // The engine under gather and Prefetcher: a fixed number of worker threads (launched with
-// std::async) claim item indices in order, at most `window` claimed and not yet consumed, and
-// keep each item's result or error in its slot. Cancellation is cooperative (a token per item);
-// an outside token, when given, is polled and stops the pool (or left to the pool's owner to
-// poll). An item's error is a failure or a cancellation: see TaskPool::Config.
+// std::async) claim item indices in order, at most `window` (which the owner may grow) claimed
+// and not yet consumed, and keep each item's result or error in its slot. Cancellation is
+// cooperative (a token per item); an outside token, when given, is polled and stops the pool (or
+// left to the pool's owner to poll). An item's error is a failure or a cancellation: see
+// TaskPool::Config.
 #pragma once
 
 #include <algorithm>
@@ -160,6 +161,9 @@ class TaskPool {
     bool cancelled = false;  // failed with a cancellation, which is not a failure (Config)
     Clock::time_point started;
     std::shared_ptr<CancelState> cancel;
+    // The task has returned (or thrown): its outcome is in, though the worker may not have
+    // recorded it yet. fail() leaves such an item alone. Set without the pool's lock.
+    std::atomic<bool> returned{false};
   };
 
   struct Config {
@@ -256,8 +260,29 @@ class TaskPool {
   std::size_t cancelled_count() const { return cancelled_; }
   bool stopped() const { return stopping_; }
   bool is_running(std::size_t index) const { return slots_[index].status == Status::running; }
+  // Items done: recorded, or running with their task returned (their outcome stands).
+  std::size_t done_count() const {
+    std::size_t landing = 0;
+    for (auto index : running_) landing += slots_[index].returned.load() ? 1 : 0;
+    return completion_order_.size() + landing;
+  }
   // True when every worker has exited: nothing runs and nothing more will start.
   bool finished() const { return active_workers_ == 0; }
+
+  // The window is all that holds a worker back: it is full, items remain, and a worker waits for
+  // room (fewer items run than there are workers).
+  bool window_holds_workers() const {
+    return next_ < slots_.size() && next_ - consumed_ >= window_ &&
+           running_.size() < active_workers_;
+  }
+  std::size_t window() const noexcept { return window_; }
+  // Lets one more item be claimed ahead of the consumer per worker waiting for room, up to `most`.
+  void grow_window(std::unique_lock<std::mutex>&, std::size_t most) {
+    const std::size_t idle = active_workers_ - std::min(active_workers_, running_.size());
+    if (window_ >= most || idle == 0) return;
+    window_ += std::min(idle, most - window_);
+    window_cv_.notify_all();
+  }
 
   // The consumer took an item: the window moves on by one.
   void consume(std::unique_lock<std::mutex>&) {
@@ -266,10 +291,12 @@ class TaskPool {
   }
 
   // Fails a running or pending item from outside (a timeout, a gather's cancel: a Cancelled
-  // counts as a cancellation); a late result is dropped.
+  // counts as a cancellation); a late result is dropped. An item whose task has returned is done:
+  // its outcome stands, even if the worker has not recorded it yet.
   void fail(std::unique_lock<std::mutex>&, std::size_t index, std::exception_ptr error) {
     Slot& slot = slots_[index];
     if (slot.status != Status::running && slot.status != Status::pending) return;
+    if (slot.returned.load()) return;
     if (slot.cancel) slot.cancel->cancel();
     const bool cancelled = is_cancellation(error);
     finish(index, std::nullopt, std::move(error), cancelled);
@@ -320,8 +347,11 @@ class TaskPool {
         // or ends wake it.
         if (only_one) progress_cv_.notify_all();
         try {
-          value.emplace(work_(index, token));
+          R result = work_(index, token);
+          slot.returned.store(true);
+          value.emplace(std::move(result));
         } catch (...) {
+          slot.returned.store(true);
           error = std::current_exception();
         }
         lock.lock();
