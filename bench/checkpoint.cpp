@@ -34,6 +34,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <torch/torch.h>
@@ -311,9 +312,10 @@ void training_loop_figures(Model& model, torch::optim::Optimizer& optimizer,
   }
   const double write_cpu = median(write_cpus);
   std::printf(
-      "loop  step %.3f s; a save every %d steps (a synchronous save = %.2f steps); %d steps "
-      "per round, median of %d rounds\n",
-      step_time, every, guard_save / step_time, 2 * every, loop_rounds);
+      "loop  step %.3f s with %d intra-op threads on %u hardware threads; a save every %d steps "
+      "(a synchronous save = %.2f steps); %d steps per round, median of %d rounds\n",
+      step_time, at::get_num_threads(), std::thread::hardware_concurrency(), every,
+      guard_save / step_time, 2 * every, loop_rounds);
   for (int mode = 0; mode < 4; ++mode) {
     const auto& loop = loops[static_cast<std::size_t>(mode)];
     std::printf("loop  %-28s %6.2f steps/s", mode_names[mode], 2 * every / loop.seconds);

@@ -43,13 +43,12 @@ inline std::size_t align_up(std::size_t value) {
 class DeferredCopies {
  public:
   bool empty() const noexcept { return copies_.empty(); }
-  std::size_t bytes() const noexcept { return bytes_; }
 
   // Copies every source into its slot (CUDA: waits for the side stream's copies).
   void run() {
     for (auto& copy : copies_) {
       if (copy.source.is_cuda() || copy.source.nbytes() == 0) continue;
-      if (copy.source.is_contiguous() && copy.source.scalar_type() == copy.slot.scalar_type()) {
+      if (copy.source.is_cpu() && copy.source.is_contiguous()) {
         std::memcpy(copy.slot.data_ptr(), copy.source.data_ptr(), copy.source.nbytes());
       } else {
         copy.slot.copy_(copy.source.detach());
@@ -76,7 +75,6 @@ class DeferredCopies {
     std::int64_t version;
   };
   std::vector<Copy> copies_;
-  std::size_t bytes_ = 0;
 #if TORCHGUARD_WITH_CUDA
   std::vector<std::shared_ptr<at::cuda::CUDAEvent>> cuda_done_;
 #endif
@@ -118,7 +116,6 @@ class HostStaging {
         offset = align_up(offset + source.nbytes());
         item.tensor = slot;
         if (defer && defer(source)) {
-          deferred.bytes_ += source.nbytes();
           deferred.copies_.push_back({source, slot, source._version()});
         } else {
           slot.copy_(source.detach());
