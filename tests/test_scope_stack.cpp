@@ -1,8 +1,12 @@
 #include "torchguard/scope_stack.hpp"
 
+#include <array>
+#include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "support.hpp"
@@ -343,4 +347,220 @@ TEST_CASE("entries pushed while closing run too", "[scope_stack]") {
   });
   stack.close();
   CHECK(log == std::vector<std::string>{"first", "pushed during close"});
+}
+
+// Entry storage: small callables live in place, the others on the heap; the tests below check
+// behaviour on each path (in place, heap, growth, moves), never timing.
+namespace {
+
+// Counts live instances, so that every stored copy is seen destroyed exactly once.
+struct Tracked {
+  int* live;
+  int* runs;
+  Tracked(int* l, int* r) : live(l), runs(r) { ++*live; }
+  Tracked(const Tracked& other) noexcept : live(other.live), runs(other.runs) { ++*live; }
+  Tracked(Tracked&& other) noexcept : live(other.live), runs(other.runs) { ++*live; }
+  ~Tracked() { --*live; }
+  void operator()() const { ++*runs; }
+};
+
+// Stored in place (its move cannot throw) but copying it fails.
+struct ThrowingCopy {
+  int* runs;
+  explicit ThrowingCopy(int* r) : runs(r) {}
+  ThrowingCopy(const ThrowingCopy&) { throw std::runtime_error("copy failed"); }
+  ThrowingCopy(ThrowingCopy&&) noexcept = default;
+  void operator()() const { ++*runs; }
+};
+
+// Its move may throw, so the stack keeps it on the heap; it never actually throws.
+struct MayThrowMove {
+  std::vector<int>* order;
+  int id;
+  MayThrowMove(std::vector<int>* o, int i) : order(o), id(i) {}
+  MayThrowMove(MayThrowMove&& other) noexcept(false) : order(other.order), id(other.id) {}
+  void operator()() const { order->push_back(id); }
+};
+
+struct alignas(64) OverAligned {
+  bool* aligned;
+  void operator()() const { *aligned = reinterpret_cast<std::uintptr_t>(this) % 64 == 0; }
+};
+
+// Only the stored copy throws when destroyed: a moved-from one does not.
+struct ThrowingCallbackDestructor {
+  int* runs;
+  bool armed = true;
+  explicit ThrowingCallbackDestructor(int* r) : runs(r) {}
+  ThrowingCallbackDestructor(ThrowingCallbackDestructor&& other) noexcept
+      : runs(other.runs), armed(std::exchange(other.armed, false)) {}
+  ~ThrowingCallbackDestructor() noexcept(false) {
+    if (armed) throw std::logic_error("callback destructor");
+  }
+  void operator()() const { ++*runs; }
+};
+
+// A guard that can be neither moved nor copied: only emplace() can own it.
+class Pinned {
+ public:
+  explicit Pinned(std::vector<std::string>& log) : log_(&log) {}
+  Pinned(const Pinned&) = delete;
+  Pinned& operator=(const Pinned&) = delete;
+  void close(Outcome outcome) { log_->push_back(std::string("pinned ") + to_string(outcome)); }
+
+ private:
+  std::vector<std::string>* log_;
+};
+
+}  // namespace
+
+TEST_CASE("large and over-aligned callables are stored on the heap and run", "[scope_stack]") {
+  std::vector<int> order;
+  bool aligned = false;
+  {
+    ScopeStack stack;
+    std::array<int, 256> big{};
+    big.fill(7);
+    stack.callback([&order] { order.push_back(1); });
+    stack.callback([&order, big] { order.push_back(big[0] + big[255]); });  // 1 KiB capture
+    stack.callback(OverAligned{&aligned});
+    stack.callback([&order] { order.push_back(3); });
+    CHECK(stack.size() == 4);
+  }
+  CHECK(order == std::vector<int>{3, 14, 1});
+  CHECK(aligned);
+}
+
+TEST_CASE("move-only callables run once, in place or on the heap", "[scope_stack]") {
+  int live = 0;
+  int runs = 0;
+  std::vector<int> seen;
+  {
+    ScopeStack stack;
+    auto small = std::make_unique<int>(1);
+    auto large = std::make_unique<int>(2);
+    std::array<char, 200> padding{};
+    stack.callback([p = std::move(small), &seen] { seen.push_back(*p); });
+    stack.callback([p = std::move(large), padding, &seen] { seen.push_back(*p + padding[0]); });
+    stack.callback(Tracked(&live, &runs));
+    CHECK(live == 1);  // the temporary is gone, the stored one lives
+  }
+  CHECK(seen == std::vector<int>{2, 1});
+  CHECK(runs == 1);
+  CHECK(live == 0);
+}
+
+TEST_CASE("callables whose move may throw are kept on the heap", "[scope_stack]") {
+  std::vector<int> order;
+  {
+    ScopeStack stack;
+    for (int i = 0; i < 100; ++i) stack.callback(MayThrowMove(&order, i));  // through growth
+  }
+  REQUIRE(order.size() == 100);
+  for (int i = 0; i < 100; ++i) REQUIRE(order[i] == 99 - i);
+}
+
+TEST_CASE("entries survive the stack's growth", "[scope_stack]") {
+  constexpr int count = 5000;
+  int live = 0;
+  int runs = 0;
+  std::vector<std::string> seen;
+  std::vector<std::string> log;
+  {
+    ScopeStack stack;
+    auto& pinned = stack.emplace<Pinned>(log);
+    for (int i = 0; i < count; ++i) {
+      stack.callback(Tracked(&live, &runs));  // moved in place as the stack grows
+      stack.callback([&seen, text = std::to_string(i) + " a string too long for SSO"] {
+        seen.push_back(text);
+      });
+    }
+    CHECK(live == count);
+    pinned.close(Outcome::failure);  // the owned guard has not moved
+    CHECK(log == std::vector<std::string>{"pinned failure"});
+  }
+  CHECK(runs == count);
+  CHECK(live == 0);
+  REQUIRE(seen.size() == count);
+  CHECK(seen.front() == std::to_string(count - 1) + " a string too long for SSO");
+  CHECK(seen.back() == "0 a string too long for SSO");
+  CHECK(log == std::vector<std::string>{"pinned failure", "pinned success"});
+}
+
+TEST_CASE("a moved stack keeps its entries and owned guards", "[scope_stack]") {
+  std::vector<std::string> log;
+  int live = 0;
+  int runs = 0;
+  ScopeStack source;
+  auto& guard = source.emplace<RecordingGuard>(log, "g");
+  source.callback(Tracked(&live, &runs));
+  // A capture that is not trivially copyable, stored in place (a vector: GCC 12's C++20
+  // std::string move draws a false -Warray-bounds when inlined into placement new).
+  source.callback(
+      [&log, text = std::vector<char>(40, 'x')] { log.emplace_back(text.begin(), text.end()); });
+  ScopeStack moved(std::move(source));
+  CHECK(source.empty());  // NOLINT(bugprone-use-after-move): a moved-from stack is empty
+  source.close();
+  CHECK(runs == 0);
+  guard.close(Outcome::failure);  // the reference survived the move
+  ScopeStack assigned;
+  assigned = std::move(moved);
+  CHECK(assigned.size() == 3);
+  assigned.close();
+  CHECK(runs == 1);
+  CHECK(live == 0);
+  CHECK(log == std::vector<std::string>{"enter g", "close g failure", std::string(40, 'x'),
+                                        "close g success", "destroy g"});
+}
+
+TEST_CASE("a push that throws leaves every earlier entry in place", "[scope_stack]") {
+  // Failing pushes at every size up to well past a few growths, in place and on the heap.
+  CapturedLogger captured;
+  std::vector<int> order;
+  int failed_runs = 0;
+  {
+    ScopeStack stack(captured.logger);
+    for (int i = 0; i < 40; ++i) {
+      stack.callback([&order, i] { order.push_back(i); });
+      ThrowingCopy in_place(&failed_runs);
+      CHECK_THROWS_WITH(stack.callback(in_place), "copy failed");  // a copy: stored in place
+      ThrowingMove on_heap(&failed_runs);
+      CHECK_THROWS_AS(stack.on_failure(on_heap), std::bad_alloc);
+      CHECK_THROWS_AS(stack.emplace<NotConstructible>(), std::runtime_error);
+      REQUIRE(stack.size() == static_cast<std::size_t>(i + 1));
+    }
+  }
+  CHECK(failed_runs == 80);  // each unstored cleanup ran once, at its push
+  REQUIRE(order.size() == 40);
+  for (int i = 0; i < 40; ++i) REQUIRE(order[i] == 39 - i);
+}
+
+TEST_CASE("a callback whose destructor throws is reported like a failed cleanup", "[scope_stack]") {
+  int runs = 0;
+  bool earlier_ran = false;
+  ScopeStack stack;
+  stack.callback([&] { earlier_ran = true; });
+  stack.callback(ThrowingCallbackDestructor(&runs));
+  CHECK_THROWS_WITH(stack.close(), "callback destructor");
+  CHECK(runs == 1);
+  CHECK(earlier_ran);
+}
+
+TEST_CASE("a guard's constructor may push onto the stack that owns it", "[scope_stack]") {
+  struct Registering {
+    Registering(ScopeStack& stack, std::vector<int>& order) {
+      for (int i = 0; i < 100; ++i) stack.callback([&order, i] { order.push_back(i); });
+    }
+    void close(Outcome) {}
+  };
+  std::vector<int> order;
+  {
+    ScopeStack stack;
+    stack.callback([&order] { order.push_back(-1); });
+    stack.emplace<Registering>(stack, order);  // its pushes make the stack grow meanwhile
+    CHECK(stack.size() == 102);
+  }
+  REQUIRE(order.size() == 101);
+  CHECK(order.front() == 99);
+  CHECK(order.back() == -1);
 }

@@ -11,9 +11,11 @@
 #pragma once
 
 #include <cstddef>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -32,14 +34,6 @@ struct has_close : std::false_type {};
 template <class G>
 struct has_close<G, std::void_t<decltype(std::declval<G&>().close())>> : std::true_type {};
 
-// One entry of the stack. The destructor may throw: a guard whose destructor throws is reported
-// like any other failed cleanup instead of terminating the program.
-class ScopeEntry {
- public:
-  virtual ~ScopeEntry() noexcept(false) = default;
-  virtual void exit(Outcome outcome) = 0;
-};
-
 enum class RunWhen { always, on_success, on_failure };
 
 template <class F>
@@ -56,38 +50,127 @@ inline bool should_run(RunWhen when, Outcome outcome) noexcept {
   return when == RunWhen::always || (when == RunWhen::on_success) == (outcome == Outcome::success);
 }
 
-template <class F>
-class CallbackEntry final : public ScopeEntry {
- public:
+template <class F, RunWhen When>
+struct Callback {
   template <class Arg>
-  CallbackEntry(Arg&& fn, RunWhen when) : fn_(std::forward<Arg>(fn)), when_(when) {}
-  void exit(Outcome outcome) override {
-    if (should_run(when_, outcome)) invoke_cleanup(fn_, outcome);
+  explicit Callback(std::in_place_t, Arg&& fn) : fn(std::forward<Arg>(fn)) {}
+  void exit(Outcome outcome) {
+    if (should_run(When, outcome)) invoke_cleanup(fn, outcome);
   }
-
- private:
-  F fn_;
-  RunWhen when_;
+  F fn;
 };
 
 // Owns a guard. At its turn the guard is told how the scope ended, when it can be told
 // (`close(Outcome)`, or `close()` on success, so that its errors propagate), then destroyed.
 template <class G>
-class GuardEntry final : public ScopeEntry {
- public:
+struct OwnedGuard {
   template <class... Args>
-  explicit GuardEntry(std::in_place_t, Args&&... args) : guard_(std::forward<Args>(args)...) {}
-  G& guard() noexcept { return guard_; }
-  void exit(Outcome outcome) override {
+  explicit OwnedGuard(std::in_place_t, Args&&... args) : guard(std::forward<Args>(args)...) {}
+  void exit(Outcome outcome) {
     if constexpr (has_close_outcome<G>::value) {
-      guard_.close(outcome);
+      guard.close(outcome);
     } else if constexpr (has_close<G>::value) {
-      if (outcome == Outcome::success) guard_.close();
+      if (outcome == Outcome::success) guard.close();
+    }
+  }
+  G guard;
+};
+
+// Entries are stored in place, without an allocation, when they are small and cannot throw
+// when moved or destroyed (the stack moves them as it grows). The others live on the heap, and
+// so do owned guards: emplace() hands out a reference that must survive the stack's growth.
+inline constexpr std::size_t inline_size = 48;
+
+template <class T>
+struct stored_inline
+    : std::bool_constant<sizeof(T) <= inline_size && alignof(T) <= alignof(std::max_align_t) &&
+                         std::is_nothrow_move_constructible_v<T> &&
+                         std::is_nothrow_destructible_v<T>> {};
+template <class G>
+struct stored_inline<OwnedGuard<G>> : std::false_type {};
+
+// A hand-made vtable. `destroy` may throw: a guard whose destructor throws is reported like any
+// other failed cleanup instead of terminating the program.
+struct EntryOps {
+  void (*exit)(void* storage, Outcome outcome);
+  void (*destroy)(void* storage);                   // null: nothing to do
+  void (*relocate)(void* from, void* to) noexcept;  // null: copying the bytes will do
+};
+
+template <class T, bool Inline = stored_inline<T>::value>
+struct EntryOpsFor {
+  static T* get(void* storage) noexcept {
+    if constexpr (Inline) {
+      return std::launder(static_cast<T*>(storage));
+    } else {
+      return *std::launder(static_cast<T**>(storage));
+    }
+  }
+  static void exit(void* storage, Outcome outcome) { get(storage)->exit(outcome); }
+  static void destroy(void* storage) {
+    if constexpr (Inline) {
+      get(storage)->~T();
+    } else {
+      delete get(storage);  // a delete-expression lets a throwing destructor propagate
+    }
+  }
+  static void relocate(void* from, void* to) noexcept {
+    ::new (to) T(std::move(*get(from)));
+    get(from)->~T();
+  }
+  static constexpr EntryOps make_ops() {  // names `relocate` only for types it can move
+    EntryOps ops{&exit, &destroy, nullptr};
+    if constexpr (Inline && std::is_trivially_destructible_v<T>) ops.destroy = nullptr;
+    if constexpr (Inline && !std::is_trivially_copyable_v<T>) ops.relocate = &relocate;
+    return ops;
+  }
+  static constexpr EntryOps ops = make_ops();
+};
+
+// One entry of the stack: an object of any type T with `exit(Outcome)`, in place or on the heap.
+class Entry {
+ public:
+  template <class T, class... Args>
+  explicit Entry(std::in_place_type_t<T>, Args&&... args) {
+    if constexpr (stored_inline<T>::value) {
+      ::new (static_cast<void*>(storage_)) T(std::in_place, std::forward<Args>(args)...);
+    } else {
+      ::new (static_cast<void*>(storage_)) T*(new T(std::in_place, std::forward<Args>(args)...));
+    }
+    ops_ = &EntryOpsFor<T>::ops;
+  }
+  // Adopts an object built beforehand (on the heap), once the vector has room for the entry.
+  template <class T>
+  explicit Entry(std::unique_ptr<T>&& owned) noexcept {
+    static_assert(!stored_inline<T>::value);
+    ::new (static_cast<void*>(storage_)) T*(owned.release());
+    ops_ = &EntryOpsFor<T>::ops;
+  }
+  Entry(Entry&& other) noexcept : ops_(std::exchange(other.ops_, nullptr)) {
+    if (ops_ && ops_->relocate) {
+      ops_->relocate(other.storage_, storage_);
+    } else {
+      std::memcpy(storage_, other.storage_, inline_size);
+    }
+  }
+  Entry& operator=(Entry&&) = delete;
+  // A live entry is destroyed here only when close() was cut short (its logging threw).
+  ~Entry() {
+    try {
+      destroy();
+    } catch (...) {
     }
   }
 
+  void exit(Outcome outcome) { ops_->exit(storage_, outcome); }
+  void destroy() {
+    const EntryOps* ops = std::exchange(ops_, nullptr);
+    if (ops && ops->destroy) ops->destroy(storage_);
+  }
+
  private:
-  G guard_;
+  alignas(std::max_align_t) unsigned char storage_[inline_size];
+  const EntryOps* ops_ = nullptr;
 };
 
 }  // namespace detail
@@ -130,11 +213,11 @@ class ScopeStack {
   // Builds a guard in place and owns it; returns a reference valid until the stack closes.
   template <class G, class... Args>
   G& emplace(Args&&... args) {
-    reserve_one();
-    auto entry =
-        std::make_unique<detail::GuardEntry<G>>(std::in_place, std::forward<Args>(args)...);
-    G& guard = entry->guard();
-    entries_.push_back(std::move(entry));  // cannot throw: capacity reserved above
+    // Built before it joins the vector: a guard's constructor may push onto this stack too.
+    auto owned =
+        std::make_unique<detail::OwnedGuard<G>>(std::in_place, std::forward<Args>(args)...);
+    G& guard = owned->guard;
+    entries_.emplace_back(std::move(owned));
     return guard;
   }
 
@@ -149,19 +232,19 @@ class ScopeStack {
   // Runs `fn()` or `fn(Outcome)` at close, whatever the outcome. Move-only callables are fine.
   template <class F>
   void callback(F&& fn) {
-    push_callback(std::forward<F>(fn), detail::RunWhen::always);
+    push_callback<detail::RunWhen::always>(std::forward<F>(fn));
   }
 
   // Runs `fn` at close only when the scope succeeded.
   template <class F>
   void on_success(F&& fn) {
-    push_callback(std::forward<F>(fn), detail::RunWhen::on_success);
+    push_callback<detail::RunWhen::on_success>(std::forward<F>(fn));
   }
 
   // Runs `fn` at close only when the scope failed (an exception, or close(Outcome::failure)).
   template <class F>
   void on_failure(F&& fn) {
-    push_callback(std::forward<F>(fn), detail::RunWhen::on_failure);
+    push_callback<detail::RunWhen::on_failure>(std::forward<F>(fn));
   }
 
   // Moves every entry into a new stack and leaves this one empty: the usual way to keep
@@ -183,9 +266,9 @@ class ScopeStack {
     suppressed_.clear();
     std::exception_ptr first_error;
     while (!entries_.empty()) {
-      std::unique_ptr<detail::ScopeEntry> entry = std::move(entries_.back());
+      detail::Entry entry = std::move(entries_.back());  // an entry may push while it runs
       entries_.pop_back();
-      if (std::exception_ptr error = run_entry(std::move(entry), outcome)) {
+      if (std::exception_ptr error = run_entry(entry, outcome)) {
         outcome = Outcome::failure;
         if (!first_error) {
           first_error = error;
@@ -205,22 +288,15 @@ class ScopeStack {
   const std::vector<std::exception_ptr>& suppressed_errors() const noexcept { return suppressed_; }
 
  private:
-  void reserve_one() {
-    // Grow geometrically here so that push_back below never allocates (and never throws).
-    if (entries_.size() == entries_.capacity()) {
-      entries_.reserve(entries_.empty() ? 8 : entries_.capacity() * 2);
-    }
-  }
-
-  template <class F>
-  void push_callback(F&& fn, detail::RunWhen when) {
-    using Fn = std::decay_t<F>;
+  template <detail::RunWhen When, class F>
+  void push_callback(F&& fn) {
     try {
-      reserve_one();
-      entries_.push_back(std::make_unique<detail::CallbackEntry<Fn>>(std::forward<F>(fn), when));
+      // Strong guarantee: vector growth moves entries with noexcept moves only.
+      entries_.emplace_back(std::in_place_type<detail::Callback<std::decay_t<F>, When>>,
+                            std::forward<F>(fn));
     } catch (...) {
       // The entry could not be stored: run the cleanup now, as the scope it guards has failed.
-      if (detail::should_run(when, Outcome::failure)) {
+      if (detail::should_run(When, Outcome::failure)) {
         try {
           detail::invoke_cleanup(fn, Outcome::failure);
         } catch (...) {
@@ -233,15 +309,15 @@ class ScopeStack {
   }
 
   // Runs one entry's exit and destroys it; returns the first error of the two.
-  std::exception_ptr run_entry(std::unique_ptr<detail::ScopeEntry> entry, Outcome outcome) {
+  std::exception_ptr run_entry(detail::Entry& entry, Outcome outcome) {
     std::exception_ptr error;
     try {
-      entry->exit(outcome);
+      entry.exit(outcome);
     } catch (...) {
       error = std::current_exception();
     }
     try {
-      delete entry.release();  // a delete-expression lets a throwing destructor propagate
+      entry.destroy();
     } catch (...) {
       if (!error) {
         error = std::current_exception();
@@ -268,7 +344,7 @@ class ScopeStack {
   }
 
   std::shared_ptr<spdlog::logger> logger_;
-  std::vector<std::unique_ptr<detail::ScopeEntry>> entries_;
+  std::vector<detail::Entry> entries_;
   std::vector<std::exception_ptr> suppressed_;
   detail::UncaughtExceptionDetector exit_detector_;
 };
