@@ -1266,23 +1266,38 @@ TEST_CASE("a Prefetcher whose token is cancelled cancels its loads and ends next
   CHECK_FALSE(consumer.get().has_value());
 }
 
+// A BatchedInference with a cancellation token whose first request (`running`) is held in the
+// model by a Gate, so that the `queued` requests submitted after it stay queued.
+struct HeldBatchServer {
+  explicit HeldBatchServer(int queued_requests)
+      : server(
+            [this](const torch::Tensor& batch) {
+              gate.pass();
+              return batch * 2;
+            },
+            options(source)) {
+    running = server.submit(torch::ones({2}));
+    gate.wait_entered();
+    for (int i = 0; i < queued_requests; ++i) queued.push_back(server.submit(torch::ones({2})));
+  }
+  static BatchedInferenceOptions options(const CancellationSource& source) {
+    BatchedInferenceOptions options;
+    options.max_batch = 64;
+    options.cancellation = source.token();
+    return options;
+  }
+
+  CancellationSource source;
+  Gate gate;
+  BatchedInference server;
+  std::future<torch::Tensor> running;
+  std::vector<std::future<torch::Tensor>> queued;
+};
+
 TEST_CASE("a BatchedInference whose token is cancelled answers queued requests with Cancelled",
           "[async][batched]") {
-  CancellationSource source;
-  BatchedInferenceOptions options;
-  options.max_batch = 64;
-  options.cancellation = source.token();
-  Gate gate;  // holds the first batch in the model: the requests after it stay queued
-  BatchedInference server(
-      [&](const torch::Tensor& batch) {
-        gate.pass();
-        return batch * 2;
-      },
-      options);
-  auto running = server.submit(torch::ones({2}));
-  gate.wait_entered();
-  std::vector<std::future<torch::Tensor>> futures;
-  for (int i = 0; i < 5; ++i) futures.push_back(server.submit(torch::ones({2})));
+  HeldBatchServer held(5);
+  auto& [source, gate, server, running, futures] = held;
   CHECK(futures[0].wait_for(30ms) == std::future_status::timeout);
   source.cancel();
   gate.open();
@@ -1583,21 +1598,8 @@ TEST_CASE("a gather timeout that passes once every task has returned leaves the 
 TEST_CASE("gather over futures throws Cancelled for cancelled answers, not TaskError",
           "[async][gather][cancel]") {
   SECTION("BatchedInference's answers to a cancel") {
-    CancellationSource source;
-    BatchedInferenceOptions options;
-    options.max_batch = 64;
-    options.cancellation = source.token();
-    Gate gate;  // holds the first batch in the model: the requests after it stay queued
-    BatchedInference server(
-        [&](const torch::Tensor& batch) {
-          gate.pass();
-          return batch * 2;
-        },
-        options);
-    auto running = server.submit(torch::ones({2}));
-    gate.wait_entered();
-    std::vector<std::future<torch::Tensor>> futures;
-    for (int i = 0; i < 5; ++i) futures.push_back(server.submit(torch::ones({2})));
+    HeldBatchServer held(5);
+    auto& [source, gate, server, running, futures] = held;
     source.cancel();
     gate.open();
     running.get();

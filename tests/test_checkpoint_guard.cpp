@@ -865,33 +865,47 @@ std::vector<std::int64_t> checked_steps(const fs::path& dir,
   return steps;
 }
 
+// A run with background saves every `every` steps, and the state recorded at each step.
+struct OverlappedRun {
+  explicit OverlappedRun(std::int64_t every) {
+    options.background = true;
+    options.every_n_steps = every;
+    options.keep_last = 100;
+  }
+  // One training step with the fence before the optimizer's step, then step(); the state after
+  // it is recorded under its step.
+  void step(CheckpointGuard& guard) {
+    run.train_step([&] { guard.before_optimizer_step(); });
+    guard.step();
+    record(guard.current_step());
+  }
+  void record(std::int64_t step) { recorded[step] = state_now(*run.model); }
+  std::vector<std::int64_t> checked_steps() { return ::checked_steps(dir.path, recorded); }
+
+  TempDir dir;
+  CapturedLogger captured;
+  Run run{1};
+  CheckpointOptions options = run.options(dir.path, captured.logger);
+  std::map<std::int64_t, torchguard::TensorMap> recorded;
+};
+
 }  // namespace
 
 TEST_CASE("overlapped staging: a fenced loop's background saves hold exactly their step",
           "[checkpoint][background]") {
-  TempDir dir;
-  CapturedLogger captured;
-  Run run(1);
-  auto options = run.options(dir.path, captured.logger);
-  options.background = true;
-  options.every_n_steps = 2;
-  options.keep_last = 100;
-  std::map<std::int64_t, torchguard::TensorMap> recorded;
+  OverlappedRun overlapped(2);
+  auto& run = overlapped.run;
   {
-    CheckpointGuard guard(run.model, *run.optimizer, options);
-    for (int i = 0; i < 6; ++i) {
-      // The copy of step 2k runs while step 2k+1's forward and backward run; the fence waits.
-      run.train_step([&] { guard.before_optimizer_step(); });
-      guard.step();
-      recorded[guard.current_step()] = state_now(*run.model);
-    }
+    CheckpointGuard guard(run.model, *run.optimizer, overlapped.options);
+    // The copy of step 2k runs while step 2k+1's forward and backward run; the fence waits.
+    for (int i = 0; i < 6; ++i) overlapped.step(guard);
   }  // step 6's copy is settled and written by close()
-  CHECK(checked_steps(dir.path, recorded) == std::vector<std::int64_t>{2, 4, 6});
-  CHECK(captured.sink->count(spdlog::level::warn) == 0);
+  CHECK(overlapped.checked_steps() == std::vector<std::int64_t>{2, 4, 6});
+  CHECK(overlapped.captured.sink->count(spdlog::level::warn) == 0);
   // The optimizer's state and the rest resume as a synchronous save would have them.
   Run resumed(2);
   {
-    auto restore = resumed.options(dir.path, captured.logger);
+    auto restore = resumed.options(overlapped.dir.path, overlapped.captured.logger);
     restore.save_on_exit = SaveOnExit::never;
     CheckpointGuard guard(resumed.model, *resumed.optimizer, restore);
     CHECK(guard.current_step() == 6);
@@ -906,58 +920,43 @@ TEST_CASE("overlapped staging: a fenced loop's background saves hold exactly the
 
 TEST_CASE("overlapped staging: an optimizer step before the fence drops the copy, never tears it",
           "[checkpoint][background]") {
-  TempDir dir;
-  CapturedLogger captured;
-  Run run(1);
-  auto options = run.options(dir.path, captured.logger);
-  options.background = true;
-  options.every_n_steps = 2;
-  options.keep_last = 100;
-  std::map<std::int64_t, torchguard::TensorMap> recorded;
+  OverlappedRun overlapped(2);
+  auto& run = overlapped.run;
   {
-    CheckpointGuard guard(run.model, *run.optimizer, options);
-    for (int i = 0; i < 2; ++i) {  // fenced: step 2's copy is deferred
-      run.train_step([&] { guard.before_optimizer_step(); });
-      guard.step();
-      recorded[guard.current_step()] = state_now(*run.model);
-    }
+    CheckpointGuard guard(run.model, *run.optimizer, overlapped.options);
+    for (int i = 0; i < 2; ++i) overlapped.step(guard);  // fenced: step 2's copy is deferred
     for (int i = 0; i < 3; ++i) {  // the fence comes after the optimizer's step
       run.train_step();
       guard.before_optimizer_step();
       guard.step();
-      recorded[guard.current_step()] = state_now(*run.model);
+      overlapped.record(guard.current_step());
     }
   }
   // Step 2's copy may have read parameters the optimizer was changing: dropped, and step 3
   // saved in its place; from then on the copies are made in step().
-  CHECK(checked_steps(dir.path, recorded) == std::vector<std::int64_t>{3, 4, 5});
-  CHECK(captured.sink->count(spdlog::level::warn, "background save of step 2") == 1);
-  CHECK(captured.sink->contains(spdlog::level::warn, "dropped"));
+  CHECK(overlapped.checked_steps() == std::vector<std::int64_t>{3, 4, 5});
+  auto& sink = *overlapped.captured.sink;
+  CHECK(sink.count(spdlog::level::warn, "background save of step 2") == 1);
+  CHECK(sink.contains(spdlog::level::warn, "dropped"));
 }
 
 TEST_CASE("overlapped staging: parameters changed in place before the fence are not saved torn",
           "[checkpoint][background]") {
-  TempDir dir;
-  CapturedLogger captured;
-  Run run(1);
-  auto options = run.options(dir.path, captured.logger);
-  options.background = true;
-  options.every_n_steps = 1;
-  options.keep_last = 100;
-  options.save_on_exit = SaveOnExit::never;
-  std::map<std::int64_t, torchguard::TensorMap> recorded;
-  CheckpointGuard guard(run.model, *run.optimizer, options);
+  OverlappedRun overlapped(1);
+  auto& run = overlapped.run;
+  overlapped.options.save_on_exit = SaveOnExit::never;
+  CheckpointGuard guard(run.model, *run.optimizer, overlapped.options);
   guard.before_optimizer_step();  // the loop marks the point: copies are deferred from now on
   guard.step();
-  recorded[1] = state_now(*run.model);
+  overlapped.record(1);
   {
     torch::NoGradGuard no_grad;
     run.model->parameters()[0].add_(1.0);  // not the optimizer, but an in-place change all the same
   }
   guard.close(Outcome::success);  // step 1's copy is dropped; the state at hand is saved
-  recorded.at(1) = state_now(*run.model);
-  CHECK(checked_steps(dir.path, recorded) == std::vector<std::int64_t>{1});
-  CHECK(captured.sink->contains(spdlog::level::warn, "dropped"));
+  overlapped.record(1);
+  CHECK(overlapped.checked_steps() == std::vector<std::int64_t>{1});
+  CHECK(overlapped.captured.sink->contains(spdlog::level::warn, "dropped"));
 }
 
 // ---- crash safety: a writer SIGKILLed at many moments ------------------------------------

@@ -275,7 +275,6 @@ class TaskPool {
     return next_ < slots_.size() && next_ - consumed_ >= window_ &&
            running_.size() < active_workers_;
   }
-  std::size_t window() const noexcept { return window_; }
   // Lets one more item be claimed ahead of the consumer per worker waiting for room, up to `most`.
   void grow_window(std::unique_lock<std::mutex>&, std::size_t most) {
     const std::size_t idle = active_workers_ - std::min(active_workers_, running_.size());
