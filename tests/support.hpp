@@ -17,13 +17,18 @@ inline auto Contains(const std::string& text) { return Catch::Matchers::Contains
 #endif
 
 #include <fcntl.h>
+#include <signal.h>
 #include <spawn.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -142,6 +147,58 @@ inline std::string read_text(const std::filesystem::path& path) {
   std::stringstream content;
   content << in.rdbuf();
   return content.str();
+}
+
+// The Python of the interop tests (the other side of a border): $TORCHGUARD_PYTHON, the venv of
+// scripts/setup.sh --torch2 ($TORCHGUARD_TORCH2_VENV, else /opt/torchguard-venv), when it can
+// `import` every one of `modules`; otherwise "" after printing the SKIPPED line.
+inline std::string interop_python(const std::string& modules) {
+  std::vector<std::string> candidates;
+  if (const char* python = std::getenv("TORCHGUARD_PYTHON")) candidates.push_back(python);
+  if (const char* venv = std::getenv("TORCHGUARD_TORCH2_VENV")) {
+    candidates.push_back(std::string(venv) + "/bin/python");
+  }
+  candidates.push_back("/opt/torchguard-venv/bin/python");
+  for (const auto& python : candidates) {
+    const std::string probe = python + " -c 'import " + modules + "' >/dev/null 2>&1";
+    if (std::filesystem::exists(python) && std::system(probe.c_str()) == 0) return python;
+  }
+  std::cout << "SKIPPED: no Python that imports " << modules
+            << " (scripts/setup.sh --torch2 installs it)" << std::endl;
+  return {};
+}
+
+// The standard output of a shell command, and whether it exited with 0.
+inline std::pair<std::string, bool> command_output(const std::string& command) {
+  std::string output;
+  FILE* pipe = ::popen(command.c_str(), "r");
+  if (!pipe) return {output, false};
+  char buffer[4096];
+  while (const std::size_t n = std::fread(buffer, 1, sizeof buffer, pipe)) output.append(buffer, n);
+  return {output, ::pclose(pipe) == 0};
+}
+
+// Runs `fn` with the file size limit at `bytes` (SIGXFSZ ignored, so writes fail with EFBIG).
+template <class F>
+void with_file_size_limit(rlim_t bytes, F&& fn) {
+  struct rlimit saved {};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &saved) == 0);
+  struct sigaction ignore {
+  }, previous{};
+  ignore.sa_handler = SIG_IGN;
+  ::sigaction(SIGXFSZ, &ignore, &previous);
+  struct rlimit limited = saved;
+  limited.rlim_cur = bytes;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &limited) == 0);
+  try {
+    fn();
+  } catch (...) {
+    ::setrlimit(RLIMIT_FSIZE, &saved);
+    ::sigaction(SIGXFSZ, &previous, nullptr);
+    throw;
+  }
+  ::setrlimit(RLIMIT_FSIZE, &saved);
+  ::sigaction(SIGXFSZ, &previous, nullptr);
 }
 
 }  // namespace torchguard::testing

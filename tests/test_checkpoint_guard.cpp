@@ -38,6 +38,7 @@ using torchguard::SaveOnExit;
 using torchguard::testing::CapturedLogger;
 using torchguard::testing::Contains;
 using torchguard::testing::TempDir;
+using torchguard::testing::with_file_size_limit;
 
 static_assert(torchguard::is_guard_v<torchguard::CheckpointGuard>);
 
@@ -678,33 +679,6 @@ TEST_CASE("a non-writing process restores but never writes and after_save runs e
   CHECK(fences == 2);  // the explicit save point and the exit's
   CHECK(checkpoint_dirs(dir.path).size() == 1);
 }
-
-namespace {
-
-// Runs `fn` with the file size limit at `bytes` (SIGXFSZ ignored, so writes fail with EFBIG).
-template <class F>
-void with_file_size_limit(rlim_t bytes, F&& fn) {
-  struct rlimit saved {};
-  REQUIRE(::getrlimit(RLIMIT_FSIZE, &saved) == 0);
-  struct sigaction ignore {
-  }, previous{};
-  ignore.sa_handler = SIG_IGN;
-  ::sigaction(SIGXFSZ, &ignore, &previous);
-  struct rlimit limited = saved;
-  limited.rlim_cur = bytes;
-  REQUIRE(::setrlimit(RLIMIT_FSIZE, &limited) == 0);
-  try {
-    fn();
-  } catch (...) {
-    ::setrlimit(RLIMIT_FSIZE, &saved);
-    ::sigaction(SIGXFSZ, &previous, nullptr);
-    throw;
-  }
-  ::setrlimit(RLIMIT_FSIZE, &saved);
-  ::sigaction(SIGXFSZ, &previous, nullptr);
-}
-
-}  // namespace
 
 TEST_CASE("a write failure (file size limit) leaves the previous checkpoint intact",
           "[checkpoint][failure]") {

@@ -42,6 +42,7 @@ using torchguard::CheckpointInfo;
 using torchguard::CheckpointOptions;
 using torchguard::testing::CapturedLogger;
 using torchguard::testing::Contains;
+using torchguard::testing::interop_python;
 using torchguard::testing::TempDir;
 
 namespace {
@@ -292,25 +293,6 @@ TEST_CASE("save_state_dict / load_state_dict: Python's names, crash-safe, checke
 
 namespace {
 
-// The Python of the interop tests, or "" after printing the SKIPPED line.
-std::string interop_python() {
-  std::vector<std::string> candidates;
-  if (const char* python = std::getenv("TORCHGUARD_PYTHON")) candidates.push_back(python);
-  if (const char* venv = std::getenv("TORCHGUARD_TORCH2_VENV")) {
-    candidates.push_back(std::string(venv) + "/bin/python");
-  }
-  candidates.push_back("/opt/torchguard-venv/bin/python");
-  for (const auto& python : candidates) {
-    if (fs::exists(python) &&
-        std::system((python + " -c 'import safetensors.torch' >/dev/null 2>&1").c_str()) == 0) {
-      return python;
-    }
-  }
-  std::cout << "SKIPPED: no Python with safetensors (scripts/setup.sh --torch2 installs it)"
-            << std::endl;
-  return {};
-}
-
 // Runs tests/safetensors_interop.py; true when it succeeds.
 bool python_side(const std::string& python, const std::string& command, const fs::path& target) {
   const std::string line = fmt::format("{} {}/safetensors_interop.py {} '{}'", python,
@@ -337,7 +319,7 @@ TORCH_MODULE(SmallNet);
 
 TEST_CASE("interop: Python's safetensors reads what C++ writes, and the reverse, every dtype",
           "[checkpoint][parts][interop]") {
-  const std::string python = interop_python();
+  const std::string python = interop_python("safetensors.torch");
   if (python.empty()) return;  // skipped
   TempDir dir;
   torchguard::TensorMap tensors;
@@ -359,7 +341,7 @@ TEST_CASE("interop: Python's safetensors reads what C++ writes, and the reverse,
 
 TEST_CASE("interop: a module trained in Python gives the same outputs in C++, and back",
           "[checkpoint][parts][interop]") {
-  const std::string python = interop_python();
+  const std::string python = interop_python("safetensors.torch");
   if (python.empty()) return;  // skipped
   TempDir dir;
   REQUIRE(python_side(python, "train", dir.path));

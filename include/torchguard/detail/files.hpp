@@ -45,6 +45,22 @@ class Hasher {
 
 inline std::string hex64(std::uint64_t value) { return fmt::format("{:016x}", value); }
 
+// Writes all `size` bytes to `fd`, through short writes and EINTR. Returns 0, or the errno of
+// the write that failed (some of the bytes may be written then).
+inline int write_all(int fd, const void* data, std::size_t size) noexcept {
+  const char* bytes = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t written = ::write(fd, bytes, size);
+    if (written < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    bytes += written;
+    size -= static_cast<std::size_t>(written);
+  }
+  return 0;
+}
+
 // A file created for writing (it must not exist), hashed as it is written, fsynced on commit.
 class DurableFile {
  public:
@@ -59,18 +75,9 @@ class DurableFile {
   DurableFile& operator=(const DurableFile&) = delete;
 
   void write(const void* data, std::size_t size) {
-    const char* bytes = static_cast<const char*>(data);
-    hasher_.update(bytes, size);
+    hasher_.update(data, size);
     size_ += size;
-    while (size > 0) {
-      const ssize_t written = ::write(fd_, bytes, size);
-      if (written < 0) {
-        if (errno == EINTR) continue;
-        throw FileError("cannot write", path_, errno);
-      }
-      bytes += written;
-      size -= static_cast<std::size_t>(written);
-    }
+    if (const int error = write_all(fd_, data, size)) throw FileError("cannot write", path_, error);
   }
 
   // fsync + close: after this the bytes are on disk, or an error says why not.

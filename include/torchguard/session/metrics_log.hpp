@@ -2,6 +2,9 @@
 // cut back to a step when a run resumes from a checkpoint older than the file's last row.
 #pragma once
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
@@ -34,6 +37,17 @@ class MetricsLog {
     stream_ << record.dump() << '\n';
     stream_.flush();
     if (!stream_) throw FileError("cannot write metrics to", path_, errno);
+  }
+
+  // Makes the rows written so far durable (fsync).
+  void flush() {
+    stream_.flush();
+    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw FileError("cannot open the metrics file", path_, errno);
+    const int result = ::fsync(fd);
+    const int error = errno;
+    ::close(fd);
+    if (result != 0) throw FileError("cannot fsync the metrics file", path_, error);
   }
 
   // Keeps the complete rows whose "step" is at most `step` and drops the rest (rows of a run

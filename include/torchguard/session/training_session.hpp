@@ -14,9 +14,11 @@
 //
 // Start, end (success with the duration, or failure) and errors (type and message) are logged;
 // nothing is swallowed. With `handle_signals`, SIGINT/SIGTERM only request a stop, which the loop
-// reads with stop_requested(); a second signal terminates as usual.
+// reads with stop_requested(); a second signal terminates as usual. With `tensorboard_dir`, the
+// metrics and the start, failure and end also go to a TensorBoard event file.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -45,6 +47,7 @@
 #include "torchguard/core/outcome.hpp"
 #include "torchguard/detail/stop_signals.hpp"
 #include "torchguard/session/metrics_log.hpp"
+#include "torchguard/session/session_board.hpp"
 
 namespace torchguard {
 
@@ -60,6 +63,10 @@ struct TrainingSessionOptions {
   // log_metrics() writes every row to the metrics file, and a readable line to the log at most
   // this often (the first one always; zero: every call).
   std::chrono::milliseconds metrics_log_interval = std::chrono::seconds(10);
+  // Also write a TensorBoard event file in this directory (`tensorboard --logdir` it): the
+  // scalars of log_metrics with their steps, and the run's start, errors and end as text (tag
+  // "session"). Each call's records reach the file before it returns.
+  std::filesystem::path tensorboard_dir = {};
 };
 
 class TrainingSession {
@@ -71,7 +78,13 @@ class TrainingSession {
 
   TrainingSession(std::string name, Options options)
       : state_(std::make_unique<State>(std::move(name), make_logger(options))) {
+    const std::string started =
+        fmt::format("Training session '{}' started{}", state_->name,
+                    options.handle_signals ? " (SIGINT/SIGTERM request a stop)" : "");
+    // The files first: one that cannot be opened fails the constructor before it changes
+    // anything in the process (default logger, signal handlers).
     if (!options.metrics_file.empty()) state_->metrics.emplace(options.metrics_file);
+    if (!options.tensorboard_dir.empty()) state_->board.emplace(options.tensorboard_dir, started);
     state_->metrics_log_interval = options.metrics_log_interval;
     if (options.share_logger) {
       state_->previous_default_logger = torchguard::default_logger();
@@ -87,8 +100,11 @@ class TrainingSession {
             state_->name, ignored);
       }
     }
-    logger()->info("Training session '{}' started{}", state_->name,
-                   options.handle_signals ? " (SIGINT/SIGTERM request a stop)" : "");
+    logger()->info("{}", started);
+    if (state_->board) {
+      logger()->info("Training session '{}': TensorBoard events in '{}'", state_->name,
+                     state_->board->path().string());
+    }
   }
 
   TrainingSession(TrainingSession&&) noexcept = default;
@@ -124,15 +140,31 @@ class TrainingSession {
     s.closed = true;
     if (s.failure) outcome = Outcome::failure;
     const std::string duration = format_duration(elapsed());
+    std::string stopped;
     if (const int signal_number = detail::StopSignalScope::received(); s.signals && signal_number) {
-      s.logger->warn("Training session '{}' stopped by {} after {}", s.name,
-                     detail::signal_name(signal_number), duration);
+      stopped = fmt::format("Training session '{}' stopped by {} after {}", s.name,
+                            detail::signal_name(signal_number), duration);
+      s.logger->warn("{}", stopped);
     }
+    std::string end;
     if (outcome == Outcome::success) {
-      s.logger->info("Training session '{}' completed successfully in {}", s.name, duration);
+      end = fmt::format("Training session '{}' completed successfully in {}", s.name, duration);
+      s.logger->info("{}", end);
     } else {
-      s.logger->error("Training session '{}' failed after {}{}", s.name, duration,
-                      s.failure ? "" : " (left by an exception)");
+      end = fmt::format("Training session '{}' failed after {}{}", s.name, duration,
+                        s.failure ? "" : " (left by an exception)");
+      s.logger->error("{}", end);
+    }
+    {
+      std::lock_guard<std::mutex> lock(s.metrics_mutex);
+      // The failure's line again: the web server shows only this text at the last step.
+      for (const auto& line : {s.failure_line, stopped}) {
+        if (!line.empty()) end = line + "  \n" + end;
+      }
+      board_noexcept([&](detail::SessionBoard& board) {
+        board.text(end);
+        board.flush();
+      });
     }
     s.signals.reset();  // the previous SIGINT/SIGTERM handlers come back here
     if (s.previous_default_logger && torchguard::default_logger() == s.logger) {
@@ -143,9 +175,14 @@ class TrainingSession {
 
   // Logs a failure seen by the caller (the type and message of `error`).
   void record_failure(const std::exception_ptr& error) {
-    state_->failure = true;
-    state_->logger->error("Training session '{}': {}", state_->name, describe(error));
-    state_->logger->flush();
+    State& s = *state_;
+    s.failure = true;
+    const std::string line = fmt::format("Training session '{}': {}", s.name, describe(error));
+    s.logger->error("{}", line);
+    s.logger->flush();
+    std::lock_guard<std::mutex> lock(s.metrics_mutex);
+    board_noexcept([&](detail::SessionBoard& board) { board.text(line); });
+    s.failure_line = line;
   }
 
   // True once a stop was requested: by request_stop(), or by SIGINT/SIGTERM with handle_signals.
@@ -184,6 +221,7 @@ class TrainingSession {
       }
       s.logger->info("{}", line);
     }
+    if (s.board) s.board->scalars(step, metrics);
     if (!s.metrics) return;
     nlohmann::ordered_json record;
     record["step"] = step;
@@ -193,10 +231,12 @@ class TrainingSession {
   }
 
   // A run that resumed from a checkpoint of `step` calls this: the metrics file keeps only the
-  // rows up to that step (the rows of the interrupted run past it would be logged twice).
+  // rows up to that step (the rows of the interrupted run past it would be logged twice), and
+  // TensorBoard forgets the steps past it (a SessionLog START at step + 1).
   void resume_metrics(std::int64_t step) {
     State& s = *state_;
     std::lock_guard<std::mutex> lock(s.metrics_mutex);
+    if (s.board) s.board->resume(step);
     if (!s.metrics) return;
     if (const auto dropped = s.metrics->cut_back_to(step)) {
       s.logger->info(
@@ -204,6 +244,16 @@ class TrainingSession {
           "from '{}'",
           s.name, step, dropped, s.metrics->path().string());
     }
+  }
+
+  // Makes the log, the metrics rows and the TensorBoard records durable (fsync where the file
+  // allows it): for a checkpoint's after_save, so that the metrics on disk match it.
+  void flush() {
+    State& s = *state_;
+    s.logger->flush();
+    std::lock_guard<std::mutex> lock(s.metrics_mutex);
+    if (s.metrics) s.metrics->flush();
+    if (s.board) s.board->flush();
   }
 
   const std::string& name() const noexcept { return state_->name; }
@@ -232,12 +282,27 @@ class TrainingSession {
     std::chrono::milliseconds metrics_log_interval{0};
     bool metrics_logged = false;
     Clock::time_point last_metrics_line;
+    std::optional<detail::SessionBoard> board;  // with tensorboard_dir; under metrics_mutex
+    std::string failure_line;                   // record_failure()'s, repeated at the end
   };
 
   static Options with_logger(std::shared_ptr<spdlog::logger> logger) {
     Options options;
     options.logger = std::move(logger);
     return options;
+  }
+
+  // Runs `fn` on the TensorBoard file, logging a failure instead of throwing it: for the texts of
+  // close() and of the failure path. Call with metrics_mutex held.
+  template <class F>
+  void board_noexcept(F&& fn) noexcept {
+    State& s = *state_;
+    if (!s.board) return;
+    try {
+      fn(*s.board);
+    } catch (const std::exception& e) {
+      s.logger->error("Training session '{}': {}", s.name, error_message(e));
+    }
   }
 
   void close_noexcept(Outcome outcome) noexcept {
