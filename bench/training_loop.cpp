@@ -1,11 +1,12 @@
 // The library's cost in the main job: the training demo's loop (fashion_mnist::train_epochs, from
 // examples/fashion_mnist_training.hpp) with every guard the demo uses, against the same steps in
-// bare LibTorch. Guarded: a ScopeStack holding the TrainingSession (log file, metrics.jsonl, stop
-// signals) and the CheckpointGuard (the demo's options: a checkpoint every 500 steps, restore on
-// start, a save at the end), a GpuMemoryGuard per epoch, the Prefetcher inside train_epochs and
-// its metrics rows and checkpoint metadata. Bare: the same model, seed, batches (the same order,
-// index_select on the training thread), optimizer steps and per-step loss and accuracy reads.
-// Not measured on either side: loading the dataset, evaluation, and the demo's progress bar.
+// bare LibTorch. Guarded: a ScopeStack holding the TrainingSession (log file, metrics.jsonl,
+// TensorBoard events, stop signals) and the CheckpointGuard (the demo's options: a checkpoint every
+// 500 steps, restore on start, a save at the end), a GpuMemoryGuard per epoch, the Prefetcher
+// inside train_epochs and its metrics rows and checkpoint metadata. Bare: the same model, seed,
+// batches (the same order, index_select on the training thread), optimizer steps and per-step loss
+// and accuracy reads. Not measured on either side: loading the dataset, evaluation, and the demo's
+// progress bar.
 //
 //   bench_training_loop [--steps N] [--rounds R] [--threads T]    (defaults: 150, 5, 1)
 // Rounds alternate (guarded, bare, guarded, ...); each side's median samples/s is printed with the
@@ -69,12 +70,14 @@ double guarded_round(const fashion_mnist::Dataset& data, const fashion_mnist::Se
       "bench", std::make_shared<spdlog::sinks::null_sink_mt>());  // the log file still gets all
   session_options.log_file = run_dir / "train.log";
   session_options.metrics_file = run_dir / "metrics.jsonl";
+  session_options.tensorboard_dir = run_dir;
   session_options.handle_signals = true;
   auto& session = stack.emplace<torchguard::TrainingSession>("bench", session_options);
   return session.run([&] {
     auto options = fashion_mnist::checkpoint_options(run_dir / "checkpoints", settings, torch::kCPU,
                                                      session.logger());
     options.stop_token = session.stop_token();
+    options.after_save = [&session] { session.flush(); };
     auto& checkpoint = stack.emplace<torchguard::CheckpointGuard>(model, optimizer, options);
     fashion_mnist::reconcile_settings(checkpoint, *optimizer, settings, *session.logger());
     session.resume_metrics(checkpoint.current_step());

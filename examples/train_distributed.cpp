@@ -36,7 +36,10 @@ torchguard::TrainingSession& open_session(torchguard::ScopeStack& stack,
   const fs::path run_dir = config.run_dir;
   torchguard::TrainingSessionOptions options;
   options.log_file = run_dir / ("train-rank-" + std::to_string(group.rank()) + ".log");
-  if (group.is_main()) options.metrics_file = run_dir / "metrics.jsonl";
+  if (group.is_main()) {
+    options.metrics_file = run_dir / "metrics.jsonl";
+    options.tensorboard_dir = run_dir;
+  }
   options.handle_signals = true;
   auto& session = stack.emplace<torchguard::TrainingSession>(
       "fashion-mnist rank " + std::to_string(group.rank()), options);

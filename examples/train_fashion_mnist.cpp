@@ -1,6 +1,7 @@
 // The training demo: a small CNN on Fashion-MNIST with every guard in one ScopeStack.
 //
-//   TrainingSession   the run's log (console and train.log), metrics.jsonl, the stop signal
+//   TrainingSession   the run's log (console and train.log), metrics.jsonl, TensorBoard event
+//                     files (`tensorboard --logdir <run-dir>`), the stop signal
 //   CheckpointGuard   restore on start, save every N steps, at the end and on a stop request
 //   GpuMemoryGuard    per-epoch memory accounting (a no-op that says so on the CPU)
 //   gather            the four dataset files decompressed and parsed concurrently
@@ -55,7 +56,7 @@ double peak_rss_mib() {
 void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
 
 // Restores the newest valid checkpoint, checks this run's settings against it, and cuts
-// metrics.jsonl back to the restored step (the steps after it are trained again).
+// metrics.jsonl and TensorBoard back to the restored step (the steps after it are trained again).
 torchguard::CheckpointGuard& open_checkpoint(torchguard::ScopeStack& stack,
                                              fashion_mnist::Net model,
                                              std::shared_ptr<torch::optim::Adam> optimizer,
@@ -66,6 +67,7 @@ torchguard::CheckpointGuard& open_checkpoint(torchguard::ScopeStack& stack,
                                  : fs::path(config.checkpoint_dir);
   auto options = fashion_mnist::checkpoint_options(directory, config, device, session.logger());
   options.stop_token = session.stop_token();
+  options.after_save = [&session] { session.flush(); };  // metrics on disk as far as the save
   auto& checkpoint = stack.emplace<torchguard::CheckpointGuard>(model, optimizer, options);
   fashion_mnist::reconcile_settings(checkpoint, *optimizer, config, *session.logger());
   session.resume_metrics(checkpoint.current_step());
@@ -175,6 +177,7 @@ int train(const Config& config) {
   torchguard::TrainingSessionOptions session_options;
   session_options.log_file = fs::path(config.run_dir) / "train.log";
   session_options.metrics_file = fs::path(config.run_dir) / "metrics.jsonl";
+  session_options.tensorboard_dir = config.run_dir;
   session_options.handle_signals = true;
   auto& session = stack.emplace<torchguard::TrainingSession>("fashion-mnist", session_options);
   auto log = session.logger();

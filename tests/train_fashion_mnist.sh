@@ -2,10 +2,12 @@
 # The training demo's behaviour, end to end: tests/train_fashion_mnist.sh <binary> <case>
 #   short       a short run writes its run directory
 #   resume      SIGINT saves and exits 130; the rerun resumes and ends bitwise equal to a run
-#               that was never interrupted, with the same metrics.jsonl figures
+#               that was never interrupted, with the same metrics.jsonl figures, and the same
+#               scalars in TensorBoard (when Python with tensorboard is there)
 #   bad-data    a missing directory, a truncated file and a bad magic number: clear errors
 #   fallback    a corrupt newest checkpoint is quarantined; the run resumes from the previous one
-#               and still ends equal to an uninterrupted run, with the same figures
+#               and still ends equal to an uninterrupted run, with the same figures (in
+#               metrics.jsonl and in TensorBoard)
 #   settings-refused  a resume with another --batch-size is refused, naming the setting and both
 #               values, and leaves the checkpoints and metrics as they were
 #   settings-warned   a resume with another --lr goes on with a warning and the new value
@@ -35,6 +37,29 @@ same_figures() {  # same_figures <run dir> <run dir>
     diff <(figures "$1") <(figures "$2")
     fail "metrics.jsonl differs between $1 and $2"
   }
+}
+# TensorBoard (the real reader, tests/tensorboard_interop.py) shows two run directories alike:
+# the same tags, and for each the same steps with bit-equal values (timing tags aside).
+same_board() {  # same_board <run dir> <run dir>
+  local python
+  python=$(interop_python tensorboard) || {
+    echo "note: TensorBoard not compared (no Python with tensorboard)"
+    return 0
+  }
+  "$python" "$(dirname "$0")/tensorboard_interop.py" read "$1" "$2" > "$work/board.json" ||
+    fail "tensorboard_interop.py could not read $1 and $2"
+  "$python" - "$work/board.json" <<'EOF' || fail "TensorBoard shows $1 and $2 differently"
+import json, sys
+timing = {"samples_per_s", "epoch_s", "memory_peak_mib"}
+runs = list(json.load(open(sys.argv[1])).values())
+views = [{tag: [row[:2] for row in rows] for tag, rows in run["scalars"].items()
+          if tag not in timing} for run in runs]
+if not views[0] or views[0] != views[1]:
+    for tag in sorted(set(views[0]) | set(views[1])):
+        if views[0].get(tag) != views[1].get(tag):
+            print(f"{tag}: {views[0].get(tag)}\n  vs {views[1].get(tag)}")
+    sys.exit(1)
+EOF
 }
 # Every file of a directory with its checksum (the lock file names the last run: not data).
 checksums() { (cd "$1" && find . -type f ! -name .lock | sort | xargs md5sum); }
@@ -81,6 +106,7 @@ case "$case_name" in
       fail "parameters differ: $(fingerprint "$work/straight") uninterrupted," \
            "$(fingerprint "$work/interrupted") interrupted and resumed"
     same_figures "$work/straight" "$work/interrupted"
+    same_board "$work/straight" "$work/interrupted"
     ;;
   bad-data)
     "$binary" "${common[@]}" --run-dir "$work/run" --data-dir "$work/nowhere" > "$work/out" 2>&1 &&
@@ -127,8 +153,10 @@ case "$case_name" in
     [ -n "$(ls "$work/run/checkpoints/quarantine")" ] || fail "nothing in quarantine/"
     [ "$(fingerprint "$work/straight")" = "$(fingerprint "$work/run")" ] ||
       fail "parameters differ after the fallback"
-    # Steps 21 to 30 were trained twice; metrics.jsonl lists them once, like the uninterrupted run.
+    # Steps 21 to 30 were trained twice; metrics.jsonl and TensorBoard show them once, like the
+    # uninterrupted run.
     same_figures "$work/straight" "$work/run"
+    same_board "$work/straight" "$work/run"
     ;;
   settings-refused)
     "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 20 > "$work/first.out" 2>&1 ||
