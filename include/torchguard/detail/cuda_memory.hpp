@@ -1,8 +1,11 @@
 // Version shim over LibTorch's CUDA caching allocator: the calls that exist from 1.13 to 2.x
 // (getDeviceStats, index 0 of each stat array for the aggregate, resetPeakStats, emptyCache,
 // setMemoryFraction). Compiled only against a CUDA-enabled LibTorch (TORCHGUARD_WITH_CUDA).
+// GpuMemoryGuard and retry_on_oom reach it through one seam, AllocatorSource, so that tests
+// drive their accounting with a fake allocator on a machine without a GPU.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include <torch/torch.h>
@@ -75,6 +78,56 @@ inline void set_memory_fraction(double, int) {}
 inline int current_device() { return 0; }
 inline void set_device(int) {}
 #endif
+
+// Everything GpuMemoryGuard and retry_on_oom ask of the allocator. Implementations are called
+// from any thread.
+class AllocatorSource {
+ public:
+  virtual ~AllocatorSource() = default;
+  virtual bool usable() = 0;  // false: the guards are no-ops
+  virtual AllocatorCounters read(int device) = 0;
+  virtual void reset_peaks(int device) = 0;
+  virtual void empty_cache() = 0;
+  virtual void set_memory_fraction(double fraction, int device) = 0;
+  virtual int current_device() = 0;
+  virtual void set_device(int device) = 0;
+};
+
+// LibTorch's CUDA caching allocator.
+class CudaAllocatorSource final : public AllocatorSource {
+ public:
+  bool usable() override { return cuda_usable(); }
+  AllocatorCounters read(int device) override { return read_counters(device); }
+  void reset_peaks(int device) override { detail::reset_peaks(device); }
+  void empty_cache() override { detail::empty_cache(); }
+  void set_memory_fraction(double fraction, int device) override {
+    detail::set_memory_fraction(fraction, device);
+  }
+  int current_device() override { return detail::current_device(); }
+  void set_device(int device) override { detail::set_device(device); }
+};
+
+inline std::atomic<AllocatorSource*>& allocator_source_slot() {
+  static CudaAllocatorSource cuda;
+  static std::atomic<AllocatorSource*> slot{&cuda};
+  return slot;
+}
+
+// The source guards created now use: LibTorch's CUDA allocator unless a test replaced it.
+inline AllocatorSource& allocator_source() { return *allocator_source_slot().load(); }
+
+// Replaces the allocator source for its lifetime (tests). Guards keep the source they began with.
+class ScopedAllocatorSource {
+ public:
+  explicit ScopedAllocatorSource(AllocatorSource& source)
+      : previous_(allocator_source_slot().exchange(&source)) {}
+  ~ScopedAllocatorSource() { allocator_source_slot().store(previous_); }
+  ScopedAllocatorSource(const ScopedAllocatorSource&) = delete;
+  ScopedAllocatorSource& operator=(const ScopedAllocatorSource&) = delete;
+
+ private:
+  AllocatorSource* previous_;
+};
 
 }  // namespace detail
 }  // namespace torchguard

@@ -8,10 +8,12 @@
 //     auto out = model->forward(batch);
 //   }  // logs: "GPU memory [forward] cuda:0: peak 1.20 GiB allocated, ... leaked 0 B"
 //
-// LibTorch's peak counter is process-wide; nested guards still report their own peaks: each
-// guard folds the counter into its parent's running peak and resets it at its entry and exit.
-// That resets LibTorch's peak counter (what max_memory_allocated reads); `reset_peak = false`
-// leaves it alone, and peaks are then the process's since its last reset.
+// LibTorch's peak counter is process-wide; nested guards still report their own peaks: at each
+// guard's entry and exit the counter is folded into the running peak of every guard open on that
+// device, then reset. A guard's peak is the device's peak while it was open, on any thread: guards
+// on a training thread and an inference worker may open and close in any order. That resets
+// LibTorch's peak counter (what max_memory_allocated reads); `reset_peak = false` leaves it
+// alone, and peaks are then the process's since its last reset.
 // On a CPU-only LibTorch, or without a GPU, the guard is a cheap no-op that says so once.
 #pragma once
 
@@ -78,10 +80,13 @@ inline std::string format_bytes(std::int64_t bytes) {
   return fmt::format("{} B", bytes);
 }
 
-// Open guards per device, innermost last, each with the highest peak seen by its segments so
-// far. The allocator's peak counter covers the time since the last reset, which is always the
-// latest entry or exit of a guard on that device.
+// The guards open with reset_peak, each with the highest peak seen by the counter's segments
+// during its life so far. A segment runs from one reset of the counter to the next; every reset
+// happens at a guard's entry or exit, under peak_mutex(), after folding the segment's peak into
+// every guard open on that allocator and device. (An allocation made and freed on another thread
+// between a guard's read and its reset is not seen: the allocator offers no atomic read-and-reset.)
 struct PeakFrame {
+  AllocatorSource* source;
   int device;
   std::int64_t running_peak_allocated;
   std::int64_t running_peak_reserved;
@@ -96,17 +101,19 @@ inline std::vector<PeakFrame*>& open_frames() {
   return frames;
 }
 
-// Folds the counter's current peak into the innermost open frame of `device`, if any.
-inline void fold_into_innermost(int device, const AllocatorCounters& counters) {
-  auto& frames = open_frames();
-  for (auto it = frames.rbegin(); it != frames.rend(); ++it) {
-    if ((*it)->device != device) continue;
-    (*it)->running_peak_allocated =
-        std::max((*it)->running_peak_allocated, counters.peak_allocated_bytes);
-    (*it)->running_peak_reserved =
-        std::max((*it)->running_peak_reserved, counters.peak_reserved_bytes);
-    return;
+// Ends the counter's segment on (source, device): its peak goes to every open frame there, and
+// the counter restarts. Call with peak_mutex() held.
+inline AllocatorCounters end_segment(AllocatorSource& source, int device) {
+  const auto counters = source.read(device);
+  for (PeakFrame* frame : open_frames()) {
+    if (frame->source != &source || frame->device != device) continue;
+    frame->running_peak_allocated =
+        std::max(frame->running_peak_allocated, counters.peak_allocated_bytes);
+    frame->running_peak_reserved =
+        std::max(frame->running_peak_reserved, counters.peak_reserved_bytes);
   }
+  source.reset_peaks(device);
+  return counters;
 }
 
 inline void say_unavailable_once(const std::shared_ptr<spdlog::logger>& logger) {
@@ -124,33 +131,35 @@ class GpuMemoryGuard {
   using Options = GpuMemoryOptions;
 
   explicit GpuMemoryGuard(Options options = {})
-      : options_(std::move(options)), logger_(detail::or_default(options_.logger)) {
-    if (!detail::cuda_usable()) {
+      : options_(std::move(options)),
+        logger_(detail::or_default(options_.logger)),
+        source_(&detail::allocator_source()) {
+    if (!source_->usable()) {
       detail::say_unavailable_once(logger_);
       return;
     }
     active_ = true;
-    previous_device_ = detail::current_device();
+    previous_device_ = source_->current_device();
     device_ = options_.device.value_or(previous_device_);
-    if (device_ != previous_device_) detail::set_device(device_);
-    if (options_.memory_fraction) detail::set_memory_fraction(*options_.memory_fraction, device_);
-    if (options_.empty_cache_on_entry) detail::empty_cache();
-    const auto counters = detail::read_counters(device_);
-    entry_ = counters;
+    if (device_ != previous_device_) source_->set_device(device_);
+    if (options_.memory_fraction) source_->set_memory_fraction(*options_.memory_fraction, device_);
+    if (options_.empty_cache_on_entry) source_->empty_cache();
+    if (!options_.reset_peak) {
+      entry_ = source_->read(device_);
+      return;
+    }
+    std::lock_guard<std::mutex> lock(detail::peak_mutex());
+    entry_ = detail::end_segment(*source_, device_);  // the open guards' segment ends here
     // On the heap: the open-frame list points to it, and the guard may move.
     frame_ = std::make_unique<detail::PeakFrame>(
-        detail::PeakFrame{device_, counters.allocated_bytes, counters.reserved_bytes});
-    if (options_.reset_peak) {
-      std::lock_guard<std::mutex> lock(detail::peak_mutex());
-      detail::fold_into_innermost(device_, counters);  // the parent's segment ends here
-      detail::reset_peaks(device_);
-      detail::open_frames().push_back(frame_.get());
-    }
+        detail::PeakFrame{source_, device_, entry_.allocated_bytes, entry_.reserved_bytes});
+    detail::open_frames().push_back(frame_.get());
   }
 
   GpuMemoryGuard(GpuMemoryGuard&& other) noexcept
       : options_(std::move(other.options_)),
         logger_(other.logger_),
+        source_(other.source_),
         active_(std::exchange(other.active_, false)),
         closed_(other.closed_),
         device_(other.device_),
@@ -163,6 +172,7 @@ class GpuMemoryGuard {
       close_noexcept();
       options_ = std::move(other.options_);
       logger_ = other.logger_;
+      source_ = other.source_;
       active_ = std::exchange(other.active_, false);
       closed_ = other.closed_;
       device_ = other.device_;
@@ -181,43 +191,57 @@ class GpuMemoryGuard {
   void close(Outcome = Outcome::success) {
     if (!active_ || closed_) return;
     closed_ = true;
-    if (options_.empty_cache_on_exit) detail::empty_cache();
-    final_ = stats();
+    if (options_.empty_cache_on_exit) source_->empty_cache();
     if (options_.reset_peak) {
       std::lock_guard<std::mutex> lock(detail::peak_mutex());
       auto& frames = detail::open_frames();
-      frames.erase(std::remove(frames.begin(), frames.end(), frame_.get()), frames.end());
-      detail::AllocatorCounters own;
-      own.peak_allocated_bytes = final_->peak_allocated_bytes;
-      own.peak_reserved_bytes = final_->peak_reserved_bytes;
-      detail::fold_into_innermost(device_, own);  // the parent saw this scope's peak too
-      detail::reset_peaks(device_);               // and measures on from here
+      const auto unlink = [&] {  // even when the allocator throws: never left dangling
+        frames.erase(std::remove(frames.begin(), frames.end(), frame_.get()), frames.end());
+      };
+      detail::AllocatorCounters now;
+      try {
+        // The segment ends for every open guard, this one included; the others measure on.
+        now = detail::end_segment(*source_, device_);
+      } catch (...) {
+        unlink();
+        throw;
+      }
+      unlink();
+      final_ = figures(now, frame_->running_peak_allocated, frame_->running_peak_reserved);
+    } else {
+      final_ = stats();
     }
     log_line(*final_);
-    if (options_.memory_fraction) detail::set_memory_fraction(1.0, device_);
-    if (device_ != previous_device_) detail::set_device(previous_device_);
+    if (options_.memory_fraction) source_->set_memory_fraction(1.0, device_);
+    if (device_ != previous_device_) source_->set_device(previous_device_);
   }
 
   // The figures now (after close(): the figures at exit).
   GpuMemoryStats stats() const {
     if (final_) return *final_;
+    if (!active_) return {};
+    if (!options_.reset_peak) {
+      const auto now = source_->read(device_);
+      return figures(now, now.peak_allocated_bytes, now.peak_reserved_bytes);
+    }
+    std::lock_guard<std::mutex> lock(detail::peak_mutex());
+    const auto now = source_->read(device_);
+    return figures(now, std::max(frame_->running_peak_allocated, now.peak_allocated_bytes),
+                   std::max(frame_->running_peak_reserved, now.peak_reserved_bytes));
+  }
+
+ private:
+  GpuMemoryStats figures(const detail::AllocatorCounters& now, std::int64_t peak_allocated,
+                         std::int64_t peak_reserved) const {
     GpuMemoryStats s;
-    if (!active_) return s;
-    const auto now = detail::read_counters(device_);
     s.available = true;
     s.device = device_;
     s.allocated_bytes_at_entry = entry_.allocated_bytes;
     s.reserved_bytes_at_entry = entry_.reserved_bytes;
     s.allocated_bytes = now.allocated_bytes;
     s.reserved_bytes = now.reserved_bytes;
-    if (options_.reset_peak) {
-      std::lock_guard<std::mutex> lock(detail::peak_mutex());
-      s.peak_allocated_bytes = std::max(frame_->running_peak_allocated, now.peak_allocated_bytes);
-      s.peak_reserved_bytes = std::max(frame_->running_peak_reserved, now.peak_reserved_bytes);
-    } else {
-      s.peak_allocated_bytes = now.peak_allocated_bytes;
-      s.peak_reserved_bytes = now.peak_reserved_bytes;
-    }
+    s.peak_allocated_bytes = peak_allocated;
+    s.peak_reserved_bytes = peak_reserved;
     s.leaked_bytes = now.allocated_bytes - entry_.allocated_bytes;
     s.fragmentation = now.reserved_bytes > 0
                           ? double(now.reserved_bytes - now.allocated_bytes) / now.reserved_bytes
@@ -227,7 +251,6 @@ class GpuMemoryGuard {
     return s;
   }
 
- private:
   void close_noexcept() noexcept {
     try {
       close(Outcome::success);
@@ -254,6 +277,7 @@ class GpuMemoryGuard {
 
   GpuMemoryOptions options_;
   std::shared_ptr<spdlog::logger> logger_;
+  detail::AllocatorSource* source_;
   bool active_ = false;
   bool closed_ = false;
   int device_ = -1;

@@ -65,7 +65,8 @@ inline bool is_out_of_memory(const std::exception_ptr& error) {
 
 // Calls fn(batch) from `initial_batch` down: after an out-of-memory error the cache is freed,
 // the batch shrinks (halved, or options.shrink) and fn runs again, down to minimum_batch; then
-// OutOfMemoryRetryError lists every size tried. Other errors propagate unchanged.
+// OutOfMemoryRetryError lists every size tried. Each retry is logged (warn), and the size that
+// fitted with those that did not (info). Other errors propagate unchanged.
 template <class F>
 auto retry_on_oom(std::int64_t initial_batch, F&& fn, RetryOnOomOptions options = {})
     -> std::invoke_result_t<F&, std::int64_t> {
@@ -79,14 +80,29 @@ auto retry_on_oom(std::int64_t initial_batch, F&& fn, RetryOnOomOptions options 
   std::int64_t batch = initial_batch;
   for (;;) {
     std::exception_ptr error;
+    // After out-of-memory errors, the size that fitted and those that did not are logged.
+    const auto report_fit = [&] {
+      if (tried.empty()) return;
+      logger->info("retry_on_oom: batch {} fits (out of memory at {})", batch,
+                   fmt::join(tried, ", "));
+    };
     try {
-      return fn(batch);
+      if constexpr (std::is_void_v<std::invoke_result_t<F&, std::int64_t>>) {
+        fn(batch);
+        report_fit();
+        return;
+      } else {
+        auto result = fn(batch);
+        report_fit();
+        return result;
+      }
     } catch (...) {
       error = std::current_exception();
       if (!detail::is_out_of_memory(error)) throw;
     }
     tried.push_back(batch);
-    if (options.empty_cache && detail::cuda_usable()) detail::empty_cache();
+    auto& allocator = detail::allocator_source();
+    if (options.empty_cache && allocator.usable()) allocator.empty_cache();
     // Shrunk below the minimum, the minimum itself is the last size tried.
     const std::int64_t shrunk = options.shrink ? options.shrink(batch) : batch / 2;
     const std::int64_t next = std::max(shrunk, options.minimum_batch);
