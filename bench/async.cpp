@@ -24,6 +24,7 @@
 
 #include <torch/torch.h>
 
+#include "inference.hpp"
 #include "torchguard/async.hpp"
 
 namespace {
@@ -39,12 +40,6 @@ double median(std::vector<double> values) {
   std::sort(values.begin(), values.end());
   const auto n = values.size();
   return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
-}
-
-double percentile(std::vector<double> values, double p) {
-  std::sort(values.begin(), values.end());
-  const auto rank = static_cast<std::size_t>(p * static_cast<double>(values.size() - 1) + 0.5);
-  return values[std::min(rank, values.size() - 1)];
 }
 
 // Compute on the consumer's thread: a busy loop, as a training step keeps a core busy.
@@ -185,70 +180,6 @@ void bench_loading(std::size_t items, int repeats) {
   }
 }
 
-struct InferenceResult {
-  double requests_per_second;
-  double p50_ms;
-  double p99_ms;
-};
-
-// Each caller sends `per_caller` requests, one at a time, through `call`.
-template <class Call>
-InferenceResult run_callers(int callers, int per_caller, Call call) {
-  std::vector<std::vector<double>> latencies(static_cast<std::size_t>(callers));
-  const auto start = Clock::now();
-  std::vector<std::thread> threads;
-  for (int c = 0; c < callers; ++c) {
-    threads.emplace_back([&, c] {
-      auto input = torch::randn({784});
-      auto& mine = latencies[static_cast<std::size_t>(c)];
-      for (int r = 0; r < per_caller; ++r) {
-        const auto sent = Clock::now();
-        auto output = call(input);
-        if (output.size(0) != 10) std::abort();
-        mine.push_back(Milliseconds(Clock::now() - sent).count());
-      }
-    });
-  }
-  for (auto& thread : threads) thread.join();
-  const double elapsed = seconds_since(start);
-  std::vector<double> all;
-  for (auto& mine : latencies) all.insert(all.end(), mine.begin(), mine.end());
-  return {static_cast<double>(all.size()) / elapsed, percentile(all, 0.50), percentile(all, 0.99)};
-}
-
-void bench_inference(int requests) {
-  std::printf("== BatchedInference: MLP 784-1024-1024-10, %d requests per setting ==\n", requests);
-  torch::manual_seed(0);
-  torch::nn::Sequential model(torch::nn::Linear(784, 1024), torch::nn::ReLU(),
-                              torch::nn::Linear(1024, 1024), torch::nn::ReLU(),
-                              torch::nn::Linear(1024, 10));
-  model->eval();
-  for (int callers : {1, 8, 64}) {
-    const int per_caller = std::max(1, requests / callers);
-    const auto direct = run_callers(callers, per_caller, [&](const torch::Tensor& input) {
-      c10::InferenceMode inference;
-      return model->forward(input.unsqueeze(0))[0];
-    });
-    torchguard::BatchedInferenceOptions options;
-    options.max_batch = 64;
-    options.max_delay = std::chrono::microseconds(1000);
-    torchguard::BatchedInference server(model, options);
-    const auto batched = run_callers(callers, per_caller, [&](const torch::Tensor& input) {
-      return server.submit(input).get();
-    });
-    const auto stats = server.stats();
-    std::printf("  callers %2d  one-by-one: %8.0f req/s  p50 %6.2f ms  p99 %6.2f ms\n", callers,
-                direct.requests_per_second, direct.p50_ms, direct.p99_ms);
-    std::printf(
-        "  callers %2d  batched:    %8.0f req/s  p50 %6.2f ms  p99 %6.2f ms  (mean batch "
-        "%.1f)\n",
-        callers, batched.requests_per_second, batched.p50_ms, batched.p99_ms,
-        static_cast<double>(stats.requests) / static_cast<double>(stats.batches));
-    std::printf("  callers %2d  throughput batched / one-by-one: %.2fx\n", callers,
-                batched.requests_per_second / direct.requests_per_second);
-  }
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -284,6 +215,6 @@ int main(int argc, char** argv) {
   std::printf("intra-op threads %d, hardware threads %u\n", at::get_num_threads(),
               std::thread::hardware_concurrency());
   if (loading) bench_loading(items, repeats);
-  if (inference) bench_inference(requests);
+  if (inference) torchguard_bench::bench_inference(requests, torch::Device(torch::kCPU));
   return 0;
 }
