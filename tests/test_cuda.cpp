@@ -14,7 +14,7 @@
 #include <cuda_runtime_api.h>
 #endif
 
-#include "cuda_overlap.hpp"  // bench/: the overlap measurement bench_async --overlap prints
+#include "cuda_overlap.hpp"  // bench/: the overlap measurement that bench_gpu prints
 #include "support.hpp"
 #include "torchguard/async.hpp"
 #include "torchguard/checkpoint_guard.hpp"
@@ -322,7 +322,7 @@ TEST_CASE("a checkpoint saved on CUDA restores on the CPU and on CUDA with the s
       train_step(fresh, fresh_optimizer, nullptr);
       const auto stepped = host_copies(fresh->parameters());
       for (std::size_t i = 0; i < stepped.size(); ++i) {
-        CHECK(torch::allclose(stepped[i], after_one_step[i], 1e-5, 1e-6));
+        CHECK(torch::allclose(stepped[i], after_one_step[i], 1e-4, 1e-5));  // CPU or CUDA math
       }
     }
   }
