@@ -37,6 +37,7 @@ inline auto Contains(const std::string& text) { return Catch::Matchers::Contains
 
 #include <spdlog/sinks/base_sink.h>
 #include <spdlog/spdlog.h>
+#include <torch/torch.h>
 
 namespace torchguard::testing {
 
@@ -140,6 +141,23 @@ inline pid_t spawn_test_child(const std::string& test_tag,
   posix_spawn_file_actions_destroy(&actions);
   REQUIRE(error == 0);
   return pid;
+}
+
+// Detached copies on the host of `tensors` (a model's parameters): what a test compares later.
+inline std::vector<torch::Tensor> host_copies(const std::vector<torch::Tensor>& tensors) {
+  std::vector<torch::Tensor> copies;
+  for (const auto& tensor : tensors) copies.push_back(tensor.detach().cpu().clone());
+  return copies;
+}
+
+// True when both lists hold the same tensors, bit for bit, wherever each one lives.
+inline bool bitwise_equal(const std::vector<torch::Tensor>& a,
+                          const std::vector<torch::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!a[i].cpu().equal(b[i].cpu())) return false;
+  }
+  return true;
 }
 
 inline std::string read_text(const std::filesystem::path& path) {

@@ -26,7 +26,9 @@ using torchguard::GpuMemoryOptions;
 using torchguard::GpuMemoryStats;
 using torchguard::retry_on_oom;
 using torchguard::RetryOnOomOptions;
+using torchguard::testing::bitwise_equal;
 using torchguard::testing::CapturedLogger;
+using torchguard::testing::host_copies;
 using torchguard::testing::TempDir;
 
 namespace {
@@ -42,20 +44,6 @@ bool skip_without_gpu() {
 }
 
 constexpr std::int64_t MiB = 1 << 20;
-
-std::vector<torch::Tensor> host_copies(const std::vector<torch::Tensor>& tensors) {
-  std::vector<torch::Tensor> copies;
-  for (const auto& tensor : tensors) copies.push_back(tensor.detach().cpu().clone());
-  return copies;
-}
-
-bool bitwise_equal(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
-  if (a.size() != b.size()) return false;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    if (!a[i].cpu().equal(b[i].cpu())) return false;
-  }
-  return true;
-}
 
 }  // namespace
 

@@ -26,7 +26,9 @@ namespace fs = std::filesystem;
 using torchguard::DistributedError;
 using torchguard::ProcessGroupGuard;
 using torchguard::ProcessGroupOptions;
+using torchguard::testing::bitwise_equal;
 using torchguard::testing::Contains;
+using torchguard::testing::host_copies;
 using torchguard::testing::read_text;
 using torchguard::testing::spawn_test_child;
 using torchguard::testing::TempDir;
@@ -123,12 +125,6 @@ std::pair<torch::Tensor, torch::Tensor> global_batch(std::int64_t step, int worl
   return {x, y};
 }
 
-std::vector<torch::Tensor> parameters_of(torch::nn::Sequential& model) {
-  std::vector<torch::Tensor> values;
-  for (const auto& p : model->parameters()) values.push_back(p.detach().clone());
-  return values;
-}
-
 struct Children {
   std::vector<pid_t> pids;
   // Waits for every child; returns their exit statuses (or 128 + signal).
@@ -213,7 +209,7 @@ void child_train(ProcessGroupGuard& group, const fs::path& dir, bool checkpoint)
     }
   }
   if (guard) guard->close(torchguard::Outcome::success);
-  torch::save(parameters_of(model),
+  torch::save(host_copies(model->parameters()),
               (dir / ("params-" + std::to_string(group.rank()) + ".pt")).string());
 }
 
@@ -221,14 +217,6 @@ std::vector<torch::Tensor> load_parameters(const fs::path& path) {
   std::vector<torch::Tensor> values;
   torch::load(values, path.string());
   return values;
-}
-
-bool bitwise_equal(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
-  if (a.size() != b.size()) return false;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    if (!torch::equal(a[i], b[i])) return false;
-  }
-  return true;
 }
 
 }  // namespace
@@ -292,7 +280,7 @@ TEST_CASE(
       torch::mse_loss(model->forward(x), y).backward();
       optimizer.step();
     }
-    const auto reference = parameters_of(model);
+    const auto reference = host_copies(model->parameters());
     const auto rank0 = load_parameters(dir.path / "params-0.pt");
     for (int rank = 1; rank < world_size; ++rank) {
       CHECK(bitwise_equal(rank0,
@@ -507,9 +495,9 @@ TEST_CASE("a group of one: collectives are identities, and teardown is clean", "
   group.allreduce(tensors);
   CHECK(tensors[0].sum().item<double>() == 6.0);
   auto model = make_model(5);
-  const auto before = parameters_of(model);
+  const auto before = host_copies(model->parameters());
   group.broadcast_parameters(*model);
-  CHECK(bitwise_equal(before, parameters_of(model)));
+  CHECK(bitwise_equal(before, host_copies(model->parameters())));
   group.check_same(42, "a value");
   CHECK_THROWS_WITH(group.broadcast_parameters(*model, 1), Contains("root 1 is not a rank"));
   group.close();
