@@ -107,14 +107,6 @@ inline std::map<std::string, std::string> manifest_checksums(const nlohmann::jso
   return checksums;
 }
 
-// The manifest's own checksum (format 2): XXH3 of its JSON without this key, as dump(2) writes
-// it. A damaged manifest could otherwise change a step or a setting and still parse.
-inline constexpr const char* manifest_checksum_key = "manifest_xxh3_64";
-inline std::string manifest_checksum(nlohmann::ordered_json manifest) {
-  manifest.erase(manifest_checksum_key);
-  return hex64(checksum_of(manifest.dump(2)));
-}
-
 // Commits `snapshot` into `directory` and returns the bytes written. Throws CheckpointError; on
 // error the temporary is removed and every committed checkpoint is as it was.
 inline std::uint64_t write_checkpoint(const std::filesystem::path& directory, Snapshot& snapshot) {

@@ -21,14 +21,13 @@
 #include <spdlog/fmt/fmt.h>
 #include <torch/torch.h>
 
+#include "torchguard/checkpoint/manifest.hpp"
 #include "torchguard/checkpoint/safetensors.hpp"
 #include "torchguard/core/error.hpp"
 
 namespace torchguard {
 namespace detail {
 
-inline constexpr int checkpoint_format_version = 2;
-inline constexpr const char* manifest_name = "manifest.json";
 inline constexpr const char* model_file = "model.safetensors";
 inline constexpr const char* optimizer_file = "optimizer.safetensors";
 inline constexpr const char* extra_file = "extra.safetensors";

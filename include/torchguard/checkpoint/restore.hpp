@@ -1,7 +1,8 @@
 // Finding the checkpoint to resume from: the newest one whose files all match their manifest
-// (sizes, XXH3 checksums, all checked before anything loads). A damaged one is moved to
-// quarantine/ with a QUARANTINE_REASON.txt and the one before it is tried; an I/O error that says
-// nothing about the checkpoint (EACCES, EIO, ...) stops the restore instead.
+// (its own checksum, then the files' sizes and XXH3 checksums, all checked before anything
+// loads). A damaged one (a read error included) is moved to quarantine/ with a
+// QUARANTINE_REASON.txt and the one before it is tried; an I/O error that says nothing about the
+// checkpoint (EACCES, ...) stops the restore instead.
 #pragma once
 
 #include <cerrno>
@@ -22,6 +23,7 @@
 #include "torchguard/checkpoint/commit.hpp"
 #include "torchguard/checkpoint/format.hpp"
 #include "torchguard/checkpoint/format_v1.hpp"
+#include "torchguard/checkpoint/manifest.hpp"
 #include "torchguard/checkpoint/options.hpp"
 #include "torchguard/core/error.hpp"
 #include "torchguard/detail/files.hpp"
@@ -29,18 +31,20 @@
 namespace torchguard {
 namespace detail {
 
-// A checkpoint whose files matched their manifest, mapped for loading.
+// A checkpoint whose files matched their manifest, read into memory for loading.
 struct VerifiedCheckpoint {
   std::filesystem::path path;
   nlohmann::json manifest;
-  std::map<std::string, std::unique_ptr<MappedFile>> files;  // by name
+  std::map<std::string, std::unique_ptr<FileBytes>> files;  // by name
   std::string_view bytes(const std::string& name) const { return files.at(name)->bytes(); }
 };
 
-// A name with no directory part ("model.safetensors"; not "../x", "/etc/x", "a/b", "." or "").
-inline bool is_plain_file_name(const std::string& name) {
-  return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
-         name.find('\0') == std::string::npos;
+// An I/O error while reading a checkpoint's file: a failing disk or a file cut short reads as
+// damage (the checkpoint before it is tried); one that says nothing about the checkpoint
+// (EACCES, EMFILE, ENOMEM, ...) stops the restore.
+inline bool is_damage(int error_number) {
+  return error_number == EIO || error_number == ENOENT || error_number == ENXIO ||
+         error_number == EBADMSG || error_number == ESTALE || error_number == EISDIR;
 }
 
 [[noreturn]] inline void fail_restore(const std::filesystem::path& path, const std::exception& e) {
@@ -49,74 +53,56 @@ inline bool is_plain_file_name(const std::string& name) {
 }
 
 // Empty when the checkpoint at `path` is complete and intact (then `out` holds it); otherwise
-// the reason it is damaged. Throws CheckpointError for an I/O error other than a missing file,
-// and for a format newer than this build reads.
+// the reason it is damaged. The manifest's own checksum is checked before anything it says is
+// believed. Throws CheckpointError for an I/O error that is not damage (is_damage), and for an
+// intact manifest of a format newer than this build reads.
 inline std::string verify_checkpoint(const std::filesystem::path& path, VerifiedCheckpoint& out) {
   out.path = path;
   out.files.clear();
-  nlohmann::ordered_json as_written;
+  std::string text;
   try {
-    as_written = nlohmann::ordered_json::parse(read_whole_file(path / manifest_name));
-    out.manifest = as_written;
+    text = read_whole_file(path / manifest_name);
   } catch (const FileError& e) {
-    if (e.error_number() != ENOENT) fail_restore(path, e);
-    return "it has no manifest (an interrupted save or deletion)";
-  } catch (const std::exception& e) {
-    return fmt::format("its manifest is unreadable ({})", error_message(e));
+    if (e.error_number() == ENOENT) return "it has no manifest (an interrupted save or deletion)";
+    if (!is_damage(e.error_number())) fail_restore(path, e);
+    return fmt::format("its manifest cannot be read ({})", error_message(e));
   }
-  try {
-    const int version = out.manifest.at("format_version").get<int>();
-    if (version > checkpoint_format_version) {
-      throw CheckpointError(fmt::format(
-          "CheckpointGuard: checkpoint '{}' has format version {}, newer than this build of "
-          "torchguard reads ({}): upgrade torchguard",
-          path.string(), version, checkpoint_format_version));
+  const ManifestCheck check = check_manifest(text);
+  if (check.verdict == ManifestCheck::Verdict::damaged) return check.reason;
+  if (check.verdict == ManifestCheck::Verdict::newer) {
+    throw CheckpointError(fmt::format(
+        "CheckpointGuard: checkpoint '{}' has format version {}, newer than this build of "
+        "torchguard reads ({}): upgrade torchguard",
+        path.string(), check.version, checkpoint_format_version));
+  }
+  out.manifest = check.manifest;
+  for (const auto& file : check.files) {
+    std::unique_ptr<FileBytes> content;
+    try {
+      content = std::make_unique<FileBytes>(path / file.name);
+    } catch (const FileError& e) {
+      if (e.error_number() == ENOENT) return fmt::format("{} is missing", file.name);
+      if (!is_damage(e.error_number())) fail_restore(path, e);
+      return fmt::format("{} cannot be read ({})", file.name, error_message(e));
     }
-    if (version >= 2) {
-      const auto recorded = as_written.find(manifest_checksum_key);
-      if (recorded == as_written.end()) return "its manifest has no checksum of its own";
-      if (!recorded->is_string() || *recorded != manifest_checksum(as_written)) {
-        return "its manifest fails its own checksum";
-      }
+    if (content->bytes().size() != file.size) {
+      return fmt::format("{} has {} bytes, its manifest says {} (truncated?)", file.name,
+                         content->bytes().size(), file.size);
     }
-    for (const auto& file : out.manifest.at("files")) {
-      const std::string name = file.at("name").get<std::string>();
-      // A manifest never makes the reader open anything outside its checkpoint directory.
-      if (!is_plain_file_name(name)) {
-        return fmt::format("its manifest lists '{}', which is not a file name in the checkpoint",
-                           name);
-      }
-      std::unique_ptr<MappedFile> content;
-      try {
-        content = std::make_unique<MappedFile>(path / name);
-      } catch (const FileError& e) {
-        if (e.error_number() != ENOENT) fail_restore(path, e);
-        return fmt::format("{} is missing", name);
-      }
-      const std::string_view bytes = content->bytes();
-      const auto expected_size = file.at("size").get<std::uint64_t>();
-      if (bytes.size() != expected_size) {
-        return fmt::format("{} has {} bytes, its manifest says {} (truncated?)", name, bytes.size(),
-                           expected_size);
-      }
-      const std::string checksum = hex64(checksum_of(bytes));
-      const std::string expected = file.at("xxh3_64").get<std::string>();
-      if (checksum != expected) {
-        return fmt::format("{} fails its checksum (xxh3 {} instead of {})", name, checksum,
-                           expected);
-      }
-      out.files.emplace(name, std::move(content));
+    const std::string checksum = hex64(content->checksum());
+    if (checksum != file.xxh3_64) {
+      return fmt::format("{} fails its checksum (xxh3 {} instead of {})", file.name, checksum,
+                         file.xxh3_64);
     }
-    const bool archive = out.manifest.value("optimizer", "") == "archive";
-    const std::vector<const char*> required =
-        version < 2 ? std::vector<const char*>{format1_tensors_name, state_name}
-        : archive   ? std::vector<const char*>{model_file, extra_file, state_name}
-                    : std::vector<const char*>{model_file, extra_file};
-    for (const char* name : required) {
-      if (!out.files.count(name)) return fmt::format("its manifest lists no {}", name);
-    }
-  } catch (const nlohmann::json::exception& e) {
-    return fmt::format("its manifest is malformed ({})", e.what());
+    out.files.emplace(file.name, std::move(content));
+  }
+  const bool archive = out.manifest.value("optimizer", "") == "archive";
+  const std::vector<const char*> required =
+      check.version < 2 ? std::vector<const char*>{format1_tensors_name, state_name}
+      : archive         ? std::vector<const char*>{model_file, extra_file, state_name}
+                        : std::vector<const char*>{model_file, extra_file};
+  for (const char* name : required) {
+    if (!out.files.count(name)) return fmt::format("its manifest lists no {}", name);
   }
   return {};
 }

@@ -1,10 +1,14 @@
 // safetensors files (huggingface/safetensors): the format Python's `safetensors.torch`, the
 // Hugging Face Hub and its tools read and write. An 8-byte little-endian header length, a JSON
 // header ({"__metadata__": {string: string}, name: {dtype, shape, data_offsets}}, padded with
-// spaces to a multiple of 8), then the tensors' bytes, contiguous. The writer orders tensors as
-// the reference does (dtype descending, then name), so its files are byte for byte Python's. The
-// reader checks every rule of the reference before it hands out a tensor, and never reads past
-// the bytes it was given.
+// spaces to a multiple of 8), then the tensors' bytes, contiguous. The header's rules and its
+// reader live in safetensors_header.hpp (no LibTorch there); this file maps the format's dtypes
+// to LibTorch's and reads and writes tensors.
+//
+// Every dtype of the format is read: those this LibTorch has (the F8 family from 2.1, U16-U64
+// from 2.3, F8_E8M0 and F4 where torch names them) as tensors of that dtype; the others (F6_*,
+// or F8 on LibTorch 1.13) are listed by unsupported() and read as raw bytes with raw(), never
+// converted. Files are read with pread, never mapped: a read error is a FileError, not SIGBUS.
 #pragma once
 
 #include <unistd.h>
@@ -12,321 +16,415 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdint>
-#include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <memory>
 #include <optional>
-#include <set>
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include <spdlog/fmt/fmt.h>
 #include <torch/torch.h>
-#include <nlohmann/json.hpp>
+#include <torch/version.h>
 
+#include "torchguard/checkpoint/safetensors_header.hpp"
 #include "torchguard/core/error.hpp"
 #include "torchguard/detail/files.hpp"
 
 namespace torchguard {
 
-// A safetensors file breaks a rule of the format; the message names the file, the tensor and
-// the rule.
-class SafetensorsError : public Error {
- public:
-  using Error::Error;
-};
-
 // Tensors by name, as a safetensors file holds them (and as a state_dict names them).
 using TensorMap = std::map<std::string, torch::Tensor>;
-// A file's `__metadata__`: string keys, string values.
-using SafetensorsMetadata = std::map<std::string, std::string>;
+
+// A tensor as the file stores it, for a dtype this LibTorch has no tensors of (F6_E2M3 anywhere;
+// F8_E4M3 on LibTorch 1.13; ...): the format's dtype name, the shape the file gives (F4 and F6
+// count elements, not bytes) and the little-endian bytes.
+struct RawTensor {
+  std::string dtype;
+  std::vector<std::uint64_t> shape;
+  std::string bytes;
+};
+using RawTensorMap = std::map<std::string, RawTensor>;
 
 namespace detail {
 
-// One tensor to write: on the CPU and contiguous (see host_tensor()).
+// One tensor to write.
 struct NamedTensor {
   std::string name;
   torch::Tensor tensor;
 };
 
-// The tensor as a file stores it: detached, on the CPU, contiguous (a copy only if needed).
-inline torch::Tensor host_tensor(const torch::Tensor& tensor) {
-  return tensor.detach().to(torch::kCPU).contiguous();
-}
+// The format's dtypes and LibTorch's, where it has them. Enumerators are looked up in a template
+// so that a LibTorch without them still compiles.
+#define TORCHGUARD_HAS_SCALAR_TYPE(Name)              \
+  template <class E, class = void>                    \
+  struct has_scalar_type_##Name : std::false_type {}; \
+  template <class E>                                  \
+  struct has_scalar_type_##Name<E, std::void_t<decltype(E::Name)>> : std::true_type {};
+TORCHGUARD_HAS_SCALAR_TYPE(Float8_e5m2)
+TORCHGUARD_HAS_SCALAR_TYPE(Float8_e4m3fn)
+TORCHGUARD_HAS_SCALAR_TYPE(Float8_e8m0fnu)
+TORCHGUARD_HAS_SCALAR_TYPE(Float8_e4m3fnuz)
+TORCHGUARD_HAS_SCALAR_TYPE(Float8_e5m2fnuz)
+TORCHGUARD_HAS_SCALAR_TYPE(UInt16)
+TORCHGUARD_HAS_SCALAR_TYPE(UInt32)
+TORCHGUARD_HAS_SCALAR_TYPE(UInt64)
+TORCHGUARD_HAS_SCALAR_TYPE(Float4_e2m1fn_x2)
+#undef TORCHGUARD_HAS_SCALAR_TYPE
 
-struct SafetensorsDtype {
+struct TorchDtype {
+  int format;  // index into safetensors_dtype_table
   c10::ScalarType type;
-  const char* name;
-  int order;  // the reference's Dtype declaration order: files sort by it, descending
 };
 
-inline const std::vector<SafetensorsDtype>& safetensors_dtypes() {
-  static const std::vector<SafetensorsDtype> dtypes = {
-      {torch::kBool, "BOOL", 0},    {torch::kUInt8, "U8", 4},     {torch::kInt8, "I8", 5},
-      {torch::kInt16, "I16", 11},   {torch::kFloat16, "F16", 13}, {torch::kBFloat16, "BF16", 14},
-      {torch::kInt32, "I32", 15},   {torch::kFloat32, "F32", 17}, {torch::kComplexFloat, "C64", 18},
-      {torch::kFloat64, "F64", 19}, {torch::kInt64, "I64", 20}};
+template <class E = c10::ScalarType>
+std::vector<TorchDtype> make_torch_dtypes() {
+  std::vector<TorchDtype> dtypes;
+  auto add = [&](const char* name, E type) {
+    dtypes.push_back({*safetensors_dtype_index(name), type});
+  };
+  add("BOOL", E::Bool);
+  add("U8", E::Byte);
+  add("I8", E::Char);
+  add("I16", E::Short);
+  add("F16", E::Half);
+  add("BF16", E::BFloat16);
+  add("I32", E::Int);
+  add("F32", E::Float);
+  add("C64", E::ComplexFloat);
+  add("F64", E::Double);
+  add("I64", E::Long);
+  if constexpr (has_scalar_type_Float8_e5m2<E>::value) add("F8_E5M2", E::Float8_e5m2);
+  if constexpr (has_scalar_type_Float8_e4m3fn<E>::value) add("F8_E4M3", E::Float8_e4m3fn);
+  if constexpr (has_scalar_type_Float8_e8m0fnu<E>::value) add("F8_E8M0", E::Float8_e8m0fnu);
+  if constexpr (has_scalar_type_Float8_e4m3fnuz<E>::value) {
+    add("F8_E4M3FNUZ", E::Float8_e4m3fnuz);
+  }
+  if constexpr (has_scalar_type_Float8_e5m2fnuz<E>::value) {
+    add("F8_E5M2FNUZ", E::Float8_e5m2fnuz);
+  }
+  if constexpr (has_scalar_type_UInt16<E>::value) add("U16", E::UInt16);
+  if constexpr (has_scalar_type_UInt32<E>::value) add("U32", E::UInt32);
+  if constexpr (has_scalar_type_UInt64<E>::value) add("U64", E::UInt64);
+  if constexpr (has_scalar_type_Float4_e2m1fn_x2<E>::value) add("F4", E::Float4_e2m1fn_x2);
   return dtypes;
 }
 
-inline const SafetensorsDtype& safetensors_dtype(c10::ScalarType type) {
-  for (const auto& dtype : safetensors_dtypes()) {
-    if (dtype.type == type) return dtype;
-  }
-  throw SafetensorsError(fmt::format(
-      "safetensors: tensors of dtype {} cannot be stored (supported: BOOL, U8, I8, I16, F16, "
-      "BF16, I32, F32, C64, F64, I64)",
-      c10::toString(type)));
+inline const std::vector<TorchDtype>& torch_dtypes() {
+  static const std::vector<TorchDtype> dtypes = make_torch_dtypes();
+  return dtypes;
 }
 
-// Writes a safetensors file to `out` (anything with write(data, size)) from host tensors,
-// straight from their memory. Throws SafetensorsError for a duplicate name or a dtype the
-// format has no name for.
+// F4 is stored two elements to a byte: torch's float4_e2m1fn_x2 counts bytes, the file elements.
+inline bool is_packed_fp4(int format) { return format == *safetensors_dtype_index("F4"); }
+
+inline const char* format_dtype_name(int format) {
+  return safetensors_dtype_table[static_cast<std::size_t>(format)].name;
+}
+
+// The torch dtype and shape of a stored tensor, or nullopt when this LibTorch cannot hold it
+// (no such dtype; a dimension over int64; an F4 row of odd length).
+inline std::optional<std::pair<c10::ScalarType, std::vector<std::int64_t>>> torch_form(
+    const SafetensorsEntry& entry) {
+  const auto& dtypes = torch_dtypes();
+  const auto it = std::find_if(dtypes.begin(), dtypes.end(),
+                               [&](const TorchDtype& d) { return d.format == entry.dtype; });
+  if (it == dtypes.end()) return std::nullopt;
+  std::vector<std::int64_t> shape;
+  for (const std::uint64_t dim : entry.shape) {
+    if (dim > static_cast<std::uint64_t>(INT64_MAX)) return std::nullopt;
+    shape.push_back(static_cast<std::int64_t>(dim));
+  }
+  if (is_packed_fp4(entry.dtype)) {
+    if (shape.empty() || shape.back() % 2 != 0) return std::nullopt;
+    shape.back() /= 2;
+  }
+  return std::make_pair(it->type, std::move(shape));
+}
+
+// The tensor as a file stores it: detached, on the CPU, contiguous (a copy only if needed).
+// Throws SafetensorsError, naming it, for a tensor the format cannot hold.
+inline torch::Tensor host_tensor(const std::string& name, const torch::Tensor& tensor) {
+  auto refuse = [&](const std::string& why) {
+    throw SafetensorsError(fmt::format("safetensors: cannot store tensor '{}': {}", name, why));
+  };
+  if (!tensor.defined()) refuse("it is undefined");
+  if (tensor.layout() != torch::kStrided) {
+    refuse(fmt::format("its layout is {}; the format holds dense tensors (to_dense() first)",
+                       c10::str(tensor.layout())));
+  }
+  if (tensor.is_meta()) refuse("it is on the meta device and has no data");
+  if (tensor.is_quantized()) refuse("it is quantized; the format holds plain dtypes");
+  return tensor.detach().to(torch::kCPU).contiguous();
+}
+
+// What the header writer needs of a host tensor. Throws SafetensorsError.
+inline SafetensorsOutput output_of(const std::string& name, const torch::Tensor& tensor) {
+  const auto& dtypes = torch_dtypes();
+  const auto it = std::find_if(dtypes.begin(), dtypes.end(),
+                               [&](const TorchDtype& d) { return d.type == tensor.scalar_type(); });
+  if (it == dtypes.end()) {
+    throw SafetensorsError(
+        fmt::format("safetensors: cannot store tensor '{}': the format has no dtype for {}", name,
+                    c10::toString(tensor.scalar_type())));
+  }
+  SafetensorsOutput out{
+      name, it->format, {}, tensor.data_ptr(), static_cast<std::uint64_t>(tensor.nbytes())};
+  for (const auto dim : tensor.sizes()) out.shape.push_back(static_cast<std::uint64_t>(dim));
+  if (is_packed_fp4(it->format)) {
+    if (out.shape.empty()) {
+      throw SafetensorsError(fmt::format(
+          "safetensors: cannot store tensor '{}': a 0-d float4_e2m1fn_x2 holds two elements, "
+          "which the format's shape cannot say",
+          name));
+    }
+    out.shape.back() *= 2;
+  }
+  return out;
+}
+
+// A file ready to write: its header (checked) and each tensor's bytes, in the file's order.
+struct PreparedSafetensors {
+  std::string header;
+  std::vector<SafetensorsOutput> tensors;  // point into the caller's tensors
+};
+
+// Checks everything a file needs before its first byte goes out. Throws SafetensorsError for a
+// name twice, a tensor the format cannot hold, a header over the format's limit.
+inline PreparedSafetensors prepare_safetensors(const std::vector<NamedTensor>& tensors,
+                                               const SafetensorsMetadata& metadata = {},
+                                               const RawTensorMap& raw = {}) {
+  PreparedSafetensors prepared;
+  prepared.tensors.reserve(tensors.size() + raw.size());
+  for (const auto& item : tensors) prepared.tensors.push_back(output_of(item.name, item.tensor));
+  for (const auto& [name, tensor] : raw) {
+    const auto dtype = safetensors_dtype_index(tensor.dtype);
+    if (!dtype) {
+      throw SafetensorsError(fmt::format(
+          "safetensors: cannot store tensor '{}': '{}' is not one of the format's dtypes", name,
+          tensor.dtype));
+    }
+    prepared.tensors.push_back(
+        {name, *dtype, tensor.shape, tensor.bytes.data(), tensor.bytes.size()});
+  }
+  prepared.header = safetensors_header_bytes(prepared.tensors, metadata);
+  return prepared;
+}
+
+template <class Out>
+void write_prepared(Out& out, const PreparedSafetensors& prepared) {
+  out.write(prepared.header.data(), prepared.header.size());
+  for (const auto& item : prepared.tensors) {
+    out.write(item.data, static_cast<std::size_t>(item.size));
+  }
+}
+
+// Writes a safetensors file to `out` (anything with write(data, size)) from host tensors (and raw
+// ones), straight from their memory; nothing is written when a check fails.
 template <class Out>
 void write_safetensors(Out& out, const std::vector<NamedTensor>& tensors,
-                       const SafetensorsMetadata& metadata = {}) {
-  std::vector<const NamedTensor*> order;
-  order.reserve(tensors.size());
-  for (const auto& item : tensors) order.push_back(&item);
-  std::sort(order.begin(), order.end(), [](const NamedTensor* a, const NamedTensor* b) {
-    const int da = safetensors_dtype(a->tensor.scalar_type()).order;
-    const int db = safetensors_dtype(b->tensor.scalar_type()).order;
-    return da != db ? da > db : a->name < b->name;
-  });
-  nlohmann::ordered_json header = nlohmann::ordered_json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
-  std::uint64_t offset = 0;
-  for (std::size_t i = 0; i < order.size(); ++i) {
-    const NamedTensor& item = *order[i];
-    if (item.name == "__metadata__" || (i > 0 && order[i - 1]->name == item.name)) {
-      throw SafetensorsError(fmt::format("safetensors: the name '{}' is used twice", item.name));
-    }
-    const auto bytes = static_cast<std::uint64_t>(item.tensor.nbytes());
-    header[item.name] = {{"dtype", safetensors_dtype(item.tensor.scalar_type()).name},
-                         {"shape", item.tensor.sizes().vec()},
-                         {"data_offsets", {offset, offset + bytes}}};
-    offset += bytes;
-  }
-  std::string text = header.dump();
-  text.append((8 - text.size() % 8) % 8, ' ');
-  unsigned char length[8];
-  for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>(text.size() >> (8 * i));
-  out.write(length, sizeof length);
-  out.write(text.data(), text.size());
-  for (const NamedTensor* item : order) {
-    out.write(item->tensor.data_ptr(), static_cast<std::size_t>(item->tensor.nbytes()));
-  }
+                       const SafetensorsMetadata& metadata = {}, const RawTensorMap& raw = {}) {
+  write_prepared(out, prepare_safetensors(tensors, metadata, raw));
 }
 
-inline constexpr std::uint64_t safetensors_max_header = 100'000'000;  // the reference's limit
-
-}  // namespace detail
-
-// A safetensors file's tensors, read from bytes held elsewhere (a mapped file): every rule of
-// the format is checked on construction, and tensor() returns views into those bytes (valid while
-// they are; clone what must outlive them).
-class SafetensorsView {
+// A checked header and its tensors by name; the bytes come from memory or a file.
+class SafetensorsIndex {
  public:
-  // `source` names the bytes in messages (a path). Throws SafetensorsError.
-  explicit SafetensorsView(std::string_view bytes, std::string source = "safetensors data")
-      : source_(std::move(source)) {
-    if (bytes.size() < 8) {
-      fail(fmt::format("it has {} bytes, fewer than the 8 of its header length", bytes.size()));
-    }
-    std::uint64_t length = 0;
-    for (int i = 0; i < 8; ++i) {
-      length |= static_cast<std::uint64_t>(static_cast<unsigned char>(bytes[i])) << (8 * i);
-    }
-    if (length > detail::safetensors_max_header) {
-      fail(fmt::format("its header length {} is over the format's limit of 100 MB", length));
-    }
-    if (length > bytes.size() - 8) {
-      fail(fmt::format("its header length {} runs past the end of the file ({} bytes): truncated?",
-                       length, bytes.size()));
-    }
-    const std::string_view text = bytes.substr(8, length);
-    if (text.empty() || text.front() != '{') fail("its header does not start with '{'");
-    parse_header(text);
-    data_ = bytes.substr(8 + length);
-    check_offsets();
+  SafetensorsIndex() = default;
+  SafetensorsIndex(SafetensorsHeader header, std::string source)
+      : header_(std::move(header)), source_(std::move(source)) {
+    by_name_.resize(header_.entries.size());
+    for (std::size_t i = 0; i < by_name_.size(); ++i) by_name_[i] = i;
+    std::sort(by_name_.begin(), by_name_.end(), [&](std::size_t a, std::size_t b) {
+      return header_.entries[a].name < header_.entries[b].name;
+    });
   }
 
-  // The tensor called `name` (a view of the bytes), or nullopt.
-  std::optional<torch::Tensor> tensor(const std::string& name) const {
-    const auto it = entries_.find(name);
-    if (it == entries_.end()) return std::nullopt;
-    return view(it->second);
-  }
-  // Every tensor, by name (views of the bytes).
-  TensorMap tensors() const {
-    TensorMap all;
-    for (const auto& [name, entry] : entries_) all.emplace(name, view(entry));
-    return all;
+  const SafetensorsEntry* find(const std::string& name) const {
+    const auto it = std::lower_bound(by_name_.begin(), by_name_.end(), name,
+                                     [&](std::size_t index, const std::string& key) {
+                                       return header_.entries[index].name < key;
+                                     });
+    if (it == by_name_.end() || header_.entries[*it].name != name) return nullptr;
+    return &header_.entries[*it];
   }
   std::vector<std::string> names() const {
     std::vector<std::string> names;
-    for (const auto& entry : entries_) names.push_back(entry.first);
+    names.reserve(by_name_.size());
+    for (const std::size_t index : by_name_) names.push_back(header_.entries[index].name);
     return names;
   }
-  const SafetensorsMetadata& metadata() const noexcept { return metadata_; }
-  std::size_t size() const noexcept { return entries_.size(); }
+  std::vector<std::string> unsupported() const {
+    std::vector<std::string> names;
+    for (const std::size_t index : by_name_) {
+      if (!torch_form(header_.entries[index])) names.push_back(header_.entries[index].name);
+    }
+    return names;
+  }
+  const SafetensorsHeader& header() const noexcept { return header_; }
+  const std::string& source() const noexcept { return source_; }
+
+  // The torch form of `entry`, or a SafetensorsError that says why there is none and what to do.
+  std::pair<c10::ScalarType, std::vector<std::int64_t>> require_torch_form(
+      const SafetensorsEntry& entry) const {
+    if (auto form = torch_form(entry)) return std::move(*form);
+    throw SafetensorsError(fmt::format(
+        "'{}': tensor '{}' is {} of shape [{}], which LibTorch {} has no tensor for; read its "
+        "bytes with raw(\"{}\")",
+        source_, entry.name, format_dtype_name(entry.dtype), fmt::join(entry.shape, ", "),
+        TORCH_VERSION, entry.name));
+  }
 
  private:
-  struct Entry {
-    c10::ScalarType dtype;
-    std::vector<std::int64_t> shape;
-    std::uint64_t begin;
-    std::uint64_t end;
-  };
-
-  torch::Tensor view(const Entry& e) const {
-    return torch::from_blob(const_cast<char*>(data_.data() + e.begin), e.shape,
-                            torch::TensorOptions().dtype(e.dtype));
-  }
-
-  [[noreturn]] void fail(const std::string& why) const {
-    throw SafetensorsError(fmt::format("'{}' is not a valid safetensors file: {}", source_, why));
-  }
-
-  void parse_header(std::string_view text) {
-    // nlohmann keeps the last of two equal keys; the reference rejects the file, and so do we.
-    std::set<std::string> seen;
-    std::string duplicate;
-    nlohmann::json header;
-    try {
-      header = nlohmann::json::parse(
-          text.begin(), text.end(),
-          [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-            if (depth == 1 && event == nlohmann::json::parse_event_t::key &&
-                !seen.insert(parsed.get<std::string>()).second && duplicate.empty()) {
-              duplicate = parsed.get<std::string>();
-            }
-            return true;
-          });
-    } catch (const nlohmann::json::exception& e) {
-      fail(fmt::format("its header is not valid JSON ({})", e.what()));
-    }
-    if (!duplicate.empty()) fail(fmt::format("its header names '{}' twice", duplicate));
-    if (!header.is_object()) fail("its header is not a JSON object");
-    for (const auto& [name, info] : header.items()) {
-      if (name == "__metadata__") {
-        if (!info.is_object()) fail("its __metadata__ is not an object");
-        for (const auto& [key, value] : info.items()) {
-          if (!value.is_string()) {
-            fail(fmt::format("__metadata__ '{}' is not a string (the format allows only strings)",
-                             key));
-          }
-          metadata_[key] = value.get<std::string>();
-        }
-        continue;
-      }
-      entries_.emplace(name, parse_entry(name, info));
-    }
-  }
-
-  Entry parse_entry(const std::string& name, const nlohmann::json& info) const {
-    auto bad = [&](const std::string& why) { fail(fmt::format("tensor '{}': {}", name, why)); };
-    if (!info.is_object()) bad("its entry is not an object");
-    const auto dtype = info.find("dtype");
-    const auto shape = info.find("shape");
-    const auto offsets = info.find("data_offsets");
-    if (dtype == info.end() || !dtype->is_string()) bad("no dtype");
-    if (shape == info.end() || !shape->is_array()) bad("no shape");
-    if (offsets == info.end() || !offsets->is_array() || offsets->size() != 2 ||
-        !(*offsets)[0].is_number_unsigned() || !(*offsets)[1].is_number_unsigned()) {
-      bad("data_offsets is not a pair of non-negative integers");
-    }
-    Entry e{};
-    const auto dtype_name = dtype->get<std::string>();
-    const auto& known = detail::safetensors_dtypes();
-    const auto it = std::find_if(known.begin(), known.end(),
-                                 [&](const auto& d) { return dtype_name == d.name; });
-    if (it == known.end()) bad(fmt::format("dtype '{}' is not supported here", dtype_name));
-    e.dtype = it->type;
-    // Sizes from the file are multiplied without overflow: a damaged header must not make a
-    // view reach past the bytes.
-    std::uint64_t expected = c10::elementSize(e.dtype);
-    for (const auto& dim : *shape) {
-      if (!dim.is_number_unsigned() ||
-          dim.get<std::uint64_t>() > static_cast<std::uint64_t>(INT64_MAX) ||
-          __builtin_mul_overflow(expected, dim.get<std::uint64_t>(), &expected)) {
-        bad(fmt::format("shape {} is not a list of sizes that fit in memory", shape->dump()));
-      }
-      e.shape.push_back(dim.get<std::int64_t>());
-    }
-    e.begin = (*offsets)[0].get<std::uint64_t>();
-    e.end = (*offsets)[1].get<std::uint64_t>();
-    if (e.end < e.begin) {
-      bad(fmt::format("data_offsets [{}, {}] end before they begin", e.begin, e.end));
-    }
-    if (e.end - e.begin != expected) {
-      bad(fmt::format("data_offsets [{}, {}] span {} bytes; dtype {} with shape {} needs {}",
-                      e.begin, e.end, e.end - e.begin, dtype_name, shape->dump(), expected));
-    }
-    return e;
-  }
-
-  // The reference's rule: sorted by offset, the tensors cover the data section exactly, with no
-  // hole, no overlap and nothing after the last.
-  void check_offsets() const {
-    std::vector<std::pair<const std::string*, const Entry*>> sorted;
-    for (const auto& [name, entry] : entries_) sorted.emplace_back(&name, &entry);
-    std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) {
-      return std::make_pair(a.second->begin, a.second->end) <
-             std::make_pair(b.second->begin, b.second->end);
-    });
-    std::uint64_t position = 0;
-    const std::string* previous = nullptr;
-    for (const auto& [name, entry] : sorted) {
-      if (entry->begin != position) {
-        const std::string after = previous ? fmt::format("'{}', which ends at", *previous)
-                                           : std::string("the start of the data, at");
-        fail(fmt::format("tensor '{}': data_offsets [{}, {}] {} {} ({})", *name, entry->begin,
-                         entry->end, entry->begin > position ? "leave a hole after" : "overlap",
-                         after, position));
-      }
-      position = entry->end;
-      previous = name;
-    }
-    if (position != data_.size()) {
-      fail(fmt::format("its tensors cover {} bytes of data, the file holds {} ({})", position,
-                       data_.size(), position > data_.size() ? "truncated?" : "bytes left over"));
-    }
-  }
-
+  SafetensorsHeader header_;
   std::string source_;
-  std::string_view data_;
-  std::map<std::string, Entry> entries_;
-  SafetensorsMetadata metadata_;
+  std::vector<std::size_t> by_name_;
 };
 
-// A safetensors file on disk, mapped read-only and checked: tensor() returns views of the mapping
-// (valid while this object lives). Throws FileError, SafetensorsError.
+}  // namespace detail
+
+// A safetensors file's tensors, read from bytes held elsewhere (a file read into memory): every
+// rule of the format is checked on construction, and tensor() returns views into those bytes
+// (valid while they are; clone what must outlive them).
+class SafetensorsView {
+ public:
+  // `source` names the bytes in messages (a path). Throws SafetensorsError.
+  explicit SafetensorsView(std::string_view bytes, std::string source = "safetensors data") {
+    const std::uint64_t length = detail::safetensors_header_length(bytes, bytes.size(), source);
+    auto header = detail::parse_safetensors_header(bytes.substr(8, length), bytes.size(), source);
+    data_ = bytes.substr(static_cast<std::size_t>(header.data_offset));
+    index_ = detail::SafetensorsIndex(std::move(header), std::move(source));
+  }
+
+  // The tensor called `name` (a view of the bytes; a copy where they are not aligned for its
+  // dtype), or nullopt. Throws SafetensorsError for a tensor this LibTorch cannot hold.
+  std::optional<torch::Tensor> tensor(const std::string& name) const {
+    const auto* entry = index_.find(name);
+    if (!entry) return std::nullopt;
+    return view(*entry);
+  }
+  // Every tensor this LibTorch can hold, by name (views of the bytes); unsupported() lists the
+  // others.
+  TensorMap tensors() const {
+    TensorMap all;
+    for (const auto& entry : index_.header().entries) {
+      if (detail::torch_form(entry)) all.emplace(entry.name, view(entry));
+    }
+    return all;
+  }
+  // The names of the tensors this LibTorch has no dtype for: read them with raw().
+  std::vector<std::string> unsupported() const { return index_.unsupported(); }
+  // Any tensor as the file stores it, or nullopt.
+  std::optional<RawTensor> raw(const std::string& name) const {
+    const auto* entry = index_.find(name);
+    if (!entry) return std::nullopt;
+    return RawTensor{detail::format_dtype_name(entry->dtype), entry->shape,
+                     std::string(bytes_of(*entry))};
+  }
+  // Every tensor's name, sorted.
+  std::vector<std::string> names() const { return index_.names(); }
+  const SafetensorsMetadata& metadata() const noexcept { return index_.header().metadata; }
+  std::size_t size() const noexcept { return index_.header().entries.size(); }
+
+ private:
+  std::string_view bytes_of(const detail::SafetensorsEntry& entry) const {
+    return data_.substr(static_cast<std::size_t>(entry.begin),
+                        static_cast<std::size_t>(entry.end - entry.begin));
+  }
+  torch::Tensor view(const detail::SafetensorsEntry& entry) const {
+    const auto [dtype, shape] = index_.require_torch_form(entry);
+    const auto options = torch::TensorOptions().dtype(dtype);
+    const std::string_view bytes = bytes_of(entry);
+    if (bytes.empty()) return torch::empty(shape, options);
+    if (reinterpret_cast<std::uintptr_t>(bytes.data()) % c10::elementSize(dtype) != 0) {
+      auto copy = torch::empty(shape, options);
+      std::memcpy(copy.data_ptr(), bytes.data(), bytes.size());
+      return copy;
+    }
+    return torch::from_blob(const_cast<char*>(bytes.data()), shape, options);
+  }
+
+  std::string_view data_;
+  detail::SafetensorsIndex index_;
+};
+
+// A safetensors file on disk: its header read and checked on construction, each tensor read
+// (with pread) when asked for, into a tensor of its own. Throws FileError, SafetensorsError.
 class SafetensorsFile {
  public:
   explicit SafetensorsFile(const std::filesystem::path& path)
-      : file_(std::make_unique<detail::MappedFile>(path)), view_(file_->bytes(), path.string()) {}
-  const SafetensorsView& view() const noexcept { return view_; }
-  std::optional<torch::Tensor> tensor(const std::string& name) const { return view_.tensor(name); }
-  TensorMap tensors() const { return view_.tensors(); }
-  const SafetensorsMetadata& metadata() const noexcept { return view_.metadata(); }
+      : file_(std::make_unique<detail::InputFile>(path)) {
+    const std::string source = path.string();
+    char prefix[8] = {};
+    if (file_->size() >= 8) file_->read(0, prefix, 8);
+    const std::uint64_t length =
+        detail::safetensors_header_length({prefix, 8}, file_->size(), source);
+    std::string text(static_cast<std::size_t>(length), '\0');
+    file_->read(8, text.data(), text.size());
+    index_ = detail::SafetensorsIndex(detail::parse_safetensors_header(text, file_->size(), source),
+                                      source);
+  }
+
+  // The tensor called `name`, read now, or nullopt. Throws SafetensorsError for a tensor this
+  // LibTorch cannot hold.
+  std::optional<torch::Tensor> tensor(const std::string& name) const {
+    const auto* entry = index_.find(name);
+    if (!entry) return std::nullopt;
+    return read(*entry);
+  }
+  // Every tensor this LibTorch can hold, read now; unsupported() lists the others.
+  TensorMap tensors() const {
+    TensorMap all;
+    for (const auto& entry : index_.header().entries) {
+      if (detail::torch_form(entry)) all.emplace(entry.name, read(entry));
+    }
+    return all;
+  }
+  std::vector<std::string> unsupported() const { return index_.unsupported(); }
+  std::optional<RawTensor> raw(const std::string& name) const {
+    const auto* entry = index_.find(name);
+    if (!entry) return std::nullopt;
+    RawTensor raw{detail::format_dtype_name(entry->dtype), entry->shape,
+                  std::string(static_cast<std::size_t>(entry->end - entry->begin), '\0')};
+    file_->read(index_.header().data_offset + entry->begin, raw.bytes.data(), raw.bytes.size());
+    return raw;
+  }
+  std::vector<std::string> names() const { return index_.names(); }
+  const SafetensorsMetadata& metadata() const noexcept { return index_.header().metadata; }
+  std::size_t size() const noexcept { return index_.header().entries.size(); }
 
  private:
-  std::unique_ptr<detail::MappedFile> file_;
-  SafetensorsView view_;
+  torch::Tensor read(const detail::SafetensorsEntry& entry) const {
+    const auto [dtype, shape] = index_.require_torch_form(entry);
+    auto tensor = torch::empty(shape, torch::TensorOptions().dtype(dtype));
+    const auto size = static_cast<std::size_t>(entry.end - entry.begin);
+    if (size > 0) file_->read(index_.header().data_offset + entry.begin, tensor.data_ptr(), size);
+    return tensor;
+  }
+
+  std::unique_ptr<detail::InputFile> file_;
+  detail::SafetensorsIndex index_;
 };
 
-// Reads a safetensors file into tensors of their own (one copy, from the page cache), as
-// Python's safetensors.torch.load_file does. Throws FileError, SafetensorsError.
+// Reads a safetensors file into tensors of their own, as Python's safetensors.torch.load_file
+// does. A tensor this LibTorch has no dtype for is an error that names it (SafetensorsFile reads
+// the others, and raw() its bytes). Throws FileError, SafetensorsError.
 inline TensorMap load_safetensors(const std::filesystem::path& path) {
-  const SafetensorsFile file(path);  // the views below point into its mapping
-  TensorMap tensors = file.tensors();
-  for (auto& [name, tensor] : tensors) tensor = tensor.clone();
-  return tensors;
+  const SafetensorsFile file(path);
+  const auto unsupported = file.unsupported();
+  if (!unsupported.empty()) {
+    throw SafetensorsError(
+        fmt::format("'{}': LibTorch {} has no tensor for {} of its tensors ('{}'{}); open it with "
+                    "SafetensorsFile to read the others, and those with raw()",
+                    path.string(), TORCH_VERSION, unsupported.size(), unsupported.front(),
+                    unsupported.size() > 1 ? ", ..." : ""));
+  }
+  return file.tensors();
 }
 
 namespace detail {
@@ -354,18 +452,26 @@ void write_file_atomically(const std::filesystem::path& path, Write&& write) {
   }
 }
 
+// Host copies of `tensors`, each checked (a sparse or meta tensor is refused by name).
+inline std::vector<NamedTensor> host_tensors(const TensorMap& tensors) {
+  std::vector<NamedTensor> host;
+  host.reserve(tensors.size());
+  for (const auto& [name, tensor] : tensors) host.push_back({name, host_tensor(name, tensor)});
+  return host;
+}
+
 }  // namespace detail
 
-// Writes tensors (on any device; stored from the CPU) to a safetensors file that Python's
-// safetensors.torch.load_file reads. Crash-safe: a temporary beside `path` renamed over it, so a
-// failure (a full disk) leaves the previous file whole. Throws SafetensorsError, FileError.
+// Writes tensors (on any device; stored from the CPU), and raw ones (read with raw()), to a
+// safetensors file that Python's safetensors.torch.load_file reads. Crash-safe: a temporary
+// beside `path` renamed over it, so a failure (a full disk) leaves the previous file whole.
+// Throws SafetensorsError (before anything is written), FileError.
 inline void save_safetensors(const std::filesystem::path& path, const TensorMap& tensors,
-                             const SafetensorsMetadata& metadata = {}) {
-  std::vector<detail::NamedTensor> host;
-  host.reserve(tensors.size());
-  for (const auto& [name, tensor] : tensors) host.push_back({name, detail::host_tensor(tensor)});
-  detail::write_file_atomically(path,
-                                [&](auto& out) { detail::write_safetensors(out, host, metadata); });
+                             const SafetensorsMetadata& metadata = {},
+                             const RawTensorMap& raw = {}) {
+  const auto host = detail::host_tensors(tensors);
+  const auto prepared = detail::prepare_safetensors(host, metadata, raw);  // before any file
+  detail::write_file_atomically(path, [&](auto& out) { detail::write_prepared(out, prepared); });
 }
 
 }  // namespace torchguard

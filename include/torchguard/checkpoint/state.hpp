@@ -96,7 +96,7 @@ class TrainingState {
       }
     } else {  // a host copy only for device tensors
       for (auto& file : snapshot.files) {
-        for (auto& item : file.tensors) item.tensor = host_tensor(item.tensor);
+        for (auto& item : file.tensors) item.tensor = host_tensor(item.name, item.tensor);
       }
     }
     return deferred;

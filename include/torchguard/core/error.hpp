@@ -36,6 +36,12 @@ class FileError : public Error {
   FileError(const std::string& operation, const std::filesystem::path& path, int error_number)
       : Error(fmt::format("{} '{}': {}", operation, path.string(), std::strerror(error_number))),
         error_number_(error_number) {}
+  // A failure errno does not describe (a file that ended early): `reason` says it, and
+  // `error_number` is the errno it stands for.
+  FileError(const std::string& operation, const std::filesystem::path& path,
+            const std::string& reason, int error_number)
+      : Error(fmt::format("{} '{}': {}", operation, path.string(), reason)),
+        error_number_(error_number) {}
   int error_number() const noexcept { return error_number_; }
 
  private:

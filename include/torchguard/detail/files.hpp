@@ -1,16 +1,19 @@
 // POSIX file helpers for crash-safe commits: write everything or fail with errno, fsync files
-// and directories, and a streaming xxHash (XXH3-64) of what passes through.
+// and directories, read with pread (never a mapping: an I/O error is an exception, not SIGBUS),
+// and a streaming xxHash (XXH3-64) of what passes through.
 #pragma once
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -55,6 +58,9 @@ inline int write_all(int fd, const void* data, std::size_t size) noexcept {
       if (errno == EINTR) continue;
       return errno;
     }
+    // Nothing written and no error: some FUSE and network file systems say "full" this way.
+    // SQLite reads it as a full disk too; counted as progress it would loop for ever.
+    if (written == 0) return ENOSPC;
     bytes += written;
     size -= static_cast<std::size_t>(written);
   }
@@ -108,46 +114,95 @@ inline void fsync_directory(const std::filesystem::path& directory) {
   if (result != 0) throw FileError("cannot fsync directory", directory, error);
 }
 
-// A file mapped read-only: checksummed and loaded from the page cache without a copy.
-class MappedFile {
+// A file opened for reading with pread(2), never mapped: an I/O error (a failing disk, a network
+// file system, a file truncated while it is read) is a FileError naming the file, where a read
+// through a mapping would kill the process with SIGBUS.
+class InputFile {
  public:
-  explicit MappedFile(const std::filesystem::path& path) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) throw FileError("cannot open", path, errno);
+  explicit InputFile(std::filesystem::path path) : path_(std::move(path)) {
+    fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) throw FileError("cannot open", path_, errno);
     struct stat info {};
-    if (::fstat(fd, &info) != 0) {
+    if (::fstat(fd_, &info) != 0) {
       const int error = errno;
-      ::close(fd);
-      throw FileError("cannot stat", path, error);
+      ::close(fd_);
+      throw FileError("cannot stat", path_, error);
     }
-    size_ = static_cast<std::size_t>(info.st_size);
-    if (size_ > 0) {
-      data_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-      if (data_ == MAP_FAILED) {
-        const int error = errno;
-        ::close(fd);
-        data_ = nullptr;
-        throw FileError("cannot map", path, error);
+    size_ = static_cast<std::uint64_t>(info.st_size);
+  }
+  ~InputFile() { ::close(fd_); }
+  InputFile(const InputFile&) = delete;
+  InputFile& operator=(const InputFile&) = delete;
+
+  std::uint64_t size() const noexcept { return size_; }
+  const std::filesystem::path& path() const noexcept { return path_; }
+
+  // Reads exactly `size` bytes at `offset` into `out`, through short reads and EINTR. A file
+  // that ends early (truncated since it was opened) is a FileError too.
+  void read(std::uint64_t offset, void* out, std::size_t size) const {
+    char* bytes = static_cast<char*>(out);
+    while (size > 0) {
+      const ssize_t got =
+          ::pread(fd_, bytes, std::min<std::size_t>(size, 1u << 30), static_cast<off_t>(offset));
+      if (got < 0) {
+        if (errno == EINTR) continue;
+        throw FileError("cannot read", path_, errno);
       }
-      ::madvise(data_, size_, MADV_SEQUENTIAL | MADV_WILLNEED);
+      if (got == 0) {
+        throw FileError("cannot read", path_,
+                        fmt::format("it ends at byte {}, before the {} bytes it had when opened "
+                                    "(truncated while read?)",
+                                    offset, size_),
+                        EIO);
+      }
+      bytes += got;
+      offset += static_cast<std::uint64_t>(got);
+      size -= static_cast<std::size_t>(got);
     }
-    ::close(fd);
   }
-  ~MappedFile() {
-    if (data_) ::munmap(data_, size_);
-  }
-  MappedFile(const MappedFile&) = delete;
-  MappedFile& operator=(const MappedFile&) = delete;
-  std::string_view bytes() const noexcept { return {static_cast<const char*>(data_), size_}; }
 
  private:
-  void* data_ = nullptr;
-  std::size_t size_ = 0;
+  std::filesystem::path path_;
+  int fd_ = -1;
+  std::uint64_t size_ = 0;
 };
 
-// Reads a whole file into memory.
+// A whole file read into memory (64-byte aligned, so that tensors may view it in place), and
+// its XXH3-64 computed on the way, a chunk at a time while it is still in the cache.
+class FileBytes {
+ public:
+  explicit FileBytes(const std::filesystem::path& path) {
+    const InputFile file(path);
+    size_ = static_cast<std::size_t>(file.size());
+    data_.reset(static_cast<char*>(std::aligned_alloc(64, (size_ + 64) / 64 * 64)));
+    if (!data_) throw std::bad_alloc();
+    Hasher hasher;
+    constexpr std::size_t chunk = std::size_t{8} << 20;
+    for (std::size_t at = 0; at < size_; at += chunk) {
+      const std::size_t n = std::min(chunk, size_ - at);
+      file.read(at, data_.get() + at, n);
+      hasher.update(data_.get() + at, n);
+    }
+    checksum_ = hasher.digest();
+  }
+  std::string_view bytes() const noexcept { return {data_.get(), size_}; }
+  std::uint64_t checksum() const noexcept { return checksum_; }
+
+ private:
+  struct Free {
+    void operator()(char* p) const noexcept { std::free(p); }
+  };
+  std::unique_ptr<char, Free> data_;
+  std::size_t size_ = 0;
+  std::uint64_t checksum_ = 0;
+};
+
+// Reads a whole file into memory. Throws FileError.
 inline std::string read_whole_file(const std::filesystem::path& path) {
-  return std::string(MappedFile(path).bytes());
+  const InputFile file(path);
+  std::string text(static_cast<std::size_t>(file.size()), '\0');
+  file.read(0, text.data(), text.size());
+  return text;
 }
 
 inline std::uint64_t checksum_of(std::string_view bytes) {
