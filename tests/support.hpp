@@ -21,6 +21,7 @@ inline auto Contains(const std::string& text) { return Catch::Matchers::Contains
 #include <spawn.h>
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -115,6 +116,13 @@ struct TempDir {
   TempDir& operator=(const TempDir&) = delete;
 };
 
+inline std::string read_text(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream content;
+  content << in.rdbuf();
+  return content.str();
+}
+
 // Starts this test program again, running only the (hidden) test `test_tag`, with `extra_env`
 // ("NAME=value") added to our environment. Its stdout goes to `output` (empty: /dev/null), and
 // `fd3`, when not -1, becomes its fd 3. Returns the child's pid.
@@ -143,6 +151,40 @@ inline pid_t spawn_test_child(const std::string& test_tag,
   return pid;
 }
 
+// What a child of run_with_faults() printed and how it ended.
+struct ChildResult {
+  std::string output;    // stdout and stderr
+  int exit_status = -1;  // -1: killed by a signal
+  int signal = 0;
+};
+
+// Runs the hidden test `test_tag` in a child under tests/io_faults.c, with `faults` as its
+// TORCHGUARD_FAULTS and `extra_env` added, and waits for it. The shim prints "io_faults: ..."
+// for every call it fails. Empty output and exit status -1 when the shim was not built.
+inline ChildResult run_with_faults(const std::string& test_tag, const std::string& faults,
+                                   std::vector<std::string> extra_env = {}) {
+  ChildResult result;
+#ifdef TORCHGUARD_IO_FAULTS
+  const std::string output =
+      (std::filesystem::temp_directory_path() / fmt::format("torchguard-faults-{}", ::getpid()))
+          .string();
+  extra_env.push_back("LD_PRELOAD=" TORCHGUARD_IO_FAULTS);
+  extra_env.push_back("TORCHGUARD_FAULTS=" + faults);
+  // Under AddressSanitizer the shim comes before its runtime: allowed here.
+  extra_env.push_back("ASAN_OPTIONS=verify_asan_link_order=0:detect_leaks=0");
+  const pid_t pid = spawn_test_child(test_tag, extra_env, output);
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  result.output = read_text(output);
+  std::filesystem::remove(output);
+  if (WIFEXITED(status)) result.exit_status = WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) result.signal = WTERMSIG(status);
+#else
+  (void)test_tag, (void)faults, (void)extra_env;
+#endif
+  return result;
+}
+
 // Detached copies on the host of `tensors` (a model's parameters): what a test compares later.
 inline std::vector<torch::Tensor> host_copies(const std::vector<torch::Tensor>& tensors) {
   std::vector<torch::Tensor> copies;
@@ -158,13 +200,6 @@ inline bool bitwise_equal(const std::vector<torch::Tensor>& a,
     if (!a[i].cpu().equal(b[i].cpu())) return false;
   }
   return true;
-}
-
-inline std::string read_text(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream content;
-  content << in.rdbuf();
-  return content.str();
 }
 
 // The Python of the interop tests (the other side of a border): $TORCHGUARD_PYTHON, the venv of

@@ -235,6 +235,41 @@ TEST_CASE("safetensors: truncated and corrupted files are rejected, never read o
   }
 }
 
+// Run by the read-error test below in a child under tests/io_faults.c.
+TEST_CASE("safetensors child: read a file from a disk that fails", "[.safetensors_eio_child]") {
+  const char* path = std::getenv("TORCHGUARD_TEST_FILE");
+  if (!path) return;
+  try {
+    const torchguard::SafetensorsFile file(path);
+    (void)file.tensors();
+    std::cout << "read without an error" << std::endl;
+  } catch (const torchguard::FileError& e) {
+    std::cout << "FileError: " << e.what() << std::endl;
+  }
+}
+
+TEST_CASE("safetensors: a read error or a file cut short while read is a FileError, not SIGBUS",
+          "[checkpoint][parts][format][faults]") {
+  TempDir dir;
+  const fs::path path = dir.path / "t.safetensors";
+  torchguard::save_safetensors(path, {{"w", torch::arange(1000, torch::kFloat32)}});
+  // Cut short after the header was read: the tensor's bytes are no longer there.
+  const torchguard::SafetensorsFile file(path);
+  fs::resize_file(path, 200);
+  CHECK_THROWS_WITH(file.tensor("w"), Contains(path.string()) && Contains("truncated while read") &&
+                                          Contains("before the 4"));
+  // The disk fails the read.
+  torchguard::save_safetensors(path, {{"w", torch::arange(1000, torch::kFloat32)}});
+  const auto child =
+      torchguard::testing::run_with_faults("[.safetensors_eio_child]", "pread:t.safetensors:EIO:1",
+                                           {"TORCHGUARD_TEST_FILE=" + path.string()});
+  INFO(child.output);
+  REQUIRE(child.exit_status == 0);
+  CHECK_THAT(child.output,
+             Contains("io_faults: pread(") &&
+                 Contains("FileError: cannot read '" + path.string() + "': Input/output error"));
+}
+
 TEST_CASE("save_state_dict / load_state_dict: Python's names, crash-safe, checked as Python does",
           "[checkpoint][parts][format]") {
   TempDir dir;
@@ -570,6 +605,35 @@ TEST_CASE("verification names what is wrong before anything loads",
     std::ofstream(path / "manifest.json") << unsigned_manifest.dump(2);
     CHECK(cp::verify_checkpoint(path, checkpoint) == "its manifest has no checksum of its own");
   }
+}
+
+// Run by the read-error test below in a child under tests/io_faults.c.
+TEST_CASE("restore child: restore from a disk that fails a read", "[.restore_eio_child]") {
+  const char* dir = std::getenv("TORCHGUARD_TEST_DIR");
+  if (!dir) return;
+  CheckpointOptions options;
+  options.directory = dir;
+  CapturedLogger captured;
+  fs::path loaded;
+  REQUIRE(cp::restore_newest(options, true, *captured.logger,
+                             [&](const cp::VerifiedCheckpoint& c) { loaded = c.path; }));
+  std::cout << "loaded " << loaded.filename().string() << std::endl;
+}
+
+TEST_CASE("a read error while restoring (EIO) is damage: the checkpoint before it loads",
+          "[checkpoint][parts][restore][faults]") {
+  TempDir dir;
+  commit(dir.path, 1, 10);
+  const fs::path newer = commit(dir.path, 2, 20);
+  const auto child = torchguard::testing::run_with_faults(
+      "[.restore_eio_child]", "pread:ckpt-000002-step-20/model.safetensors:EIO",
+      {"TORCHGUARD_TEST_DIR=" + dir.path.string()});
+  INFO(child.output);
+  REQUIRE(child.exit_status == 0);
+  CHECK_THAT(child.output, Contains("io_faults: pread(") && Contains("loaded ckpt-000001-step-10"));
+  CHECK_THAT(torchguard::testing::read_text(dir.path / "quarantine" / newer.filename() /
+                                            "QUARANTINE_REASON.txt"),
+             Contains("model.safetensors cannot be read") && Contains("Input/output error"));
 }
 
 TEST_CASE("restore falls back past a damaged checkpoint and quarantines it with the reason",
