@@ -8,7 +8,10 @@
 //   path part  a substring of the file's path (for calls on a descriptor: the target of
 //              /proc/self/fd/<fd>; for rename: the new name)
 //   result     an errno name (EIO, ENOSPC, EDQUOT, EROFS, EACCES): the call fails with it;
-//              or 0: the call returns 0 (a write that writes nothing, a read at end of file)
+//              0: the call returns 0 (a write that writes nothing, a read at end of file);
+//              HANG: the call blocks until a signal arrives, then fails with EINTR (a hung
+//              network file system mounted `intr`);
+//              KILL: the process is killed (SIGKILL) before the call: a crash at that point
 //   skip       matching calls that go through first (default 0)
 //   count      matching calls that fail after those (default: every one)
 //
@@ -18,6 +21,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,9 +31,12 @@
 
 #define MAX_RULES 8
 
+enum action { FAIL, HANG, KILL };
+
 struct rule {
   char call[16];
   char part[256];
+  enum action action;
   int error_number;  // 0: return 0
   long skip;
   long count;  // -1: every one
@@ -75,7 +82,8 @@ static void parse(void) {
     if (n < 3) continue;
     snprintf(r->call, sizeof r->call, "%s", fields[0]);
     snprintf(r->part, sizeof r->part, "%s", fields[1]);
-    r->error_number = errno_named(fields[2]);
+    r->action = strcmp(fields[2], "HANG") == 0 ? HANG : strcmp(fields[2], "KILL") == 0 ? KILL : FAIL;
+    r->error_number = r->action == HANG ? EINTR : errno_named(fields[2]);
     r->skip = n > 3 ? atol(fields[3]) : 0;
     r->count = n > 4 ? atol(fields[4]) : -1;
     atomic_init(&r->seen, 0);
@@ -92,11 +100,15 @@ static struct rule* failing(const char* call, const char* path) {
     const long index = atomic_fetch_add(&r->seen, 1);
     if (index < r->skip || (r->count >= 0 && index >= r->skip + r->count)) return NULL;
     char line[512];
-    const int length =
-        snprintf(line, sizeof line, "io_faults: %s('%s') -> %s\n", call, path,
-                 r->error_number ? strerror(r->error_number) : "0");
+    const int length = snprintf(line, sizeof line, "io_faults: %s('%s') -> %s\n", call, path,
+                                r->action == KILL   ? "SIGKILL"
+                                : r->action == HANG ? "hang until a signal"
+                                : r->error_number   ? strerror(r->error_number)
+                                                    : "0");
     ssize_t (*real_write)(int, const void*, size_t) = dlsym(RTLD_NEXT, "write");
     if (length > 0 && real_write) real_write(2, line, (size_t)length);
+    if (r->action == KILL) raise(SIGKILL);
+    if (r->action == HANG) pause();  // returns once a caught signal's handler has run
     return r;
   }
   return NULL;

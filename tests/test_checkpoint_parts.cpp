@@ -53,14 +53,16 @@ cp::Snapshot small_snapshot(std::uint64_t sequence, std::int64_t step) {
   snapshot.step = step;
   snapshot.epoch = 1;
   snapshot.metrics = {{"loss", 0.25}};
-  snapshot.optimizer_kind = "archive";
+  snapshot.parts["models"]["model"] = {{"file", cp::model_file}};
+  snapshot.parts["optimizers"]["optimizer"] = {
+      {"kind", "archive"}, {"file", "optimizer.pt"}, {"param_groups", nlohmann::json::array()}};
   snapshot.files.push_back(
       {cp::model_file,
        {{"w", torch::arange(10, torch::kFloat32)}, {"b", torch::tensor({true, false, true})}},
        {{"format", "pt"}}});
   snapshot.files.push_back(
       {cp::extra_file, {{cp::cpu_rng_key, torch::zeros({4}, torch::kUInt8)}}, {}});
-  snapshot.state_bytes = "state bytes";
+  snapshot.archives.push_back({"optimizer.pt", nullptr, "state bytes"});
   return snapshot;
 }
 
@@ -434,7 +436,7 @@ TEST_CASE("a commit leaves one directory whose manifest describes every file",
   const fs::path path = commit(dir.path, 3, 7);
   CHECK(names_in(dir.path) == std::vector<std::string>{"ckpt-000003-step-7"});
   CHECK(names_in(path) == std::vector<std::string>{"extra.safetensors", "manifest.json",
-                                                   "model.safetensors", "state.pt"});
+                                                   "model.safetensors", "optimizer.pt"});
   const auto manifest =
       nlohmann::json::parse(torchguard::testing::read_text(path / "manifest.json"));
   CHECK(manifest["format_version"] == cp::checkpoint_format_version);
@@ -442,7 +444,9 @@ TEST_CASE("a commit leaves one directory whose manifest describes every file",
   CHECK(manifest["step"] == 7);
   CHECK(manifest["epoch"] == 1);
   CHECK(manifest["metrics"]["loss"] == 0.25);
-  CHECK(manifest["optimizer"] == "archive");
+  CHECK(manifest["optimizers"]["optimizer"]["kind"] == "archive");
+  CHECK(manifest["models"]["model"]["file"] == "model.safetensors");
+  CHECK(manifest["complete"] == false);
   REQUIRE(manifest["files"].size() == 3);
   for (const auto& file : manifest["files"]) {
     const fs::path written = path / file["name"].get<std::string>();
@@ -450,7 +454,7 @@ TEST_CASE("a commit leaves one directory whose manifest describes every file",
     CHECK(file["size"] == bytes.size());
     CHECK(file["xxh3_64"] == cp::hex64(cp::checksum_of(bytes)));
   }
-  CHECK(torchguard::testing::read_text(path / "state.pt") == "state bytes");
+  CHECK(torchguard::testing::read_text(path / "optimizer.pt") == "state bytes");
   const auto listed = cp::list_committed(dir.path);
   REQUIRE(listed.size() == 1);
   CHECK(listed[0].step == 7);
@@ -537,7 +541,7 @@ TEST_CASE("verification names what is wrong before anything loads",
   cp::VerifiedCheckpoint checkpoint;
   CHECK(cp::verify_checkpoint(path, checkpoint).empty());
   CHECK(checkpoint.files.size() == 3);
-  CHECK(checkpoint.bytes(cp::state_name) == "state bytes");
+  CHECK(checkpoint.bytes("optimizer.pt") == "state bytes");
 
   SECTION("truncated") {
     fs::resize_file(path / "model.safetensors", 100);
@@ -557,15 +561,16 @@ TEST_CASE("verification names what is wrong before anything loads",
     }
   }
   SECTION("a flipped byte") {
-    std::fstream io(path / "state.pt", std::ios::in | std::ios::out | std::ios::binary);
+    std::fstream io(path / "optimizer.pt", std::ios::in | std::ios::out | std::ios::binary);
     io.seekp(2);
     io.put('X');
     io.close();
-    CHECK_THAT(cp::verify_checkpoint(path, checkpoint), Contains("state.pt fails its checksum"));
+    CHECK_THAT(cp::verify_checkpoint(path, checkpoint),
+               Contains("optimizer.pt fails its checksum"));
   }
   SECTION("a missing file") {
-    fs::remove(path / "state.pt");
-    CHECK(cp::verify_checkpoint(path, checkpoint) == "state.pt is missing");
+    fs::remove(path / "optimizer.pt");
+    CHECK(cp::verify_checkpoint(path, checkpoint) == "optimizer.pt is missing");
   }
   SECTION("a manifest changed after it was written") {
     auto manifest =
@@ -595,9 +600,9 @@ TEST_CASE("verification names what is wrong before anything loads",
   }
   SECTION("a version that a flipped bit made newer: damage, checked before the version") {
     std::string text = torchguard::testing::read_text(path / "manifest.json");
-    const auto at = text.find("\"format_version\": 2");
+    const auto at = text.find(fmt::format("\"format_version\": {}", cp::checkpoint_format_version));
     REQUIRE(at != std::string::npos);
-    text[at + 18] = '3';
+    text[at + 18] = '9';
     std::ofstream(path / "manifest.json") << text;
     CHECK(cp::verify_checkpoint(path, checkpoint) == "its manifest fails its own checksum");
     auto unsigned_manifest = nlohmann::ordered_json::parse(text);
@@ -663,7 +668,7 @@ TEST_CASE("restore falls back past a damaged checkpoint and quarantines it with 
 }
 
 TEST_CASE(
-    "a checkpoint of format 1 (tensors.bin, state.pt) restores, and the next save writes format 2",
+    "a checkpoint of format 1 (tensors.bin, state.pt) restores, and the next save writes format 3",
     "[checkpoint][parts][restore]") {
   TempDir dir;
   torch::manual_seed(3);
@@ -723,16 +728,21 @@ TEST_CASE(
     CHECK(static_cast<torch::optim::SGDOptions&>(sgd.param_groups()[0].options()).lr() == 0.5);
     auto& state = static_cast<torch::optim::SGDParamState&>(*sgd.state().begin()->second);
     CHECK(torch::equal(state.momentum_buffer(), torch::full({2, 3}, 0.25)));
+    guard.save();  // nothing trained: only asked for (the exit save would skip it)
   }
   const auto newest = cp::committed_paths(dir.path).back();
-  CHECK(newest.filename() == "ckpt-000002-step-5");  // saved again, in format 2
+  CHECK(newest.filename() == "ckpt-000002-step-5");  // saved again, in the current format
   CHECK(names_in(newest) == std::vector<std::string>{"extra.safetensors", "manifest.json",
                                                      "model.safetensors", "optimizer.safetensors"});
   const auto manifest =
       nlohmann::json::parse(torchguard::testing::read_text(newest / "manifest.json"));
-  CHECK(manifest["format_version"] == 2);
-  CHECK(manifest["optimizer_groups"][0]["lr"] == 0.5);
-  CHECK(manifest["optimizer_groups"][0]["momentum"] == 0.9);
+  CHECK(manifest["format_version"] == cp::checkpoint_format_version);
+  const auto& saved_group = manifest["optimizers"]["optimizer"]["param_groups"][0];
+  CHECK(saved_group["lr"] == 0.5);
+  CHECK(saved_group["momentum"] == 0.9);
+  CHECK(saved_group["params"] == nlohmann::json::array({0, 1}));
+  CHECK(manifest["optimizers"]["optimizer"]["parameters"] ==
+        nlohmann::json::array({"model/weight", "model/bias"}));
   const torchguard::SafetensorsFile optimizer(newest / "optimizer.safetensors");
   CHECK(torch::equal(*optimizer.tensor("state.0.momentum_buffer"), torch::full({2, 3}, 0.25)));
   torch::nn::Linear loaded(3, 2);
@@ -756,7 +766,9 @@ TEST_CASE("a staged capture is a copy: training may change the model while it is
           "[checkpoint][parts][state]") {
   torch::nn::Linear model(4, 2);
   CheckpointOptions options;
-  const cp::TrainingState state(model, nullptr, options);
+  cp::Parts parts;
+  parts.models["model"] = model;
+  const cp::TrainingState state(parts, options);
   cp::HostStaging staging;
   cp::Snapshot staged, live;
   state.capture(staged, &staging);

@@ -2,8 +2,8 @@
 // name beside the target (hashed with XXH3 while written, fsynced), writes the manifest (size and
 // checksum of every file, step, epoch, metrics, LibTorch version, format version) last, fsyncs
 // it, renames the temporary to ckpt-<seq>-step-<step>, and fsyncs the directory. The files are
-// described in format.hpp. A crash at any
-// moment leaves either the previous checkpoint or the new one, never a mix.
+// described in format.hpp, the manifest in manifest.hpp. A crash at any moment leaves either the
+// previous checkpoint or the new one, never a mix.
 #pragma once
 
 #include <sys/stat.h>
@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <ctime>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -29,6 +30,7 @@
 #include <nlohmann/json.hpp>
 
 #include "torchguard/checkpoint/format.hpp"
+#include "torchguard/checkpoint/manifest.hpp"
 #include "torchguard/checkpoint/options.hpp"
 #include "torchguard/core/error.hpp"
 #include "torchguard/detail/files.hpp"
@@ -36,19 +38,40 @@
 namespace torchguard {
 namespace detail {
 
+// An optimizer that is not built in: its own serialize(), as an archive file.
+struct ArchiveFile {
+  std::string name;
+  std::unique_ptr<torch::serialize::OutputArchive> archive;  // serialized at write time, or
+  std::string bytes;                                         // already (a background save)
+};
+
 // Everything one commit writes, captured on the caller's thread.
 struct Snapshot {
   std::uint64_t sequence = 0;
   std::int64_t step = 0;
   std::int64_t epoch = 0;
+  bool complete = false;
+  std::int64_t total_steps = 0;
   nlohmann::json metrics = nlohmann::json::object();
   nlohmann::json metadata = nlohmann::json::object();
-  std::string optimizer_kind;       // "adam", ...; "archive": in state.pt; "": none
-  nlohmann::json optimizer_groups;  // a built-in optimizer's groups' settings
-  std::vector<TensorFile> files;    // on the host: live CPU tensors, or staged copies
-  // An optimizer that is not built in: state.pt, serialized at write time, or already.
-  std::unique_ptr<torch::serialize::OutputArchive> state;
-  std::string state_bytes;
+  nlohmann::json settings = nlohmann::json::object();
+  // What the manifest says of the parts: "models", "optimizers", "schedulers", "samplers".
+  nlohmann::ordered_json parts = nlohmann::ordered_json::object();
+  std::vector<TensorFile> files;  // on the host: live CPU tensors, or staged copies
+  std::vector<ArchiveFile> archives;
+  std::function<bool()> stop_requested;  // a write interrupted once it says so is abandoned
+};
+
+// A commit whose rename was done but whose directory fsync failed: the checkpoint is in place
+// (the next run resumes from it) but may not survive a power loss.
+class CheckpointNotDurableError : public CheckpointError {
+ public:
+  CheckpointNotDurableError(const std::string& message, std::uint64_t bytes)
+      : CheckpointError(message), bytes_(bytes) {}
+  std::uint64_t bytes() const noexcept { return bytes_; }
+
+ private:
+  std::uint64_t bytes_;
 };
 
 // "ckpt-000042-step-1200" -> 42; nullopt for other names.
@@ -71,44 +94,21 @@ void write_checkpoint_files(Snapshot& snapshot, Each&& each) {
   for (const auto& file : snapshot.files) {
     each(file.name, [&](auto& out) { write_safetensors(out, file.tensors, file.metadata); });
   }
-  if (!snapshot.state && snapshot.state_bytes.empty()) return;
-  each(state_name, [&](auto& out) {
-    if (snapshot.state) {
-      serialize_archive(*snapshot.state,
-                        [&](const void* data, std::size_t size) { out.write(data, size); });
-    } else {
-      out.write(snapshot.state_bytes.data(), snapshot.state_bytes.size());
-    }
-  });
-}
-
-// The XXH3 checksum of each file a commit of `snapshot` would write, by name, computed without
-// writing anything: the same as a committed manifest's when nothing has changed.
-inline std::map<std::string, std::string> checkpoint_checksums(Snapshot& snapshot) {
-  struct HashingSink {
-    Hasher hasher;
-    void write(const void* data, std::size_t size) { hasher.update(data, size); }
-  };
-  std::map<std::string, std::string> checksums;
-  write_checkpoint_files(snapshot, [&](const char* file_name, auto&& write_content) {
-    HashingSink out;
-    write_content(out);
-    checksums[file_name] = hex64(out.hasher.digest());
-  });
-  return checksums;
-}
-
-// The checksums a committed manifest records, by file name.
-inline std::map<std::string, std::string> manifest_checksums(const nlohmann::json& manifest) {
-  std::map<std::string, std::string> checksums;
-  for (const auto& file : manifest.value("files", nlohmann::json::array())) {
-    checksums[file.at("name").get<std::string>()] = file.at("xxh3_64").get<std::string>();
+  for (auto& archive : snapshot.archives) {
+    each(archive.name, [&](auto& out) {
+      if (archive.archive) {
+        serialize_archive(*archive.archive,
+                          [&](const void* data, std::size_t size) { out.write(data, size); });
+      } else {
+        out.write(archive.bytes.data(), archive.bytes.size());
+      }
+    });
   }
-  return checksums;
 }
 
 // Commits `snapshot` into `directory` and returns the bytes written. Throws CheckpointError; on
-// error the temporary is removed and every committed checkpoint is as it was.
+// error the temporary is removed and every committed checkpoint is as it was. A directory fsync
+// that fails after the rename throws CheckpointNotDurableError: the checkpoint is committed.
 inline std::uint64_t write_checkpoint(const std::filesystem::path& directory, Snapshot& snapshot) {
   const std::string name = checkpoint_name(snapshot.sequence, snapshot.step);
   const std::filesystem::path final_path = directory / name;
@@ -117,8 +117,8 @@ inline std::uint64_t write_checkpoint(const std::filesystem::path& directory, Sn
   try {
     if (::mkdir(temporary.c_str(), 0755) != 0) throw FileError("cannot create", temporary, errno);
     nlohmann::ordered_json files = nlohmann::ordered_json::array();
-    auto write_file = [&](const char* file_name, auto&& write_content) {
-      DurableFile out(temporary / file_name);
+    auto write_file = [&](const std::string& file_name, auto&& write_content) {
+      DurableFile out(temporary / file_name, snapshot.stop_requested);
       write_content(out);
       out.commit();
       total_bytes += out.size();
@@ -131,24 +131,25 @@ inline std::uint64_t write_checkpoint(const std::filesystem::path& directory, Sn
     manifest["sequence"] = snapshot.sequence;
     manifest["step"] = snapshot.step;
     manifest["epoch"] = snapshot.epoch;
+    manifest["complete"] = snapshot.complete;
+    manifest["total_steps"] = snapshot.total_steps;
     manifest["metrics"] = snapshot.metrics;
     manifest["metadata"] = snapshot.metadata;
-    manifest["optimizer"] = snapshot.optimizer_kind;
-    if (!snapshot.optimizer_groups.is_null())
-      manifest["optimizer_groups"] = snapshot.optimizer_groups;
+    manifest["settings"] = snapshot.settings;
+    for (const char* kind : {"models", "optimizers", "schedulers", "samplers"}) {
+      manifest[kind] = snapshot.parts.value(kind, nlohmann::ordered_json::object());
+    }
     manifest["libtorch_version"] = TORCH_VERSION;
     manifest["created_unix_s"] = static_cast<std::int64_t>(std::time(nullptr));
     manifest["files"] = files;
-    manifest[manifest_checksum_key] = manifest_checksum(manifest);
-    const std::string text = fmt::format("{}\n", manifest.dump(2));
-    DurableFile manifest_file(temporary / manifest_name);
+    const std::string text = manifest_text(manifest);
+    DurableFile manifest_file(temporary / manifest_name, snapshot.stop_requested);
     manifest_file.write(text.data(), text.size());
     manifest_file.commit();
     fsync_directory(temporary);
     if (::rename(temporary.c_str(), final_path.c_str()) != 0) {
       throw FileError("cannot rename the temporary checkpoint to", final_path, errno);
     }
-    fsync_directory(directory);
   } catch (const std::exception& e) {
     std::error_code ignored;
     std::filesystem::remove_all(temporary, ignored);
@@ -156,6 +157,15 @@ inline std::uint64_t write_checkpoint(const std::filesystem::path& directory, Sn
         "CheckpointGuard: cannot save the checkpoint of step {} in '{}': {} (the previous "
         "checkpoints are intact)",
         snapshot.step, directory.string(), error_message(e)));
+  }
+  try {
+    fsync_directory(directory);
+  } catch (const std::exception& e) {
+    throw CheckpointNotDurableError(
+        fmt::format("CheckpointGuard: the checkpoint of step {} is committed as '{}', but {}: it "
+                    "may not survive a power loss (older checkpoints are kept)",
+                    snapshot.step, final_path.string(), error_message(e)),
+        total_bytes);
   }
   return total_bytes;
 }
@@ -187,10 +197,10 @@ inline std::vector<CheckpointInfo> list_committed(const std::filesystem::path& d
   for (const auto& path : committed_paths(dir)) {
     try {
       const auto manifest = nlohmann::json::parse(read_whole_file(path / manifest_name));
-      result.push_back({path, manifest.at("sequence").get<std::uint64_t>(),
-                        manifest.at("step").get<std::int64_t>(),
-                        manifest.at("epoch").get<std::int64_t>(),
-                        manifest.value("metrics", nlohmann::json::object())});
+      result.push_back(
+          {path, manifest.at("sequence").get<std::uint64_t>(),
+           manifest.at("step").get<std::int64_t>(), manifest.at("epoch").get<std::int64_t>(),
+           manifest.value("metrics", nlohmann::json::object()), manifest.value("complete", false)});
     } catch (const std::exception&) {
       // no readable manifest: not a committed checkpoint (a later restore moves it aside)
     }

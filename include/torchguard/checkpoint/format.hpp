@@ -1,14 +1,22 @@
-// A checkpoint's files (format 2): its tensors in safetensors files that PyTorch's tools open,
-//   model.safetensors      the model's state_dict, under Python's names ("conv1.weight")
-//   optimizer.safetensors  a built-in optimizer's per-parameter state: "state.<i>.<field>", i
-//                          counting the parameters of every group in order (the keys of
-//                          Python's optimizer.state_dict()["state"]), e.g. "state.0.exp_avg"
-//   extra.safetensors      "modules.<name>.<key>" (options.modules), "tensors.<name>"
-//                          (options.tensors), "rng.cpu", "rng.cuda.<i>", "scheduler.step_count"
-//   state.pt               only for an optimizer torchguard does not know: its own serialize()
-// and manifest.json with everything else in JSON (step, epoch, metrics, metadata, the optimizer
-// groups' settings, each file's size and checksum). The tensors are written straight from their
-// memory (or from one reused staging buffer for a background save), hashed as they go.
+// A checkpoint's files (format 3). Its parts are named (CheckpointOptions::models, optimizers,
+// ...), and each model or optimizer has a safetensors file that PyTorch's tools open:
+//   model.safetensors              the model named "model" (the constructors' model): its
+//                                  state_dict, under Python's names ("conv1.weight")
+//   model.<name>.safetensors       any other model
+//   optimizer.safetensors          a built-in optimizer's per-parameter state, named as Python's
+//   optimizer.<name>.safetensors   optimizer.state_dict()["state"] is keyed: "state.<i>.<field>",
+//                                  i counting the parameters of every group in order
+//   optimizer(.<name>).pt          only for an optimizer torchguard does not know: its serialize()
+//   extra.safetensors              "rng.cpu", "rng.cuda.<i>", "tensors.<name>" (options.tensors)
+// and manifest.json with everything else in JSON: step, epoch, metrics, metadata, the run's
+// settings, whether the run is complete, each optimizer's param_groups as Python's state_dict
+// holds them (settings, "params" indices, "param_names"), each scheduler's step count, each
+// sampler's state, each file's size and checksum (manifest.hpp). The tensors are written
+// straight from their memory (or from one reused staging buffer for a background save), hashed
+// as they go.
+//
+// Format 2 (read): model.safetensors, optimizer.safetensors or state.pt, extra.safetensors with
+// "modules.<name>.<key>" and "scheduler.step_count"; format 1 (read): format_v1.hpp.
 #pragma once
 
 #include <cstdint>
@@ -31,11 +39,23 @@ namespace detail {
 inline constexpr const char* model_file = "model.safetensors";
 inline constexpr const char* optimizer_file = "optimizer.safetensors";
 inline constexpr const char* extra_file = "extra.safetensors";
-inline constexpr const char* state_name = "state.pt";
+inline constexpr const char* state_name = "state.pt";  // formats 1 and 2
+
+// The file of each named part (format 3): a part named like its kind keeps the kind's name.
+inline std::string model_file_of(const std::string& name) {
+  return name == "model" ? std::string(model_file) : fmt::format("model.{}.safetensors", name);
+}
+inline std::string optimizer_file_of(const std::string& name) {
+  return name == "optimizer" ? std::string(optimizer_file)
+                             : fmt::format("optimizer.{}.safetensors", name);
+}
+inline std::string optimizer_archive_of(const std::string& name) {
+  return name == "optimizer" ? std::string("optimizer.pt") : fmt::format("optimizer.{}.pt", name);
+}
 
 inline constexpr const char* cpu_rng_key = "rng.cpu";
-inline constexpr const char* scheduler_step_key = "scheduler.step_count";
-inline std::string module_prefix(const std::string& name) {
+inline constexpr const char* scheduler_step_key = "scheduler.step_count";  // format 2
+inline std::string module_prefix(const std::string& name) {                // format 2
   return fmt::format("modules.{}.", name);
 }
 inline std::string tensor_key(const std::string& name) { return fmt::format("tensors.{}", name); }
@@ -46,12 +66,12 @@ inline std::string optimizer_state_key(const std::string& index, const std::stri
 
 // One safetensors file of a snapshot: host tensors (live CPU tensors, or staged copies).
 struct TensorFile {
-  const char* name;
+  std::string name;
   std::vector<NamedTensor> tensors;
   SafetensorsMetadata metadata;
 };
 
-// A checkpoint's tensors as the loader sees them, whatever the format: views of the mapped files.
+// A checkpoint of format 1 or 2 as the loader sees it: the tensors of its three files.
 struct CheckpointTensors {
   TensorMap model;
   TensorMap optimizer;

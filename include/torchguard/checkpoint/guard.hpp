@@ -9,14 +9,25 @@
 //   }
 //   // leaving the scope saves (policy: always / on success / never)
 //
+// A program of several models and optimizers (a GAN) names them, and one commit holds them all:
+//
+//   torchguard::CheckpointOptions options;
+//   options.directory = "checkpoints";
+//   options.models = {{"generator", generator}, {"discriminator", discriminator}};
+//   options.optimizers = {{"generator", g_adam}, {"discriminator", d_adam}};
+//   options.samplers = {{"train", sampler}};      // the guard's epoch is the sampler's
+//   options.settings.values = {{"--batch-size", 64}, {"--lr", 2e-4}};  // kept, compared on resume
+//   options.settings.exact = {"--batch-size"};    // a change to it refuses the resume
+//   options.total_steps = 1000;                   // a finished run, run again, writes nothing
+//   torchguard::CheckpointGuard guard(options);
+//
 // Layout: <directory>/ckpt-<seq>-step-<step>/{model.safetensors, optimizer.safetensors,
-// extra.safetensors, manifest.json}: the model's state_dict as Python names it, the optimizer's
-// and the extras' tensors, and the rest in JSON (format.hpp). The parts: options.hpp (what users
-// name), format.hpp (the files), safetensors.hpp and state_dict.hpp (the format, and exchange
-// with PyTorch), commit.hpp (the crash-safe commit), retention.hpp (what stays), restore.hpp
-// (verify, quarantine), format_v1.hpp (the previous format, read only), state.hpp (what is saved
-// and loaded), staging.hpp (the host copy, overlapped with training), writer.hpp (the background
-// thread).
+// extra.safetensors, manifest.json} (format.hpp). The parts: options.hpp (what users name),
+// format.hpp and manifest.hpp (the files), safetensors.hpp and state_dict.hpp (the format, and
+// exchange with PyTorch), commit.hpp (the crash-safe commit), retention.hpp (what stays),
+// restore.hpp (verify, quarantine, choose), format_v1.hpp (the first format, read only),
+// state.hpp (what is saved and loaded), staging.hpp (the host copy, overlapped with training),
+// writer.hpp (the background thread).
 #pragma once
 
 #include <algorithm>
@@ -39,7 +50,6 @@
 
 #include "torchguard/checkpoint/commit.hpp"
 #include "torchguard/checkpoint/format.hpp"
-#include "torchguard/checkpoint/lock.hpp"
 #include "torchguard/checkpoint/options.hpp"
 #include "torchguard/checkpoint/restore.hpp"
 #include "torchguard/checkpoint/retention.hpp"
@@ -48,10 +58,33 @@
 #include "torchguard/core/error.hpp"
 #include "torchguard/core/logging.hpp"
 #include "torchguard/core/outcome.hpp"
+#include "torchguard/detail/directory_lock.hpp"
 #include "torchguard/detail/files.hpp"
 
 namespace torchguard {
 namespace detail {
+
+// The parts a guard saves: the options' maps, the constructors' model and optimizer (named
+// "model" and "optimizer"), and the earlier spellings (options.modules, options.scheduler).
+// Throws OptionsError for a name given twice.
+inline Parts collect_parts(ModuleRef model, OptimizerRef optimizer,
+                           const CheckpointOptions& options) {
+  Parts parts{options.models, options.optimizers, options.schedulers, options.samplers,
+              options.tensors};
+  auto add = [](auto& map, const std::string& name, auto part, const char* what) {
+    if (!map.emplace(name, std::move(part)).second) {
+      throw OptionsError(fmt::format(
+          "CheckpointGuard: two {} are named '{}' (the constructor's, options.modules and "
+          "options.scheduler count as named too)",
+          what, name));
+    }
+  };
+  if (model) add(parts.models, "model", std::move(model), "models");
+  if (optimizer) add(parts.optimizers, "optimizer", std::move(optimizer), "optimizers");
+  for (const auto& [name, module] : options.modules) add(parts.models, name, module, "models");
+  if (options.scheduler) add(parts.schedulers, "scheduler", options.scheduler, "schedulers");
+  return parts;
+}
 
 // A CheckpointGuard's state, on the heap: the writer thread points into it, so the guard moves.
 struct CheckpointGuardState {
@@ -59,18 +92,32 @@ struct CheckpointGuardState {
                        CheckpointOptions checkpoint_options)
       : options(std::move(checkpoint_options)),
         logger(or_default(options.logger)),
-        training(std::move(model), std::move(optimizer), options) {}
+        training(collect_parts(std::move(model), std::move(optimizer), options), options),
+        total_steps(options.total_steps) {}
+
+  // request_stop(), options.stop_requested, or options.stop_token.
+  bool stop_requested() const {
+    return stop_flag.load() || (options.stop_requested && options.stop_requested()) ||
+           options.stop_token.cancelled();
+  }
 
   // Commits a snapshot, then applies retention (a failure to delete old checkpoints is logged,
   // not a save failure). Runs on the caller's or the writer thread.
   void commit(Snapshot& snapshot) const {
     const auto started = std::chrono::steady_clock::now();
-    const std::uint64_t bytes = write_checkpoint(options.directory, snapshot);
+    std::uint64_t bytes = 0;
+    try {
+      bytes = write_checkpoint(options.directory, snapshot);
+    } catch (const CheckpointNotDurableError& e) {
+      logger->error("{}", e.what());  // no retention: the older checkpoints stay
+      throw;
+    }
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-    logger->info("CheckpointGuard: saved step {} to '{}' ({:.1f} MiB in {:.2f} s)", snapshot.step,
+    logger->info("CheckpointGuard: saved step {} to '{}' ({:.1f} MiB in {:.2f} s){}", snapshot.step,
                  (options.directory / checkpoint_name(snapshot.sequence, snapshot.step)).string(),
-                 static_cast<double>(bytes) / (1024.0 * 1024.0), seconds);
+                 static_cast<double>(bytes) / (1024.0 * 1024.0), seconds,
+                 snapshot.complete ? ": the run is complete" : "");
     try {
       apply_retention(options, resumed_from, *logger);
     } catch (const std::exception& e) {
@@ -87,11 +134,16 @@ struct CheckpointGuardState {
   std::int64_t step = 0;
   std::int64_t epoch = 0;
   std::uint64_t sequence = 0;
+  std::int64_t total_steps = 0;
+  bool complete_marked = false;  // mark_complete(), or the restored checkpoint was complete
   nlohmann::json metrics = nlohmann::json::object();
   nlohmann::json resumed_metrics = nlohmann::json::object();
   nlohmann::json metadata = nlohmann::json::object();
   std::optional<std::filesystem::path> resumed_from;
-  nlohmann::json resumed_manifest;  // of the checkpoint restored on entry
+  std::int64_t restored_step = -1;
+  std::int64_t restored_epoch = -1;
+  nlohmann::json restored_metadata;
+  std::vector<std::int64_t> restored_versions;  // of every saved tensor, just after the restore
   bool saved_this_step = false;     // set by save(), cleared by step(): the exit save may skip
   bool last_commit_failed = false;  // the newest save point's write did not commit
   bool overlap = false;          // the loop calls before_optimizer_step(): copies may be deferred
@@ -112,51 +164,29 @@ class CheckpointGuard {
  public:
   using Options = CheckpointOptions;
 
-  // Model, optimizer and the options' scheduler and modules are shared (std::shared_ptr, module
-  // holders: they live as long as the guard) or borrowed (references: they must outlive it).
+  // Models, optimizers, schedulers and the options' other parts are shared (std::shared_ptr,
+  // module holders: they live as long as the guard) or borrowed (references: they must outlive
+  // it).
   //
   // The seed's form: restore from `directory` now, save there at exit.
   CheckpointGuard(ModuleRef model, OptimizerRef optimizer, std::filesystem::path directory)
       : CheckpointGuard(std::move(model), std::move(optimizer), options_for(std::move(directory))) {
   }
 
+  // The model and optimizer are the parts named "model" and "optimizer".
   CheckpointGuard(ModuleRef model, OptimizerRef optimizer, CheckpointOptions options)
       : s_(std::make_unique<detail::CheckpointGuardState>(std::move(model), std::move(optimizer),
                                                           std::move(options))) {
-    auto& s = *s_;
-    detail::validate_checkpoint_options(s.options);
-    s.writer = !s.options.is_writer || s.options.is_writer();
-    const auto& directory = s.options.directory;
-    std::error_code error;
-    const bool created = std::filesystem::create_directories(directory, error);
-    if (error && !std::filesystem::is_directory(directory)) {
-      throw CheckpointError(fmt::format("CheckpointGuard: cannot create the directory '{}': {}",
-                                        directory.string(), error.message()));
-    }
-    if (created && s.writer) {  // the new directory's own entry must survive a crash too
-      detail::fsync_directory(std::filesystem::absolute(directory).parent_path());
-    }
-    if (s.writer) {
-      s.lock.emplace(directory);  // a second run on this directory fails here, at once
-      if (!s.lock->held()) {
-        s.logger->warn(
-            "CheckpointGuard: cannot create '{}' (a read-only directory?): another run "
-            "on this directory is not excluded",
-            s.lock->path().string());
-      }
-      s.sequence = detail::remove_leftover_temporaries(directory, *s.logger);
-    }
-    detail::restore_newest(s.options, s.writer, *s.logger,
-                           [&](const detail::VerifiedCheckpoint& checkpoint) { load(checkpoint); });
-    if (s.options.background && s.writer) {
-      s.background = std::make_unique<detail::BackgroundWriter>(
-          [state = s_.get()](detail::Snapshot& snapshot) { state->commit(snapshot); });
-    }
+    open();
   }
 
-  // Without an optimizer: a model (and the options' extras) alone.
+  // Without an optimizer: a model (and the options' parts) alone.
   CheckpointGuard(ModuleRef model, CheckpointOptions options)
       : CheckpointGuard(std::move(model), nullptr, std::move(options)) {}
+
+  // Every part named in the options (models, optimizers, schedulers, samplers, tensors).
+  explicit CheckpointGuard(CheckpointOptions options)
+      : CheckpointGuard(nullptr, nullptr, std::move(options)) {}
 
   CheckpointGuard(CheckpointGuard&&) noexcept = default;
   CheckpointGuard& operator=(CheckpointGuard&& other) noexcept {
@@ -171,17 +201,20 @@ class CheckpointGuard {
   // are logged (call close() to have them thrown). A moved-from guard does nothing.
   ~CheckpointGuard() { finish(); }
 
-  // Advances the step with this step's metrics; saves every `every_n_steps` steps, and at once
-  // when a stop was requested (the result then says to stop; only the first such step saves).
+  // Advances the step with this step's metrics; saves every `every_n_steps` steps, at the step
+  // that reaches total_steps, and at once when a stop was requested (the result then says to
+  // stop; only the first such step saves).
   StepResult step(const Metrics& metrics = {}) {
     ++s_->step;
     s_->saved_this_step = false;
+    s_->complete_marked = false;  // more was trained: complete again only when said or reached
     set_metrics(metrics);
     settle();  // a dropped background save is replaced now
     StepResult result;
     result.stop = stop_requested();
-    const bool due =
-        s_->resave || (s_->options.every_n_steps > 0 && s_->step % s_->options.every_n_steps == 0);
+    const bool due = s_->resave ||
+                     (s_->options.every_n_steps > 0 && s_->step % s_->options.every_n_steps == 0) ||
+                     (s_->total_steps > 0 && s_->step == s_->total_steps);
     // A stop saves once, at the first step that sees it: a loop that goes on does not save at
     // every step after it.
     if (due || (result.stop && !s_->stop_logged)) {
@@ -252,8 +285,8 @@ class CheckpointGuard {
     try {
       if (save_now && !s_->saved_this_step && unchanged_since_restore()) {
         s_->logger->info(
-            "CheckpointGuard: step {} is as it was restored from '{}': not saved again", s_->step,
-            s_->resumed_from->string());
+            "CheckpointGuard: step {} is as it was restored from '{}'{}: not saved again", s_->step,
+            s_->resumed_from->string(), complete() ? " (the run is complete)" : "");
       } else if (save_now && !s_->saved_this_step) {
         save();
       } else if (s_->resave && s_->writer) {  // a dropped background save, replaced
@@ -274,8 +307,38 @@ class CheckpointGuard {
 
   std::int64_t current_step() const noexcept { return s_->step; }
   void set_step(std::int64_t step) noexcept { s_->step = step; }
-  std::int64_t epoch() const noexcept { return s_->epoch; }
-  void set_epoch(std::int64_t epoch) noexcept { s_->epoch = epoch; }
+  // The run's epoch: a sampler's (options.samplers), when one has an epoch; else the value given
+  // to set_epoch() (restored from the checkpoint).
+  std::int64_t epoch() const { return sampler_epoch().value_or(s_->epoch); }
+  // Throws OptionsError when a sampler keeps the epoch: there is one epoch, not two.
+  void set_epoch(std::int64_t epoch) {
+    if (sampler_epoch()) {
+      throw OptionsError(
+          "CheckpointGuard: set_epoch() with a sampler in options.samplers: the epoch is the "
+          "sampler's");
+    }
+    s_->epoch = epoch;
+  }
+
+  // The run's planned steps in all (options.total_steps; 0: not said). A total above the step
+  // of a restored complete run makes it go on.
+  std::int64_t total_steps() const noexcept { return s_->total_steps; }
+  void set_total_steps(std::int64_t total) {
+    if (total < 0) throw OptionsError("CheckpointGuard: total steps must not be negative");
+    s_->total_steps = total;
+    if (total > s_->step) s_->complete_marked = false;
+  }
+  // Says the run's planned work is done: the next checkpoint (the exit save) is marked complete.
+  void mark_complete() noexcept { s_->complete_marked = true; }
+  // True when the run's planned work is done: mark_complete() since the last step(), the step
+  // at total_steps, or a restored checkpoint marked complete (with no larger total given). A
+  // program that sees it on entry has nothing to train; leaving then writes nothing.
+  bool complete() const noexcept {
+    return s_->complete_marked || (s_->total_steps > 0 && s_->step >= s_->total_steps);
+  }
+  // The run's settings as given (options.settings.values).
+  const nlohmann::json& settings() const noexcept { return s_->options.settings.values; }
+
   // The metrics given last to step() or save().
   const nlohmann::json& metrics() const noexcept { return s_->metrics; }
   // The metrics of the checkpoint training resumed from (empty after a fresh start).
@@ -290,11 +353,7 @@ class CheckpointGuard {
   const std::filesystem::path& directory() const noexcept { return s_->options.directory; }
 
   // request_stop(), options.stop_requested, or options.stop_token.
-  bool stop_requested() const {
-    const auto& options = s_->options;
-    return s_->stop_flag.load() || (options.stop_requested && options.stop_requested()) ||
-           options.stop_token.cancelled();
-  }
+  bool stop_requested() const { return s_->stop_requested(); }
   void request_stop() noexcept { s_->stop_flag.store(true); }
 
   // The committed checkpoints, oldest first (read from their manifests, not re-verified).
@@ -307,8 +366,71 @@ class CheckpointGuard {
     return options;
   }
 
+  // Takes the directory's lock, restores (or starts fresh) as options.restore says, then starts
+  // the background writer.
+  void open() {
+    auto& s = *s_;
+    detail::validate_checkpoint_options(s.options);
+    s.writer = !s.options.is_writer || s.options.is_writer();
+    const auto& directory = s.options.directory;
+    std::error_code error;
+    const bool created = std::filesystem::create_directories(directory, error);
+    if (error && !std::filesystem::is_directory(directory)) {
+      throw CheckpointError(fmt::format("CheckpointGuard: cannot create the directory '{}': {}",
+                                        directory.string(), error.message()));
+    }
+    if (created && s.writer) {  // the new directory's own entry must survive a crash too
+      detail::fsync_directory(std::filesystem::absolute(directory).parent_path());
+    }
+    if (s.writer) {
+      // A second run on this directory fails here, at once.
+      s.lock.emplace(directory, "CheckpointGuard: the checkpoint directory");
+      if (!s.lock->held()) {
+        s.logger->warn(
+            "CheckpointGuard: cannot create '{}' (a read-only directory?): another run "
+            "on this directory is not excluded",
+            s.lock->path().string());
+      }
+      s.sequence = detail::remove_leftover_temporaries(directory, *s.logger);
+    }
+    detail::restore_newest(s.options, s.writer, *s.logger,
+                           [&](const detail::VerifiedCheckpoint& checkpoint) { load(checkpoint); });
+    if (s.options.background && s.writer) {
+      s.background = std::make_unique<detail::BackgroundWriter>(
+          [state = s_.get()](detail::Snapshot& snapshot) { state->commit(snapshot); });
+    }
+  }
+
+  // The settings the checkpoint recorded (format 3; format 2's demos kept them in
+  // metadata["settings"]) against this run's: a change to an exact one throws before anything
+  // loads, another is a warning.
+  void reconcile_settings(const detail::VerifiedCheckpoint& checkpoint) const {
+    const auto& manifest = checkpoint.manifest;
+    const auto& current = s_->options.settings;
+    nlohmann::json saved = manifest.value("settings", nlohmann::json::object());
+    if (saved.empty() && manifest.contains("metadata") && manifest["metadata"].is_object()) {
+      saved = manifest["metadata"].value("settings", nlohmann::json::object());
+    }
+    if (!saved.is_object()) return;
+    for (const auto& [name, value] : current.values.items()) {
+      const auto old_value = saved.find(name);
+      if (old_value == saved.end() || *old_value == value) continue;
+      if (current.exact.count(name)) {
+        throw OptionsError(fmt::format(
+            "CheckpointGuard: {} is {} in this run but was {} in the run that wrote '{}': "
+            "resuming with another value would not continue that run exactly; resume with {}, "
+            "or start a new run (another directory, or restore = \"none\")",
+            name, value.dump(), old_value->dump(), checkpoint.path.string(), old_value->dump()));
+      }
+      s_->logger->warn("CheckpointGuard: {} changed from {} to {} since '{}'; this run uses {}",
+                       name, old_value->dump(), value.dump(), checkpoint.path.filename().string(),
+                       value.dump());
+    }
+  }
+
   void load(const detail::VerifiedCheckpoint& checkpoint) {
     auto& s = *s_;
+    reconcile_settings(checkpoint);
     s.training.load(checkpoint, *s.logger);
     const auto& manifest = checkpoint.manifest;
     s.step = manifest.at("step").get<std::int64_t>();
@@ -318,9 +440,28 @@ class CheckpointGuard {
     s.metadata = manifest.value("metadata", nlohmann::json::object());
     s.sequence = std::max(s.sequence, manifest.at("sequence").get<std::uint64_t>());
     s.resumed_from = checkpoint.path;
-    s.resumed_manifest = manifest;
-    s.logger->info("CheckpointGuard: resumed from step {} (epoch {}) of '{}'", s.step, s.epoch,
-                   checkpoint.path.string());
+    s.restored_step = s.step;
+    s.restored_epoch = s.epoch;
+    s.restored_metadata = s.metadata;
+    s.restored_versions = s.training.versions();
+    const bool was_complete = manifest.value("complete", false);
+    s.complete_marked = was_complete && s.total_steps <= s.step;
+    std::string end;
+    if (was_complete && s.complete_marked) {
+      end = ": the run is complete (a larger total of steps or epochs goes on)";
+    } else if (was_complete) {
+      end = fmt::format(": the run was complete there, and goes on to step {}", s.total_steps);
+    }
+    s.logger->info("CheckpointGuard: resumed from step {} (epoch {}) of '{}'{}", s.step, epoch(),
+                   checkpoint.path.string(), end);
+  }
+
+  // The epoch of the first sampler that has one.
+  std::optional<std::int64_t> sampler_epoch() const {
+    for (const auto& [name, sampler] : s_->training.parts().samplers) {
+      if (auto epoch = sampler.epoch()) return epoch;
+    }
+    return std::nullopt;
   }
 
   void set_metrics(const Metrics& metrics) {
@@ -338,31 +479,30 @@ class CheckpointGuard {
     auto snapshot = std::make_unique<detail::Snapshot>();
     snapshot->sequence = ++s.sequence;
     snapshot->step = s.step;
-    snapshot->epoch = s.epoch;
+    snapshot->epoch = epoch();
+    snapshot->complete = complete();
+    snapshot->total_steps = s.total_steps;
     snapshot->metrics = s.metrics;
     snapshot->metadata = s.metadata;
+    snapshot->settings = s.options.settings.values;
+    snapshot->stop_requested = [state = s_.get()] { return state->stop_requested(); };
     auto copies = s.training.capture(*snapshot, background ? &s.staging : nullptr,
                                      deferred != nullptr && s.overlap);
     if (deferred) *deferred = std::move(copies);
     return snapshot;
   }
 
-  // True when the state is exactly the checkpoint restored on entry: the same step, epoch and
-  // metadata, and the same checksum for every file a save would write (a finished run started
-  // again writes no copy of its last step; a loop that trains without step() still saves).
-  // Processes that meet at a fence (after_save) always save: they must not decide apart.
-  bool unchanged_since_restore() {
+  // True when nothing changed since the restore: the same step, epoch and metadata, and no saved
+  // tensor changed in place (each in-place change bumps a tensor's version). A finished run
+  // started again writes no copy of its last step; a loop that trains without step() still
+  // saves. Processes that meet at a fence (after_save) must decide alike: they go by the step
+  // and the restored checkpoint's completeness alone.
+  bool unchanged_since_restore() const {
     auto& s = *s_;
-    if (!s.resumed_from || !s.writer || s.options.after_save) return false;
-    const auto& manifest = s.resumed_manifest;
-    if (manifest.value("step", std::int64_t{-1}) != s.step ||
-        manifest.value("epoch", std::int64_t{-1}) != s.epoch ||
-        manifest.value("metadata", nlohmann::json::object()) != s.metadata) {
-      return false;
-    }
-    auto snapshot = take_snapshot(false);
-    --s.sequence;  // nothing is committed under it
-    return detail::checkpoint_checksums(*snapshot) == detail::manifest_checksums(manifest);
+    if (!s.resumed_from || s.step != s.restored_step) return false;
+    if (s.options.after_save) return complete();
+    return s.writer && s.epoch == s.restored_epoch && s.metadata == s.restored_metadata &&
+           s.training.versions() == s.restored_versions;
   }
 
   void commit_or_queue() {

@@ -6,7 +6,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <numeric>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -127,10 +129,16 @@ bool save_known_state(torch::optim::Optimizer& optimizer, const char* kind, std:
   if (!dynamic_cast<Optim*>(&optimizer)) return false;
   saved_kind = kind;
   groups = nlohmann::json::array();
+  std::size_t first = 0;
   for (auto& group : optimizer.param_groups()) {
     nlohmann::json settings = nlohmann::json::object();
     visit_settings(static_cast<Options&>(group.options()),
                    [&](const char* name, const auto& value) { settings[name] = value; });
+    // Python's param_groups list their parameters' indices, counted over every group.
+    std::vector<std::size_t> params(group.params().size());
+    std::iota(params.begin(), params.end(), first);
+    first += params.size();
+    settings["params"] = params;
     groups.push_back(std::move(settings));
   }
   auto& states = optimizer.state();
@@ -151,54 +159,73 @@ bool save_known_state(torch::optim::Optimizer& optimizer, const char* kind, std:
   return true;
 }
 
+// Checks the stored state against `optimizer` and returns what puts it there, changing nothing
+// before it is called: the groups' settings (from `groups`, when given) and each parameter's
+// state, every tensor the parameter's shape. nullopt when `optimizer` is not an `Optim`.
 template <class Optim, class State, class Options>
-bool load_known_state(torch::optim::Optimizer& optimizer, const char* kind,
-                      const std::string& saved_kind, const TensorMap& tensors,
-                      const nlohmann::json* groups) {
-  if (!dynamic_cast<Optim*>(&optimizer)) return false;
+std::optional<std::function<void()>> plan_known_state(torch::optim::Optimizer& optimizer,
+                                                      const char* kind,
+                                                      const std::string& saved_kind,
+                                                      const TensorMap& tensors,
+                                                      const nlohmann::json* groups) {
+  if (!dynamic_cast<Optim*>(&optimizer)) return std::nullopt;
   if (saved_kind != kind) {
     throw Error(fmt::format("the optimizer is {}, the checkpoint's is {}", kind, saved_kind));
   }
-  if (groups) {  // format 2: the settings in JSON; checked before anything changes
-    auto& param_groups = optimizer.param_groups();
+  auto& param_groups = optimizer.param_groups();
+  std::vector<Options> settings;
+  if (groups) {
     if (!groups->is_array() || groups->size() != param_groups.size()) {
       throw Error(fmt::format("it holds the settings of {} optimizer groups, this optimizer has {}",
                               groups->is_array() ? groups->size() : 0, param_groups.size()));
     }
-    std::vector<Options> settings;
     for (std::size_t i = 0; i < param_groups.size(); ++i) {
+      const auto params = (*groups)[i].find("params");
+      if (params != (*groups)[i].end() && params->is_array() &&
+          params->size() != param_groups[i].params().size()) {
+        throw Error(fmt::format("its optimizer group {} has {} parameters, this one's has {}", i,
+                                params->size(), param_groups[i].params().size()));
+      }
       settings.push_back(static_cast<Options&>(param_groups[i].options()));
       visit_settings(settings.back(), [&](const char* name, auto& value) {
         value = (*groups)[i].at(name).template get<std::decay_t<decltype(value)>>();
       });
     }
-    for (std::size_t i = 0; i < param_groups.size(); ++i) {
-      static_cast<Options&>(param_groups[i].options()) = settings[i];
-    }
   }
-  auto& states = optimizer.state();
-  using Map = std::decay_t<decltype(states)>;
-  states.clear();
+  using Map = std::decay_t<decltype(optimizer.state())>;
+  auto states = std::make_shared<Map>();
   for_each_parameter(optimizer, [&](std::size_t index, const torch::Tensor& parameter) {
     auto state = std::make_unique<State>();
     bool found = false;
     visit_fields(*state, [&](const char* field, auto& value) {
-      const auto stored = tensors.find(optimizer_state_key(std::to_string(index), field));
+      const std::string key = optimizer_state_key(std::to_string(index), field);
+      const auto stored = tensors.find(key);
       if (stored == tensors.end()) return;
       found = true;
       if constexpr (std::is_same_v<std::decay_t<decltype(value)>, torch::Tensor>) {
+        if (stored->second.sizes() != parameter.sizes()) {
+          throw Error(fmt::format("{} is {}, its parameter {}", key,
+                                  c10::str(stored->second.sizes()), c10::str(parameter.sizes())));
+        }
         value = stored->second.to(parameter.device(), /*non_blocking=*/false, /*copy=*/true);
       } else {
         value = stored->second.template item<std::int64_t>();
       }
     });
-    if (found) states[optimizer_state_key<Map>(parameter)] = std::move(state);
+    if (found) (*states)[optimizer_state_key<Map>(parameter)] = std::move(state);
   });
-  return true;
+  return [&optimizer, states, settings = std::move(settings)]() mutable {
+    auto& param_groups = optimizer.param_groups();
+    for (std::size_t i = 0; i < settings.size(); ++i) {
+      static_cast<Options&>(param_groups[i].options()) = settings[i];
+    }
+    optimizer.state() = std::move(*states);
+  };
 }
 
 // Appends the optimizer's state as named tensors and returns its kind ("adam", ...), or
-// nullopt for an optimizer that is not built in (the caller serializes it instead).
+// nullopt for an optimizer that is not built in (the caller serializes it instead). `groups`:
+// Python's param_groups (the settings under Python's names, and "params").
 inline std::optional<std::string> save_optimizer_state(torch::optim::Optimizer& optimizer,
                                                        std::vector<NamedTensor>& out,
                                                        nlohmann::json& groups) {
@@ -217,20 +244,31 @@ inline std::optional<std::string> save_optimizer_state(torch::optim::Optimizer& 
   return std::nullopt;
 }
 
-// Restores what save_optimizer_state() wrote, the groups' settings from `groups` (format 2) or,
-// when null, by the caller (format 1's archive); false for an optimizer that is not built in.
-inline bool load_optimizer_state(torch::optim::Optimizer& optimizer, const std::string& kind,
-                                 const TensorMap& tensors, const nlohmann::json* groups) {
+// Checks what save_optimizer_state() wrote against `optimizer` and returns what restores it (the
+// groups' settings from `groups`; without, the caller restores them from format 1's archive);
+// nullopt for an optimizer that is not built in. Throws Error naming what does not fit.
+inline std::optional<std::function<void()>> plan_optimizer_state(torch::optim::Optimizer& optimizer,
+                                                                 const std::string& kind,
+                                                                 const TensorMap& tensors,
+                                                                 const nlohmann::json* groups) {
   using namespace torch::optim;
-  return load_known_state<SGD, SGDParamState, SGDOptions>(optimizer, "sgd", kind, tensors,
-                                                          groups) ||
-         load_known_state<Adam, AdamParamState, AdamOptions>(optimizer, "adam", kind, tensors,
-                                                             groups) ||
-         load_known_state<AdamW, AdamWParamState, AdamWOptions>(optimizer, "adamw", kind, tensors,
-                                                                groups) ||
-         load_known_state<Adagrad, AdagradParamState, AdagradOptions>(optimizer, "adagrad", kind,
-                                                                      tensors, groups) ||
-         load_known_state<RMSprop, RMSpropParamState, RMSpropOptions>(optimizer, "rmsprop", kind,
+  if (auto plan = plan_known_state<SGD, SGDParamState, SGDOptions>(optimizer, "sgd", kind, tensors,
+                                                                   groups)) {
+    return plan;
+  }
+  if (auto plan = plan_known_state<Adam, AdamParamState, AdamOptions>(optimizer, "adam", kind,
+                                                                      tensors, groups)) {
+    return plan;
+  }
+  if (auto plan = plan_known_state<AdamW, AdamWParamState, AdamWOptions>(optimizer, "adamw", kind,
+                                                                         tensors, groups)) {
+    return plan;
+  }
+  if (auto plan = plan_known_state<Adagrad, AdagradParamState, AdagradOptions>(
+          optimizer, "adagrad", kind, tensors, groups)) {
+    return plan;
+  }
+  return plan_known_state<RMSprop, RMSpropParamState, RMSpropOptions>(optimizer, "rmsprop", kind,
                                                                       tensors, groups);
 }
 

@@ -2,6 +2,8 @@
 // list() describes.
 #pragma once
 
+#include <algorithm>
+#include <cctype>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -9,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -19,6 +22,7 @@
 
 #include "torchguard/core/cancellation.hpp"
 #include "torchguard/core/error.hpp"
+#include "torchguard/core/stateful.hpp"
 
 namespace torchguard {
 
@@ -26,6 +30,14 @@ namespace torchguard {
 class CheckpointError : public Error {
  public:
   using Error::Error;
+};
+
+// Checkpoints exist but none can be restored (each damaged, or the one asked for is not there):
+// the message says how to start fresh or pick another (CheckpointOptions::restore); a program
+// adds the name of its own flag for it.
+class NoValidCheckpointError : public CheckpointError {
+ public:
+  using CheckpointError::CheckpointError;
 };
 
 enum class SaveOnExit { always, on_success, never };
@@ -72,25 +84,61 @@ using OptimizerRef = Ref<torch::optim::Optimizer>;
 // An LR scheduler: a std::shared_ptr (shared) or a pointer (borrowed).
 using SchedulerRef = Ref<torch::optim::LRScheduler>;
 
+// A run's settings as the program gives them (CheckpointOptions::settings): recorded in every
+// checkpoint and compared on resume.
+struct RunSettings {
+  nlohmann::json values = nlohmann::json::object();  // name -> value, e.g. {"batch_size", 64}
+  // The names whose change breaks an exact resume (batch size, seed, thread count): a resume
+  // with another value is refused, naming the old and the new. A change to any other is a
+  // warning, and this run's value is used.
+  std::set<std::string> exact;
+};
+
 struct CheckpointOptions {
   std::filesystem::path directory;  // where checkpoints live (created when missing)
-  int keep_last = 3;                // the newest N checkpoints are kept (at least 1)
-  int keep_best = 0;                // and the best K by `best_metric`
-  std::string best_metric;          // a metric name passed to step()/save()
+
+  // The parts, each under a name, saved together in one commit and restored all or nothing. The
+  // constructors' model and optimizer are the parts named "model" and "optimizer". Files:
+  // model.safetensors for the model named "model", model.<name>.safetensors for the others;
+  // optimizer(.<name>).safetensors likewise (format.hpp).
+  std::map<std::string, ModuleRef> models;
+  std::map<std::string, OptimizerRef> optimizers;
+  std::map<std::string, SchedulerRef> schedulers;  // each one's step count
+  // Samplers (a ResumableSampler, by copy: copies share its state) or any Stateful: their state
+  // is saved as JSON and restored before the loop begins. With one, the guard's epoch() is its
+  // epoch: one value, not two.
+  std::map<std::string, Stateful> samplers;
+  std::map<std::string, torch::Tensor> tensors;  // more tensors, restored in place
+
+  RunSettings settings;  // recorded; compared on resume (see RunSettings)
+  // The steps the run will take in all (0: not said). The checkpoint of that step is marked
+  // complete: the same command again restores it, logs that the run is complete and writes
+  // nothing; a larger total goes on. mark_complete() says so for a run that counts otherwise.
+  std::int64_t total_steps = 0;
+  // Which checkpoint to restore: "" or "latest" (the newest intact one, falling back past
+  // damaged ones), "none" (start fresh; the existing checkpoints are kept until retention
+  // replaces them), a step ("1200") or a checkpoint's name ("ckpt-000004-step-1200"): that one,
+  // or an error.
+  std::string restore;
+
+  int keep_last = 3;        // the newest N checkpoints are kept (at least 1)
+  int keep_best = 0;        // and the best K by `best_metric`
+  std::string best_metric;  // a metric name passed to step()/save()
   MetricMode best_mode = MetricMode::min;
   SaveOnExit save_on_exit = SaveOnExit::always;
   std::int64_t every_n_steps = 0;  // step() saves every N steps (0: only on exit / stop / save())
   bool background = false;         // copy on the caller's thread, write on another
-  std::optional<torch::Device> load_device;  // move the model (and extra modules) here, then load
+  std::optional<torch::Device> load_device;  // move the models here, then load
   bool allow_fresh_start = false;    // checkpoints exist but none is valid: start fresh, not fail
   std::function<bool()> is_writer;   // false on processes that must not write (rank != 0)
   std::function<void()> after_save;  // runs on every process after each save point (barrier)
-  std::function<bool()> stop_requested;          // e.g. [&] { return session.stop_requested(); }
-  CancellationToken stop_token;                  // e.g. session.stop_token()
-  SchedulerRef scheduler;                        // its step count is saved and restored
-  std::map<std::string, ModuleRef> modules;      // more modules, saved and restored by name
-  std::map<std::string, torch::Tensor> tensors;  // more tensors, restored in place
+  std::function<bool()> stop_requested;  // e.g. [&] { return session.stop_requested(); }
+  CancellationToken stop_token;          // e.g. session.stop_token()
   std::shared_ptr<spdlog::logger> logger;
+
+  // Earlier spellings, still read: `scheduler` is schedulers["scheduler"], `modules` are models.
+  SchedulerRef scheduler;
+  std::map<std::string, ModuleRef> modules;
 };
 
 // What step() did: saved a checkpoint, and whether the loop should stop.
@@ -106,6 +154,7 @@ struct CheckpointInfo {
   std::int64_t step = 0;
   std::int64_t epoch = 0;
   nlohmann::json metrics;
+  bool complete = false;  // the run's planned work was done at this step
 };
 
 namespace detail {
@@ -122,6 +171,30 @@ inline void validate_checkpoint_options(const CheckpointOptions& options) {
     invalid("keep_best needs best_metric: the metric that decides which checkpoint is best");
   }
   if (options.every_n_steps < 0) invalid("every_n_steps must not be negative");
+  if (options.total_steps < 0) invalid("total_steps must not be negative");
+  auto check_names = [&](const char* what, const auto& parts) {
+    for (const auto& [name, part] : parts) {
+      const bool plain =
+          !name.empty() && name.size() <= 64 && std::all_of(name.begin(), name.end(), [](char c) {
+            return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-';
+          });
+      if (!plain) {
+        invalid(fmt::format("{} name '{}' is not 1 to 64 letters, digits, '_' or '-'", what, name));
+      }
+      if (!part) invalid(fmt::format("{} '{}' is null", what, name));
+    }
+  };
+  check_names("a model", options.models);
+  check_names("an optimizer", options.optimizers);
+  check_names("a scheduler", options.schedulers);
+  check_names("a sampler", options.samplers);
+  check_names("a module", options.modules);
+  for (const auto& name : options.settings.exact) {
+    if (!options.settings.values.contains(name)) {
+      invalid(fmt::format("settings.exact names '{}', which settings.values does not hold", name));
+    }
+  }
+  if (!options.settings.values.is_object()) invalid("settings.values is not a JSON object");
   if (std::filesystem::exists(options.directory) &&
       !std::filesystem::is_directory(options.directory)) {
     invalid(fmt::format("'{}' is a file, not a checkpoint directory (a torch::save file?)",

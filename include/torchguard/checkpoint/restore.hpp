@@ -5,6 +5,7 @@
 // checkpoint (EACCES, ...) stops the restore instead.
 #pragma once
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -96,11 +97,13 @@ inline std::string verify_checkpoint(const std::filesystem::path& path, Verified
     }
     out.files.emplace(file.name, std::move(content));
   }
+  // Format 3's parts each name a file the manifest lists (check_manifest).
   const bool archive = out.manifest.value("optimizer", "") == "archive";
   const std::vector<const char*> required =
-      check.version < 2 ? std::vector<const char*>{format1_tensors_name, state_name}
-      : archive         ? std::vector<const char*>{model_file, extra_file, state_name}
-                        : std::vector<const char*>{model_file, extra_file};
+      check.version >= 3  ? std::vector<const char*>{extra_file}
+      : check.version < 2 ? std::vector<const char*>{format1_tensors_name, state_name}
+      : archive           ? std::vector<const char*>{model_file, extra_file, state_name}
+                          : std::vector<const char*>{model_file, extra_file};
   for (const char* name : required) {
     if (!out.files.count(name)) return fmt::format("its manifest lists no {}", name);
   }
@@ -134,15 +137,70 @@ inline void quarantine_checkpoint(const std::filesystem::path& directory,
   logger.warn("CheckpointGuard: moved to '{}'", target.string());
 }
 
-// Calls `load(const VerifiedCheckpoint&)` with the newest intact checkpoint of
-// options.directory, quarantining damaged ones on the way. Returns false for a fresh start;
-// throws CheckpointError when checkpoints exist (or were quarantined) but none is valid, unless
-// allow_fresh_start.
+// The checkpoint of `paths` (oldest first) that `wanted` names: a checkpoint's directory name,
+// or a step (the newest checkpoint of that step). Empty when none.
+inline std::filesystem::path find_checkpoint(const std::vector<std::filesystem::path>& paths,
+                                             const std::string& wanted) {
+  for (auto it = paths.rbegin(); it != paths.rend(); ++it) {
+    const std::string name = it->filename().string();
+    if (name == wanted) return *it;
+    const auto at = name.find("-step-");
+    if (at != std::string::npos && name.substr(at + 6) == wanted) return *it;
+  }
+  return {};
+}
+
+// Calls `load(const VerifiedCheckpoint&)` with the checkpoint options.restore names: by default
+// the newest intact one of options.directory, quarantining damaged ones on the way. Returns
+// false for a fresh start. Throws NoValidCheckpointError when checkpoints exist (or were
+// quarantined) but none is valid, unless allow_fresh_start, and when the one asked for is
+// missing or damaged.
 template <class Load>
 bool restore_newest(const CheckpointOptions& options, bool writer, spdlog::logger& logger,
                     Load&& load) {
   const auto candidates = committed_paths(options.directory);
   const auto quarantined = committed_paths(options.directory / "quarantine");
+  const std::string& wanted = options.restore;
+  if (wanted == "none") {
+    logger.info("CheckpointGuard: starting fresh (restore = \"none\"){}",
+                candidates.empty()
+                    ? std::string()
+                    : fmt::format(": the {} checkpoints in '{}' stay until retention replaces "
+                                  "them",
+                                  candidates.size(), options.directory.string()));
+    return false;
+  }
+  if (!wanted.empty() && wanted != "latest") {
+    const auto path = find_checkpoint(candidates, wanted);
+    if (path.empty()) {
+      std::string there;
+      for (const auto& candidate : candidates) {
+        there += fmt::format("{}{}", there.empty() ? "" : ", ", candidate.filename().string());
+      }
+      throw NoValidCheckpointError(fmt::format(
+          "CheckpointGuard: no checkpoint '{}' in '{}' (restore names a step or a checkpoint; "
+          "there {})",
+          wanted, options.directory.string(),
+          there.empty() ? std::string("are none") : "are: " + there));
+    }
+    VerifiedCheckpoint checkpoint;
+    const std::string problem = verify_checkpoint(path, checkpoint);
+    if (!problem.empty()) {
+      quarantine_checkpoint(options.directory, path, problem, writer, logger);
+      throw NoValidCheckpointError(
+          fmt::format("CheckpointGuard: checkpoint '{}', which restore names, is damaged: {}",
+                      path.string(), problem));
+    }
+    if (path != candidates.back()) {
+      logger.warn(
+          "CheckpointGuard: restoring '{}' as asked, though {} newer checkpoints exist (they "
+          "stay until retention replaces them)",
+          path.filename().string(),
+          candidates.end() - std::find(candidates.begin(), candidates.end(), path) - 1);
+    }
+    load(checkpoint);
+    return true;
+  }
   if (candidates.empty() && quarantined.empty()) {
     logger.info("CheckpointGuard: no checkpoint in '{}': starting fresh",
                 options.directory.string());
@@ -162,10 +220,10 @@ bool restore_newest(const CheckpointOptions& options, bool writer, spdlog::logge
   // start over what that run refused to start over.
   const std::string message = fmt::format(
       "CheckpointGuard: no valid checkpoint in '{}' ({} damaged, moved to '{}'); refusing to "
-      "start fresh over them (set allow_fresh_start to do so)",
+      "start fresh over them (restore = \"none\", or allow_fresh_start, does)",
       options.directory.string(), candidates.size() + quarantined.size(),
       (options.directory / "quarantine").string());
-  if (!options.allow_fresh_start) throw CheckpointError(message);
+  if (!options.allow_fresh_start) throw NoValidCheckpointError(message);
   logger.warn("{}: starting fresh because allow_fresh_start is set", message);
   return false;
 }

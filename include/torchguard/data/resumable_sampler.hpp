@@ -5,7 +5,7 @@
 //   torchguard::ResumableSampler sampler(dataset.size().value(), {/*seed=*/1});
 //   auto loader = torch::data::make_data_loader(std::move(dataset), sampler,
 //                                               torch::data::DataLoaderOptions(64).workers(2));
-//   checkpoint_options.tensors["sampler"] = sampler.state();  // saved, restored in place
+//   checkpoint_options.samplers["train"] = sampler;  // saved, restored; the guard's epoch is its
 //   torchguard::CheckpointGuard checkpoint(model, optimizer, checkpoint_options);
 //   for (auto epoch = sampler.epoch(); epoch < epochs; ++epoch) {
 //     for (auto& batch : torchguard::resume(*loader, sampler)) {
@@ -54,6 +54,7 @@
 
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
+#include <nlohmann/json.hpp>
 
 #include "torchguard/core/error.hpp"
 #include "torchguard/core/logging.hpp"
@@ -164,10 +165,60 @@ class ResumableSampler : public torch::data::samplers::Sampler<> {
     }
   }
 
+  // The position for CheckpointOptions::samplers (a Stateful): {"epoch", "consumed", "size",
+  // "seed", "shuffle"}. The guard saves it in the manifest and restores it before the loop.
+  nlohmann::json checkpoint_state() const {
+    s_->check_state();
+    return {{"epoch", s_->at(kEpoch)},
+            {"consumed", s_->at(kConsumed)},
+            {"size", s_->at(kSize)},
+            {"seed", static_cast<std::uint64_t>(s_->at(kSeed))},
+            {"shuffle", s_->at(kShuffle) != 0}};
+  }
+  // Why `state` is not a position of this sampler ("" when it is).
+  std::string check_checkpoint_state(const nlohmann::json& state) const {
+    auto field = [&](const char* name) -> const nlohmann::json* {
+      const auto it = state.is_object() ? state.find(name) : state.end();
+      return it == state.end() ? nullptr : &*it;
+    };
+    const auto *epoch = field("epoch"), *consumed = field("consumed"), *size = field("size"),
+               *seed = field("seed"), *shuffle = field("shuffle");
+    if (!epoch || !consumed || !size || !seed || !shuffle || !epoch->is_number_integer() ||
+        !consumed->is_number_integer() || !size->is_number_integer() ||
+        !seed->is_number_unsigned() || !shuffle->is_boolean()) {
+      return fmt::format("the saved state {} is not a ResumableSampler's", state.dump());
+    }
+    const auto stored_seed = seed->get<std::uint64_t>();
+    if (size->get<std::int64_t>() != static_cast<std::int64_t>(s_->size) ||
+        stored_seed != s_->options.seed || shuffle->get<bool>() != s_->options.shuffle) {
+      return fmt::format(
+          "the saved state is of a sampler over {} samples (seed {}, {}), this one is over {} "
+          "samples (seed {}, {}): going on from it would skip or repeat samples; use the same "
+          "dataset and seed, or another checkpoint directory",
+          size->get<std::int64_t>(), stored_seed, shuffle->get<bool>() ? "shuffled" : "in order",
+          s_->size, s_->options.seed, s_->options.shuffle ? "shuffled" : "in order");
+    }
+    if (epoch->get<std::int64_t>() < 0 || consumed->get<std::int64_t>() < 0 ||
+        consumed->get<std::int64_t>() > static_cast<std::int64_t>(s_->size)) {
+      return fmt::format("the saved state says epoch {}, {} samples done, of {}: not a position",
+                         epoch->get<std::int64_t>(), consumed->get<std::int64_t>(), s_->size);
+    }
+    return {};
+  }
+  // Puts the position back (the next begin() goes on there). Throws OptionsError for a state
+  // that is not this sampler's.
+  void load_checkpoint_state(const nlohmann::json& state) {
+    if (const std::string problem = check_checkpoint_state(state); !problem.empty()) {
+      throw OptionsError(fmt::format("ResumableSampler: {}", problem));
+    }
+    s_->at(kEpoch) = state.at("epoch").get<std::int64_t>();
+    s_->at(kConsumed) = state.at("consumed").get<std::int64_t>();
+  }
+
   // The position as an int64 tensor of kFields values {epoch, consumed, size, seed, shuffle},
-  // updated in place as the loop receives batches. Give it to CheckpointOptions::tensors: the
-  // guard saves it and restores it in place (on entry, before the loop begins), which is all a
-  // resumed run needs. Do not resize it.
+  // updated in place as the loop receives batches (CheckpointOptions::tensors restores it in
+  // place, as earlier versions did; CheckpointOptions::samplers is the way now). Do not resize
+  // it.
   torch::Tensor state() const noexcept { return s_->state; }
 
   // The epoch the loop is in, or starts at its next begin() (0-based; it advances when the

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -49,14 +50,22 @@ class Hasher {
 inline std::string hex64(std::uint64_t value) { return fmt::format("{:016x}", value); }
 
 // Writes all `size` bytes to `fd`, through short writes and EINTR. Returns 0, or the errno of
-// the write that failed (some of the bytes may be written then).
-inline int write_all(int fd, const void* data, std::size_t size) noexcept {
+// the write that failed (some of the bytes may be written then): ENOSPC for a write that wrote
+// nothing, ECANCELED for one interrupted (EINTR) once `stop` says so, since a write that hangs
+// until a signal comes (a network file system mounted `intr`) would otherwise hang again.
+inline int write_all(int fd, const void* data, std::size_t size,
+                     const std::function<bool()>& stop = {}) noexcept {
   const char* bytes = static_cast<const char*>(data);
   while (size > 0) {
     const ssize_t written = ::write(fd, bytes, size);
     if (written < 0) {
-      if (errno == EINTR) continue;
-      return errno;
+      if (errno != EINTR) return errno;
+      try {
+        if (stop && stop()) return ECANCELED;
+      } catch (...) {
+        return ECANCELED;
+      }
+      continue;
     }
     // Nothing written and no error: some FUSE and network file systems say "full" this way.
     // SQLite reads it as a full disk too; counted as progress it would loop for ever.
@@ -70,7 +79,9 @@ inline int write_all(int fd, const void* data, std::size_t size) noexcept {
 // A file created for writing (it must not exist), hashed as it is written, fsynced on commit.
 class DurableFile {
  public:
-  explicit DurableFile(std::filesystem::path path) : path_(std::move(path)) {
+  // `stop`: see write_all.
+  explicit DurableFile(std::filesystem::path path, std::function<bool()> stop = {})
+      : path_(std::move(path)), stop_(std::move(stop)) {
     fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd_ < 0) throw FileError("cannot create", path_, errno);
   }
@@ -83,7 +94,14 @@ class DurableFile {
   void write(const void* data, std::size_t size) {
     hasher_.update(data, size);
     size_ += size;
-    if (const int error = write_all(fd_, data, size)) throw FileError("cannot write", path_, error);
+    if (const int error = write_all(fd_, data, size, stop_)) {
+      if (error == ECANCELED) {
+        throw FileError("cannot write", path_,
+                        "a stop was requested while the write was interrupted (EINTR): abandoned",
+                        error);
+      }
+      throw FileError("cannot write", path_, error);
+    }
   }
 
   // fsync + close: after this the bytes are on disk, or an error says why not.
@@ -99,6 +117,7 @@ class DurableFile {
 
  private:
   std::filesystem::path path_;
+  std::function<bool()> stop_;
   int fd_ = -1;
   std::uint64_t size_ = 0;
   Hasher hasher_;
