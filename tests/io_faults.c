@@ -6,7 +6,7 @@
 //
 //   call       pread, read, write, fsync, fdatasync, close or rename
 //   path part  a substring of the file's path (for calls on a descriptor: the target of
-//              /proc/self/fd/<fd>; for rename: the new name)
+//              /proc/self/fd/<fd>; for rename: the new name); ending with '$', its end
 //   result     an errno name (EIO, ENOSPC, EDQUOT, EROFS, EACCES): the call fails with it;
 //              0: the call returns 0 (a write that writes nothing, a read at end of file);
 //              HANG: the call blocks until a signal arrives, then fails with EINTR (a hung
@@ -82,7 +82,9 @@ static void parse(void) {
     if (n < 3) continue;
     snprintf(r->call, sizeof r->call, "%s", fields[0]);
     snprintf(r->part, sizeof r->part, "%s", fields[1]);
-    r->action = strcmp(fields[2], "HANG") == 0 ? HANG : strcmp(fields[2], "KILL") == 0 ? KILL : FAIL;
+    r->action = strcmp(fields[2], "HANG") == 0   ? HANG
+                : strcmp(fields[2], "KILL") == 0 ? KILL
+                                                 : FAIL;
     r->error_number = r->action == HANG ? EINTR : errno_named(fields[2]);
     r->skip = n > 3 ? atol(fields[3]) : 0;
     r->count = n > 4 ? atol(fields[4]) : -1;
@@ -96,7 +98,17 @@ static struct rule* failing(const char* call, const char* path) {
   pthread_once(&once, parse);
   for (int i = 0; i < rule_count; ++i) {
     struct rule* r = &rules[i];
-    if (strcmp(r->call, call) != 0 || !path || !strstr(path, r->part)) continue;
+    if (strcmp(r->call, call) != 0 || !path) continue;
+    const size_t part_length = strlen(r->part);
+    if (part_length > 0 && r->part[part_length - 1] == '$') {
+      const size_t path_length = strlen(path);
+      if (path_length < part_length - 1 ||
+          strncmp(path + path_length - (part_length - 1), r->part, part_length - 1) != 0) {
+        continue;
+      }
+    } else if (!strstr(path, r->part)) {
+      continue;
+    }
     const long index = atomic_fetch_add(&r->seen, 1);
     if (index < r->skip || (r->count >= 0 && index >= r->skip + r->count)) return NULL;
     char line[512];
@@ -127,37 +139,37 @@ static struct rule* failing_fd(const char* call, int fd) {
 
 #define REAL(name, type) ((type)dlsym(RTLD_NEXT, name))
 
-#define FAIL_WITH(r, value) \
-  do {                      \
-    if ((r)->error_number) { \
+#define FAIL_WITH(r, value)      \
+  do {                           \
+    if ((r)->error_number) {     \
       errno = (r)->error_number; \
-      return -1;            \
-    }                       \
-    return (value);         \
+      return -1;                 \
+    }                            \
+    return (value);              \
   } while (0)
 
 ssize_t pread(int fd, void* buffer, size_t size, off_t offset) {
   struct rule* r = failing_fd("pread", fd);
   if (r) FAIL_WITH(r, 0);
-  return REAL("pread", ssize_t (*)(int, void*, size_t, off_t))(fd, buffer, size, offset);
+  return REAL("pread", ssize_t(*)(int, void*, size_t, off_t))(fd, buffer, size, offset);
 }
 
 ssize_t pread64(int fd, void* buffer, size_t size, off_t offset) {
   struct rule* r = failing_fd("pread", fd);
   if (r) FAIL_WITH(r, 0);
-  return REAL("pread64", ssize_t (*)(int, void*, size_t, off_t))(fd, buffer, size, offset);
+  return REAL("pread64", ssize_t(*)(int, void*, size_t, off_t))(fd, buffer, size, offset);
 }
 
 ssize_t read(int fd, void* buffer, size_t size) {
   struct rule* r = failing_fd("read", fd);
   if (r) FAIL_WITH(r, 0);
-  return REAL("read", ssize_t (*)(int, void*, size_t))(fd, buffer, size);
+  return REAL("read", ssize_t(*)(int, void*, size_t))(fd, buffer, size);
 }
 
 ssize_t write(int fd, const void* buffer, size_t size) {
   struct rule* r = failing_fd("write", fd);
   if (r) FAIL_WITH(r, 0);
-  return REAL("write", ssize_t (*)(int, const void*, size_t))(fd, buffer, size);
+  return REAL("write", ssize_t(*)(int, const void*, size_t))(fd, buffer, size);
 }
 
 int fsync(int fd) {

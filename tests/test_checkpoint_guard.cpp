@@ -27,6 +27,7 @@
 
 #include "support.hpp"
 #include "torchguard/core/guard.hpp"
+#include "torchguard/data.hpp"
 #include "torchguard/scope_stack.hpp"
 
 namespace fs = std::filesystem;
@@ -1132,4 +1133,411 @@ TEST_CASE("a checkpoint of another optimizer kind is a clear error", "[checkpoin
   sgd_options.logger = captured.logger;
   CHECK_THROWS_WITH(CheckpointGuard(net, sgd, sgd_options),
                     Contains("the optimizer is sgd, the checkpoint's is adam"));
+}
+
+// ---- the write path's failures (tests/io_faults.c) ------------------------------------------
+
+namespace {
+
+extern "C" void interrupt_handler(int) {}  // its only work: make a blocked call return (EINTR)
+
+std::vector<std::string> names_of(const fs::path& dir) {
+  std::vector<std::string> names;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    names.push_back(entry.path().filename().string());
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+}  // namespace
+
+// Run by the tests below in a child under tests/io_faults.c: saves steps 1 and 2 of a run in
+// $TORCHGUARD_TEST_DIR (the faults hit step 2's save), and prints how each save ended. With
+// $TORCHGUARD_STOP_AFTER_MS, another thread requests a stop after that long and interrupts the
+// main thread with a signal, as Ctrl-C would a blocked write.
+TEST_CASE("save child: save through a file system that fails", "[.save_faults_child]") {
+  const char* dir = std::getenv("TORCHGUARD_TEST_DIR");
+  if (!dir) return;
+  Constant state;
+  auto options = quiet_options(dir);
+  torchguard::CancellationSource stop;
+  options.stop_token = stop.token();
+  options.save_on_exit = SaveOnExit::never;
+  CheckpointGuard guard(state.model, state.optimizer, options);
+  std::atomic<bool> done{false};
+  std::thread stopper;
+  if (const char* after = std::getenv("TORCHGUARD_STOP_AFTER_MS")) {
+    struct sigaction action {};
+    action.sa_handler = interrupt_handler;  // no SA_RESTART: the blocked write returns EINTR
+    ::sigaction(SIGUSR1, &action, nullptr);
+    stopper = std::thread([&, ms = std::atoi(after), main = ::pthread_self()] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+      stop.cancel();
+      while (!done.load()) {  // until the main thread is out of whatever blocks it
+        ::pthread_kill(main, SIGUSR1);
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+    });
+  }
+  for (std::int64_t step = 1; step <= 2; ++step) {
+    state.fill(step);
+    try {
+      guard.set_step(step);
+      guard.save();
+      std::cout << "step " << step << ": saved" << std::endl;
+    } catch (const torchguard::CheckpointError& e) {
+      std::cout << "step " << step << ": " << e.what() << std::endl;
+    }
+  }
+  done.store(true);
+  if (stopper.joinable()) stopper.join();
+}
+
+TEST_CASE("a write that returns 0 is a full disk, not a loop; the checkpoints stay",
+          "[checkpoint][faults]") {
+  TempDir dir;
+  const auto child = torchguard::testing::run_with_faults(
+      "[.save_faults_child]", "write:step-2-:0", {"TORCHGUARD_TEST_DIR=" + dir.path.string()});
+  INFO(child.output);
+  REQUIRE(child.exit_status == 0);
+  CHECK_THAT(child.output, Contains("step 1: saved") &&
+                               Contains("step 2: CheckpointGuard: cannot save the checkpoint of "
+                                        "step 2") &&
+                               Contains("No space left on device"));
+  CHECK(checkpoint_dirs(dir.path).size() == 1);
+  CHECK(names_of(dir.path) == std::vector<std::string>{".lock", "ckpt-000001-step-1"});
+}
+
+TEST_CASE(
+    "a directory fsync that fails after the rename: committed, said to be maybe not "
+    "durable, the older checkpoints kept",
+    "[checkpoint][faults]") {
+  TempDir dir;
+  const auto child = torchguard::testing::run_with_faults(
+      "[.save_faults_child]", "fsync:" + dir.path.string() + "$:EIO:1",
+      {"TORCHGUARD_TEST_DIR=" + dir.path.string()});
+  INFO(child.output);
+  REQUIRE(child.exit_status == 0);
+  CHECK_THAT(child.output,
+             Contains("step 1: saved") &&
+                 Contains("step 2: CheckpointGuard: the checkpoint of step 2 is committed as") &&
+                 Contains("it may not survive a power loss (older checkpoints are kept)"));
+  // The checkpoint is there, and the next run resumes from it.
+  Constant state;
+  CheckpointGuard guard(state.model, state.optimizer, quiet_options(dir.path));
+  CHECK(guard.current_step() == 2);
+  CHECK(state.all_equal(2));
+}
+
+TEST_CASE("a save stuck in a write that hangs is abandoned when a stop is requested",
+          "[checkpoint][faults]") {
+  TempDir dir;
+  const auto started = std::chrono::steady_clock::now();
+  const auto child = torchguard::testing::run_with_faults(
+      "[.save_faults_child]", "write:step-2-:HANG:0:1",
+      {"TORCHGUARD_TEST_DIR=" + dir.path.string(), "TORCHGUARD_STOP_AFTER_MS=300"});
+  INFO(child.output);
+  REQUIRE(child.exit_status == 0);
+  CHECK_THAT(child.output, Contains("io_faults: write(") && Contains("hang until a signal") &&
+                               Contains("step 2: CheckpointGuard: cannot save the checkpoint") &&
+                               Contains("a stop was requested while the write was interrupted"));
+  CHECK(checkpoint_dirs(dir.path).size() == 1);  // step 1's, whole
+  CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(60));
+}
+
+// ---- named parts: several models and optimizers in one commit --------------------------------
+
+namespace {
+
+// A GAN's parts: two models, each with its own Adam, a scheduler and a sampler.
+struct Pair {
+  explicit Pair(std::uint64_t seed) : sampler(100, {/*seed=*/1}) {
+    torch::manual_seed(seed);
+    generator =
+        torch::nn::Sequential(torch::nn::Linear(4, 8), torch::nn::ReLU(), torch::nn::Linear(8, 4));
+    discriminator = torch::nn::Sequential(torch::nn::Linear(4, 8), torch::nn::BatchNorm1d(8),
+                                          torch::nn::Linear(8, 1));
+    g_adam = std::make_shared<torch::optim::Adam>(generator->parameters(),
+                                                  torch::optim::AdamOptions(1e-2));
+    d_adam = std::make_shared<torch::optim::Adam>(discriminator->parameters(),
+                                                  torch::optim::AdamOptions(2e-2));
+    schedule = std::make_shared<torch::optim::StepLR>(*g_adam, 2, 0.5);
+  }
+  void train_step() {
+    const auto noise = torch::randn({16, 4});
+    g_adam->zero_grad();
+    d_adam->zero_grad();
+    const auto fake = generator->forward(noise);
+    const auto loss = discriminator->forward(fake).mean() - discriminator->forward(noise).mean();
+    loss.backward();
+    g_adam->step();
+    d_adam->step();
+    schedule->step();
+  }
+  CheckpointOptions options(const fs::path& dir, std::shared_ptr<spdlog::logger> logger) {
+    CheckpointOptions o;
+    o.directory = dir;
+    o.logger = std::move(logger);
+    o.models = {{"generator", generator.ptr()}, {"discriminator", discriminator.ptr()}};
+    o.optimizers = {{"generator", g_adam}, {"discriminator", d_adam}};
+    o.schedulers = {{"generator", schedule}};
+    o.samplers = {{"train", sampler}};
+    return o;
+  }
+  torch::nn::Sequential generator{nullptr}, discriminator{nullptr};
+  std::shared_ptr<torch::optim::Adam> g_adam, d_adam;
+  std::shared_ptr<torch::optim::StepLR> schedule;
+  torchguard::ResumableSampler sampler;
+};
+
+std::vector<torch::Tensor> host_copies_of(const torch::nn::Module& module) {
+  return torchguard::testing::host_copies(module.parameters());
+}
+
+std::vector<torchguard::CheckpointInfo> cp_list(const fs::path& dir) {
+  return torchguard::detail::list_committed(dir);
+}
+
+bool same_state(Pair& a, Pair& b) {
+  return same_parameters(*a.generator, *b.generator) &&
+         same_parameters(*a.discriminator, *b.discriminator);
+}
+
+}  // namespace
+
+TEST_CASE("named models, optimizers, schedulers and samplers: one commit, restored together",
+          "[checkpoint][parts]") {
+  torch::set_num_threads(1);
+  TempDir dir;
+  CapturedLogger captured;
+  torch::manual_seed(5);
+  Pair straight(1);
+  torch::manual_seed(5);
+  for (int i = 0; i < 6; ++i) straight.train_step();
+
+  torch::manual_seed(5);
+  {
+    Pair first(1);
+    torch::manual_seed(5);
+    CheckpointGuard guard(first.options(dir.path, captured.logger));
+    for (int i = 0; i < 3; ++i) {
+      first.train_step();
+      guard.step();
+    }
+  }
+  const auto saved = checkpoint_dirs(dir.path);
+  REQUIRE(saved.size() == 1);
+  CHECK(names_of(saved[0]) == std::vector<std::string>{"extra.safetensors", "manifest.json",
+                                                       "model.discriminator.safetensors",
+                                                       "model.generator.safetensors",
+                                                       "optimizer.discriminator.safetensors",
+                                                       "optimizer.generator.safetensors"});
+  const auto manifest =
+      nlohmann::json::parse(torchguard::testing::read_text(saved[0] / "manifest.json"));
+  CHECK(manifest["schedulers"]["generator"]["step_count"] == 3);
+  CHECK(manifest["samplers"]["train"]["size"] == 100);
+  CHECK(manifest["optimizers"]["discriminator"]["param_groups"][0]["lr"] == 2e-2);
+  CHECK(manifest["optimizers"]["discriminator"]["parameters"][2] == "discriminator/1.weight");
+
+  torch::manual_seed(77);  // the restore puts back the RNG, whatever it finds
+  Pair resumed(2);
+  {
+    CheckpointGuard guard(resumed.options(dir.path, captured.logger));
+    REQUIRE(guard.current_step() == 3);
+    for (int i = 0; i < 3; ++i) {
+      resumed.train_step();
+      guard.step();
+    }
+  }
+  CHECK(same_state(straight, resumed));
+  const auto lr = [](Pair& pair) {
+    return static_cast<torch::optim::AdamOptions&>(pair.g_adam->param_groups()[0].options()).lr();
+  };
+  CHECK(lr(resumed) == lr(straight));
+}
+
+TEST_CASE("a restore is all or nothing: a part that does not fit leaves every part as it was",
+          "[checkpoint][parts]") {
+  TempDir dir;
+  CapturedLogger captured;
+  {
+    Pair first(1);
+    CheckpointGuard guard(first.options(dir.path, captured.logger));
+    first.train_step();
+    guard.step();
+  }
+  Pair other(2);
+  const auto generator_before = host_copies_of(*other.generator);
+  SECTION("an optimizer whose parameters have other shapes") {
+    auto options = other.options(dir.path, captured.logger);
+    torch::nn::Linear wider(4, 16);
+    options.optimizers["discriminator"] = std::make_shared<torch::optim::Adam>(
+        torch::nn::Sequential(torch::nn::Linear(4, 9), torch::nn::BatchNorm1d(9),
+                              torch::nn::Linear(9, 1))
+            ->parameters());
+    CHECK_THROWS_WITH(CheckpointGuard(options),
+                      Contains("optimizer 'discriminator'") && Contains("state.0.exp_avg is"));
+  }
+  SECTION("a registered part the checkpoint lacks") {
+    auto options = other.options(dir.path, captured.logger);
+    options.models["critic"] = torch::nn::Linear(2, 2);
+    CHECK_THROWS_WITH(CheckpointGuard(options),
+                      Contains("this program registers models 'critic', 'discriminator', "
+                               "'generator'") &&
+                          Contains("'critic' would go on without a restored state"));
+  }
+  CHECK(torchguard::testing::bitwise_equal(generator_before, host_copies_of(*other.generator)));
+  CHECK(other.sampler.epoch() == 0);
+
+  SECTION("a part the program does not register is left out, with a warning") {
+    auto options = other.options(dir.path, captured.logger);
+    options.models.erase("discriminator");
+    options.optimizers.erase("discriminator");
+    options.save_on_exit = SaveOnExit::never;
+    CheckpointGuard guard(options);
+    CHECK(guard.current_step() == 1);
+    CHECK(captured.sink->contains(spdlog::level::warn,
+                                  "holds model 'discriminator', which this program does not "
+                                  "register (options.models): left out"));
+  }
+}
+
+TEST_CASE("the run's settings: a change that breaks an exact resume is refused, another warned",
+          "[checkpoint][settings]") {
+  TempDir dir;
+  CapturedLogger captured;
+  Run run(1);
+  auto options = run.options(dir.path, captured.logger);
+  options.settings.values = {{"--batch-size", 64}, {"--lr", 1e-3}, {"--epochs", 2}};
+  options.settings.exact = {"--batch-size"};
+  {
+    CheckpointGuard guard(run.model, *run.optimizer, options);
+    run.train_step();
+    guard.step();
+  }
+  Run again(2);
+  const auto before = host_copies_of(*again.model);
+  auto changed = again.options(dir.path, captured.logger);
+  changed.settings = options.settings;
+  changed.settings.values["--batch-size"] = 128;
+  CHECK_THROWS_WITH(CheckpointGuard(again.model, *again.optimizer, changed),
+                    Contains("--batch-size is 128 in this run but was 64 in the run that wrote") &&
+                        Contains("resume with 64"));
+  CHECK(torchguard::testing::bitwise_equal(before, host_copies_of(*again.model)));
+  CHECK(checkpoint_dirs(dir.path).size() == 1);  // nothing written
+
+  changed.settings.values["--batch-size"] = 64;
+  changed.settings.values["--lr"] = 5e-4;
+  changed.save_on_exit = SaveOnExit::never;
+  CheckpointGuard guard(again.model, *again.optimizer, changed);
+  CHECK(guard.current_step() == 1);
+  CHECK(captured.sink->contains(spdlog::level::warn, "--lr changed from 0.001 to 0.0005"));
+  CHECK(guard.settings()["--lr"] == 5e-4);
+  CHECK_THROWS_AS(
+      [] {
+        CheckpointOptions bad;
+        bad.directory = "unused";
+        bad.settings.exact = {"--seed"};
+        CheckpointGuard invalid(bad);
+      }(),
+      torchguard::OptionsError);
+}
+
+TEST_CASE("a run knows its end: run again it writes nothing, with more steps it goes on",
+          "[checkpoint][complete]") {
+  TempDir dir;
+  CapturedLogger captured;
+  auto train = [&](std::int64_t total) {
+    Run run(1);
+    auto options = run.options(dir.path, captured.logger);
+    options.total_steps = total;
+    options.keep_last = 10;
+    CheckpointGuard guard(run.model, *run.optimizer, options);
+    while (guard.current_step() < guard.total_steps()) {
+      run.train_step();
+      guard.step();
+    }
+    const bool complete = guard.complete();
+    guard.close(Outcome::success);
+    return complete;
+  };
+  CHECK(train(4));
+  REQUIRE(checkpoint_dirs(dir.path).size() == 1);  // the step that reached the total saved
+  CHECK(cp_list(dir.path).back().complete);
+  CHECK(train(4));  // the same command again: complete, nothing written
+  CHECK(checkpoint_dirs(dir.path).size() == 1);
+  CHECK(captured.sink->contains(spdlog::level::info, "the run is complete"));
+  CHECK(captured.sink->contains(spdlog::level::info, "step 4 is as it was restored from"));
+  CHECK(train(6));  // a larger total goes on
+  CHECK(cp_list(dir.path).back().step == 6);
+  CHECK(captured.sink->contains(spdlog::level::info,
+                                "the run was complete there, and goes on to step 6"));
+
+  SECTION("mark_complete(), for a run that counts its own way") {
+    Run run(1);
+    auto options = run.options(dir.path, captured.logger);
+    {
+      CheckpointGuard guard(run.model, *run.optimizer, options);
+      CHECK(guard.complete());  // restored complete, no larger total
+      run.train_step();
+      guard.step();
+      CHECK_FALSE(guard.complete());  // trained more: complete again only when said
+      guard.mark_complete();
+    }
+    CHECK(cp_list(dir.path).back().complete);
+  }
+}
+
+TEST_CASE("with a sampler, the guard's epoch is the sampler's: one value",
+          "[checkpoint][sampler]") {
+  TempDir dir;
+  CapturedLogger captured;
+  Pair pair(1);
+  CheckpointGuard guard(pair.options(dir.path, captured.logger));
+  CHECK(guard.epoch() == 0);
+  pair.sampler.load_checkpoint_state(
+      {{"epoch", 3}, {"consumed", 10}, {"size", 100}, {"seed", 1}, {"shuffle", true}});
+  CHECK(guard.epoch() == 3);
+  CHECK_THROWS_WITH(guard.set_epoch(1), Contains("the epoch is the sampler's"));
+}
+
+TEST_CASE("choosing the checkpoint to restore: latest, none, a step or a name",
+          "[checkpoint][restore]") {
+  TempDir dir;
+  CapturedLogger captured;
+  {
+    Run run(1);
+    auto options = run.options(dir.path, captured.logger);
+    options.every_n_steps = 1;
+    options.keep_last = 10;
+    options.save_on_exit = SaveOnExit::never;
+    CheckpointGuard guard(run.model, *run.optimizer, options);
+    for (int i = 0; i < 3; ++i) {
+      run.train_step();
+      guard.step();
+    }
+  }
+  auto restored = [&](const std::string& restore) {
+    Run run(9);
+    auto options = run.options(dir.path, captured.logger);
+    options.restore = restore;
+    options.save_on_exit = SaveOnExit::never;
+    CheckpointGuard guard(run.model, *run.optimizer, options);
+    return guard.resumed() ? guard.current_step() : -1;
+  };
+  CHECK(restored("") == 3);
+  CHECK(restored("latest") == 3);
+  CHECK(restored("none") == -1);
+  CHECK(restored("2") == 2);
+  CHECK(captured.sink->contains(spdlog::level::warn, "though 1 newer checkpoints exist"));
+  CHECK(restored("ckpt-000001-step-1") == 1);
+  CHECK_THROWS_AS(restored("7"), torchguard::NoValidCheckpointError);
+  CHECK_THROWS_WITH(restored("7"), Contains("no checkpoint '7'") &&
+                                       Contains("there are: ckpt-000001-step-1, "
+                                                "ckpt-000002-step-2, ckpt-000003-step-3"));
+  fs::resize_file(dir.path / "ckpt-000002-step-2" / "model.safetensors", 10);
+  CHECK_THROWS_WITH(restored("2"), Contains("which restore names, is damaged"));
+  CHECK(fs::exists(dir.path / "quarantine" / "ckpt-000002-step-2"));
+  CHECK(checkpoint_dirs(dir.path).size() == 2);  // the others stay
 }

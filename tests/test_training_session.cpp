@@ -9,7 +9,9 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <limits>
+#include <map>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -361,6 +363,7 @@ TEST_CASE("SIGTERM sent to the process requests a stop and handlers come back at
     CHECK(captured.sink->contains(spdlog::level::warn, "SIGTERM received, stopping"));
   }
   CHECK(captured.sink->contains(spdlog::level::warn, "stopped by SIGTERM"));
+  CHECK_FALSE(captured.sink->contains(spdlog::level::info, "completed successfully"));
   // The previous handlers are back.
   struct sigaction now {};
   REQUIRE(::sigaction(SIGTERM, nullptr, &now) == 0);
@@ -497,4 +500,139 @@ TEST_CASE("a second SIGTERM takes the default action", "[session][signal]") {
   const int status = run_in_child([](int fd) { return child_session(fd, 10000); }, 2);
   REQUIRE(WIFSIGNALED(status));
   CHECK(WTERMSIG(status) == SIGTERM);
+}
+
+TEST_CASE("a stopped session ends with the step and the reason, never as completed", "[session]") {
+  CapturedLogger captured;
+  {
+    TrainingSession session("stopped", captured.logger);
+    session.log_metrics(40, {{"loss", 0.5}});
+    session.set_step(42);
+    session.request_stop();
+  }
+  CHECK(captured.sink->contains(spdlog::level::warn,
+                                "Training session 'stopped' stopped at step 42 by a stop request"));
+  CHECK_FALSE(captured.sink->contains(spdlog::level::info, "completed successfully"));
+  // A stop that interrupts loading (a Cancelled from run()) is a stop too, not a failure.
+  CapturedLogger cancelled;
+  {
+    TrainingSession session("cancelled", cancelled.logger);
+    session.request_stop();
+    CHECK_THROWS_AS(session.run([] { throw torchguard::Cancelled("loading stopped"); }),
+                    torchguard::Cancelled);
+  }
+  CHECK(cancelled.sink->contains(spdlog::level::warn, "'cancelled' stopped by a stop request"));
+  CHECK(cancelled.sink->count(spdlog::level::err) == 0);
+}
+
+TEST_CASE("every log line reaches the file as it is logged, before any flush", "[session]") {
+  TempDir dir;
+  TrainingSessionOptions options;
+  options.logger = CapturedLogger().logger;
+  options.log_file = dir.path / "train.log";
+  TrainingSession session("lines", options);
+  session.logger()->info("step 1 done");
+  session.logger()->debug("below the level: not written");
+  CHECK_THAT(torchguard::testing::read_text(options.log_file), Contains("step 1 done"));
+}
+
+// Run by the lock test in a child: a session on $TORCHGUARD_RUN_DIR until killed.
+TEST_CASE("session lock child: hold a run directory until killed", "[.session_lock_child]") {
+  const char* dir = std::getenv("TORCHGUARD_RUN_DIR");
+  if (!dir) return;
+  TrainingSessionOptions options;
+  options.logger = std::make_shared<spdlog::logger>("child");
+  options.log_file = fs::path(dir) / "train.log";
+  options.metrics_file = fs::path(dir) / "metrics.jsonl";
+  options.tensorboard_dir = dir;
+  TrainingSession session("holder", options);
+  session.log_metrics(1, {{"loss", 1.0}});
+  const char ready = 1;
+  if (::write(3, &ready, 1) != 1) return;
+  for (int i = 0; i < 600; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+}
+
+TEST_CASE("a second run on a run directory fails at once and writes nothing into its files",
+          "[session]") {
+  TempDir dir;
+  int report[2];
+  REQUIRE(::pipe(report) == 0);
+  const pid_t holder = torchguard::testing::spawn_test_child(
+      "[.session_lock_child]", {"TORCHGUARD_RUN_DIR=" + dir.path.string()}, "", report[1]);
+  ::close(report[1]);
+  char ready = 0;
+  REQUIRE(::read(report[0], &ready, 1) == 1);
+  ::close(report[0]);
+  std::map<std::string, std::string> before;
+  for (const auto& entry : fs::directory_iterator(dir.path)) {
+    before[entry.path().filename().string()] = torchguard::testing::read_text(entry.path());
+  }
+  TrainingSessionOptions options;
+  CapturedLogger captured;
+  options.logger = captured.logger;
+  options.log_file = dir.path / "train.log";
+  options.metrics_file = dir.path / "metrics.jsonl";
+  options.tensorboard_dir = dir.path;
+  CHECK_THROWS_WITH(TrainingSession("second", options),
+                    Contains("TrainingSession: the run directory") &&
+                        Contains("in use by another run (pid " + std::to_string(holder) + ")"));
+  std::map<std::string, std::string> after;
+  for (const auto& entry : fs::directory_iterator(dir.path)) {
+    after[entry.path().filename().string()] = torchguard::testing::read_text(entry.path());
+  }
+  CHECK(after == before);  // no line, no row, no event file of the refused run
+  CHECK(captured.sink->lines().empty());
+  ::kill(holder, SIGKILL);
+  int status = 0;
+  ::waitpid(holder, &status, 0);
+  TrainingSession third("third", options);  // the kernel released the dead holder's lock
+}
+
+// Run by the file-error test below in a child under tests/io_faults.c: one session whose files
+// fail as $TORCHGUARD_FAULTS says; prints what each call threw.
+TEST_CASE("session child: files that cannot be written", "[.session_faults_child]") {
+  const char* dir = std::getenv("TORCHGUARD_RUN_DIR");
+  if (!dir) return;
+  TrainingSessionOptions options;
+  options.logger = std::make_shared<spdlog::logger>("child");
+  options.log_file = fs::path(dir) / "train.log";
+  options.metrics_file = fs::path(dir) / "metrics.jsonl";
+  options.tensorboard_dir = fs::path(dir) / "board";
+  TrainingSession session("faulty", options);
+  auto attempt = [](const char* what, auto&& fn) {
+    try {
+      fn();
+      std::cout << what << ": ok" << std::endl;
+    } catch (const torchguard::FileError& e) {
+      std::cout << what << ": FileError: " << e.what() << std::endl;
+    }
+  };
+  attempt("log_metrics", [&] { session.log_metrics(1, {{"loss", 1.0}}); });
+  attempt("close", [&] { session.close(Outcome::success); });
+}
+
+TEST_CASE("a metrics, log or TensorBoard file that cannot be written fails the run, never loops",
+          "[session][faults]") {
+  TempDir dir;
+  const auto run = [&](const std::string& faults) {
+    const auto child = torchguard::testing::run_with_faults(
+        "[.session_faults_child]", faults, {"TORCHGUARD_RUN_DIR=" + dir.path.string()});
+    INFO(child.output);
+    CHECK(child.exit_status == 0);
+    CHECK_THAT(child.output, Contains("io_faults:"));
+    return child.output;
+  };
+  // A write that writes nothing (a full FUSE or network file system): an error at once.
+  CHECK_THAT(run("write:metrics.jsonl:0"),
+             Contains("log_metrics: FileError: cannot write metrics to") &&
+                 Contains("No space left on device") && Contains("close: ok"));
+  // At the end: the TensorBoard file's fsync, the log file's close.
+  CHECK_THAT(
+      run("fsync:events.out.tfevents:EIO"),
+      Contains("log_metrics: ok") && Contains("close: FileError: TensorBoard: cannot fsync"));
+  CHECK_THAT(run("close:train.log:EIO"), Contains("close: FileError: cannot close the log file") &&
+                                             Contains("Input/output error"));
+  CHECK_THAT(run("write:train.log:ENOSPC:2"),
+             Contains("close: FileError: cannot write the log file") &&
+                 Contains("No space left on device"));
 }

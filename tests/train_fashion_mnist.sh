@@ -223,7 +223,7 @@ case "$case_name" in
     [ "$status" -eq 1 ] || { cat "$work/out"; fail "exit status $status, not 1"; }
     expect_in "$work/out" "error: CheckpointGuard: cannot save the checkpoint of step 30"
     expect_in "$work/out" "No space left on device"
-    expect_in "$work/out" "Training session 'fashion-mnist' failed after"
+    expect_in "$work/out" "Training session 'fashion-mnist' failed at step"
     expect_in "$work/disk/run/train.log" "No space left on device"
     [ "$(ls "$work/disk/run/checkpoints")" = "$(printf 'ckpt-000001-step-10\nckpt-000002-step-20')" ] ||
       fail "checkpoints after the failed save: $(ls "$work/disk/run/checkpoints")"

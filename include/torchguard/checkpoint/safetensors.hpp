@@ -237,31 +237,26 @@ class SafetensorsIndex {
  public:
   SafetensorsIndex() = default;
   SafetensorsIndex(SafetensorsHeader header, std::string source)
-      : header_(std::move(header)), source_(std::move(source)) {
-    by_name_.resize(header_.entries.size());
-    for (std::size_t i = 0; i < by_name_.size(); ++i) by_name_[i] = i;
-    std::sort(by_name_.begin(), by_name_.end(), [&](std::size_t a, std::size_t b) {
-      return header_.entries[a].name < header_.entries[b].name;
-    });
-  }
+      : header_(std::move(header)), source_(std::move(source)) {}
 
   const SafetensorsEntry* find(const std::string& name) const {
-    const auto it = std::lower_bound(by_name_.begin(), by_name_.end(), name,
+    const auto& by_name = header_.by_name;
+    const auto it = std::lower_bound(by_name.begin(), by_name.end(), name,
                                      [&](std::size_t index, const std::string& key) {
                                        return header_.entries[index].name < key;
                                      });
-    if (it == by_name_.end() || header_.entries[*it].name != name) return nullptr;
+    if (it == by_name.end() || header_.entries[*it].name != name) return nullptr;
     return &header_.entries[*it];
   }
   std::vector<std::string> names() const {
     std::vector<std::string> names;
-    names.reserve(by_name_.size());
-    for (const std::size_t index : by_name_) names.push_back(header_.entries[index].name);
+    names.reserve(header_.by_name.size());
+    for (const std::size_t index : header_.by_name) names.push_back(header_.entries[index].name);
     return names;
   }
   std::vector<std::string> unsupported() const {
     std::vector<std::string> names;
-    for (const std::size_t index : by_name_) {
+    for (const std::size_t index : header_.by_name) {
       if (!torch_form(header_.entries[index])) names.push_back(header_.entries[index].name);
     }
     return names;
@@ -283,7 +278,6 @@ class SafetensorsIndex {
  private:
   SafetensorsHeader header_;
   std::string source_;
-  std::vector<std::size_t> by_name_;
 };
 
 }  // namespace detail
@@ -428,29 +422,6 @@ inline TensorMap load_safetensors(const std::filesystem::path& path) {
 }
 
 namespace detail {
-
-// Writes `write(out)` to `path` crash-safely: a temporary beside it, fsync, rename over `path`,
-// fsync of the directory. A failure leaves `path` as it was. Throws FileError.
-template <class Write>
-void write_file_atomically(const std::filesystem::path& path, Write&& write) {
-  const std::filesystem::path directory =
-      path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
-  const std::filesystem::path temporary =
-      directory / fmt::format(".tmp-{}-{}", path.filename().string(), ::getpid());
-  try {
-    DurableFile out(temporary);
-    write(out);
-    out.commit();
-    if (::rename(temporary.c_str(), path.c_str()) != 0) {
-      throw FileError("cannot rename a temporary file to", path, errno);
-    }
-    fsync_directory(directory);
-  } catch (...) {
-    std::error_code ignored;
-    std::filesystem::remove(temporary, ignored);
-    throw;
-  }
-}
 
 // Host copies of `tensors`, each checked (a sparse or meta tensor is refused by name).
 inline std::vector<NamedTensor> host_tensors(const TensorMap& tensors) {

@@ -80,6 +80,7 @@ struct SafetensorsEntry {
 // A checked header: the entries sorted by offset, the metadata, and where the data starts.
 struct SafetensorsHeader {
   std::vector<SafetensorsEntry> entries;
+  std::vector<std::size_t> by_name;  // indices of `entries`, sorted by name
   SafetensorsMetadata metadata;
   std::uint64_t data_offset = 0;  // 8 + the header's length
   std::uint64_t data_size = 0;
@@ -365,9 +366,10 @@ class SafetensorsHeaderReader {
 
   std::vector<std::uint64_t> read_sizes(const char* what) {
     const std::size_t start = position_;
-    expect('[', fmt::format("{} is not a list", what).c_str());
+    if (!take('[')) fail_at(start, fmt::format("{} is not a list", what));
     enter(start);
     std::vector<std::uint64_t> sizes;
+    sizes.reserve(4);
     skip_whitespace();
     if (!take(']')) {
       for (;;) {
@@ -600,19 +602,25 @@ inline SafetensorsHeader parse_safetensors_header(std::string_view text, std::ui
     throw SafetensorsError(fmt::format("'{}' is not a valid safetensors file: {}", source, why));
   };
   auto& entries = header.entries;
-  {  // a name twice: refused (see the top of this file)
-    std::vector<const std::string*> names(entries.size());
-    for (std::size_t i = 0; i < entries.size(); ++i) names[i] = &entries[i].name;
-    std::sort(names.begin(), names.end(),
-              [](const std::string* a, const std::string* b) { return *a < *b; });
-    for (std::size_t i = 1; i < names.size(); ++i) {
-      if (*names[i] == *names[i - 1]) fail(fmt::format("its header names '{}' twice", *names[i]));
+  // The reference's order: sort by offsets (files are written in it: usually nothing to do),
+  // then each must start where the previous ended.
+  const auto by_offsets = [](const auto& a, const auto& b) {
+    return std::make_pair(a.begin, a.end) < std::make_pair(b.begin, b.end);
+  };
+  if (!std::is_sorted(entries.begin(), entries.end(), by_offsets)) {
+    std::stable_sort(entries.begin(), entries.end(), by_offsets);
+  }
+  // A name twice: refused (see the top of this file). The order by name serves lookups too.
+  auto& by_name = header.by_name;
+  by_name.resize(entries.size());
+  for (std::size_t i = 0; i < by_name.size(); ++i) by_name[i] = i;
+  std::sort(by_name.begin(), by_name.end(),
+            [&](std::size_t a, std::size_t b) { return entries[a].name < entries[b].name; });
+  for (std::size_t i = 1; i < by_name.size(); ++i) {
+    if (entries[by_name[i]].name == entries[by_name[i - 1]].name) {
+      fail(fmt::format("its header names '{}' twice", entries[by_name[i]].name));
     }
   }
-  // The reference's order: sort by offsets, then each must start where the previous ended.
-  std::stable_sort(entries.begin(), entries.end(), [](const auto& a, const auto& b) {
-    return std::make_pair(a.begin, a.end) < std::make_pair(b.begin, b.end);
-  });
   std::uint64_t position = 0;
   const std::string* previous = nullptr;
   for (const auto& entry : entries) {

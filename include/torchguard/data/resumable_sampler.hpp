@@ -185,7 +185,8 @@ class ResumableSampler : public torch::data::samplers::Sampler<> {
                *seed = field("seed"), *shuffle = field("shuffle");
     if (!epoch || !consumed || !size || !seed || !shuffle || !epoch->is_number_integer() ||
         !consumed->is_number_integer() || !size->is_number_integer() ||
-        !seed->is_number_unsigned() || !shuffle->is_boolean()) {
+        !seed->is_number_integer() ||
+        (!seed->is_number_unsigned() && seed->get<std::int64_t>() < 0) || !shuffle->is_boolean()) {
       return fmt::format("the saved state {} is not a ResumableSampler's", state.dump());
     }
     const auto stored_seed = seed->get<std::uint64_t>();

@@ -44,7 +44,9 @@ class DirectoryLock {
   DirectoryLock(const std::filesystem::path& directory, const std::string& who)
       : path_(directory / lock_name) {
     std::error_code error;
-    const auto key = std::filesystem::weakly_canonical(path_, error).string();
+    // The pid too: a child made by fork() inherits the registry, not the lock.
+    const auto key =
+        fmt::format("{}:{}", ::getpid(), std::filesystem::weakly_canonical(path_, error).string());
     std::lock_guard<std::mutex> guard(registry_mutex());
     auto& held = registry()[key];
     held_ = held.lock();

@@ -133,6 +133,29 @@ inline void fsync_directory(const std::filesystem::path& directory) {
   if (result != 0) throw FileError("cannot fsync directory", directory, error);
 }
 
+// Writes `write(out)` to `path` crash-safely: a temporary beside it, fsync, rename over `path`,
+// fsync of the directory. A failure leaves `path` as it was. Throws FileError.
+template <class Write>
+void write_file_atomically(const std::filesystem::path& path, Write&& write) {
+  const std::filesystem::path directory =
+      path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+  const std::filesystem::path temporary =
+      directory / fmt::format(".tmp-{}-{}", path.filename().string(), ::getpid());
+  try {
+    DurableFile out(temporary);
+    write(out);
+    out.commit();
+    if (::rename(temporary.c_str(), path.c_str()) != 0) {
+      throw FileError("cannot rename a temporary file to", path, errno);
+    }
+    fsync_directory(directory);
+  } catch (...) {
+    std::error_code ignored;
+    std::filesystem::remove(temporary, ignored);
+    throw;
+  }
+}
+
 // A file opened for reading with pread(2), never mapped: an I/O error (a failing disk, a network
 // file system, a file truncated while it is read) is a FileError naming the file, where a read
 // through a mapping would kill the process with SIGBUS.

@@ -1,5 +1,6 @@
-// The JSON-lines metrics file of a TrainingSession: one object per call, appended and flushed,
-// cut back to a step when a run resumes from a checkpoint older than the file's last row.
+// The JSON-lines metrics file of a TrainingSession: one object per call, appended with one
+// write(2) (a write that writes nothing is an error, never a loop), cut back to a step when a run
+// resumes from a checkpoint older than the file's last row.
 #pragma once
 
 #include <fcntl.h>
@@ -10,7 +11,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <sstream>
 #include <string>
 #include <system_error>
@@ -19,6 +19,7 @@
 
 #include "torchguard/core/error.hpp"
 #include "torchguard/core/outcome.hpp"
+#include "torchguard/detail/files.hpp"
 
 namespace torchguard {
 namespace detail {
@@ -30,33 +31,42 @@ class MetricsLog {
     if (path_.has_parent_path()) std::filesystem::create_directories(path_.parent_path(), ignored);
     open();
   }
+  ~MetricsLog() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  MetricsLog(const MetricsLog&) = delete;
+  MetricsLog& operator=(const MetricsLog&) = delete;
 
   const std::filesystem::path& path() const noexcept { return path_; }
 
+  // One row, with one write(2): it reaches the file as this returns. Throws FileError.
   void append(const nlohmann::ordered_json& record) {
-    stream_ << record.dump() << '\n';
-    stream_.flush();
-    if (!stream_) throw FileError("cannot write metrics to", path_, errno);
+    const std::string line = record.dump() + '\n';
+    if (const int error = write_all(fd_, line.data(), line.size())) {
+      throw FileError("cannot write metrics to", path_, error);
+    }
   }
 
   // Makes the rows written so far durable (fsync).
   void flush() {
-    stream_.flush();
-    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) throw FileError("cannot open the metrics file", path_, errno);
-    const int result = ::fsync(fd);
-    const int error = errno;
-    ::close(fd);
-    if (result != 0) throw FileError("cannot fsync the metrics file", path_, error);
+    if (::fsync(fd_) != 0) throw FileError("cannot fsync the metrics file", path_, errno);
+  }
+
+  // fsync, then close. Throws FileError.
+  void close() {
+    if (fd_ < 0) return;
+    flush();
+    const int fd = fd_;
+    fd_ = -1;
+    if (::close(fd) != 0) throw FileError("cannot close the metrics file", path_, errno);
   }
 
   // Keeps the complete rows whose "step" is at most `step` and drops the rest (rows of a run
   // past the checkpoint it resumes from, a partial last row of a killed run). Atomic: the file is
   // rewritten beside itself and renamed. Returns the number of rows dropped.
   std::size_t cut_back_to(std::int64_t step) {
-    stream_.close();
-    std::ifstream in(path_);
-    std::ostringstream kept;
+    std::istringstream in(read_whole_file(path_));
+    std::string kept;
     std::size_t dropped = 0;
     std::string line;
     while (std::getline(in, line)) {
@@ -65,36 +75,28 @@ class MetricsLog {
       const auto found = row.is_object() ? row.find("step") : row.end();
       if (complete && row.is_object() && found != row.end() && found->is_number_integer() &&
           found->get<std::int64_t>() <= step) {
-        kept << line << '\n';
+        kept += line + '\n';
       } else {
         ++dropped;
       }
     }
-    in.close();
     if (dropped > 0) {
-      const auto temporary = path_.string() + ".tmp";
-      {
-        std::ofstream out(temporary, std::ios::trunc);
-        out << kept.str();
-        out.flush();
-        if (!out) throw FileError("cannot write", temporary, errno);
-      }
-      if (std::rename(temporary.c_str(), path_.c_str()) != 0) {
-        throw FileError("cannot replace", path_, errno);
-      }
+      write_file_atomically(path_, [&](auto& out) { out.write(kept.data(), kept.size()); });
+      ::close(fd_);
+      fd_ = -1;
+      open();
     }
-    open();
     return dropped;
   }
 
  private:
   void open() {
-    stream_.open(path_, std::ios::out | std::ios::app);
-    if (!stream_) throw FileError("cannot open the metrics file", path_, errno);
+    fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd_ < 0) throw FileError("cannot open the metrics file", path_, errno);
   }
 
   std::filesystem::path path_;
-  std::ofstream stream_;
+  int fd_ = -1;
 };
 
 }  // namespace detail

@@ -50,6 +50,7 @@ class SessionBoard {
   void text(std::string_view markdown) { write_text(step_, markdown); }
 
   void flush() { writer_.flush(); }
+  void close() { writer_.close(); }
 
  private:
   void begin(std::int64_t step, std::string_view note) {

@@ -112,6 +112,16 @@ class TensorBoardWriter {
     if (::fsync(fd_) != 0) throw FileError("TensorBoard: cannot fsync", path_, errno);
   }
 
+  // fsync, then close: what failed, as a FileError. Idempotent; the destructor closes quietly.
+  void close() {
+    if (fd_ < 0) return;
+    const int fd = std::exchange(fd_, -1);
+    const bool synced = ::fsync(fd) == 0;
+    const int sync_error = errno;
+    if (::close(fd) != 0) throw FileError("TensorBoard: cannot close", path_, errno);
+    if (!synced) throw FileError("TensorBoard: cannot fsync", path_, sync_error);
+  }
+
   // Seconds since the epoch: an event's wall time.
   static double now() {
     return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())

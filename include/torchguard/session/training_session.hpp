@@ -12,10 +12,13 @@
 //     }
 //   });
 //
-// Start, end (success with the duration, or failure) and errors (type and message) are logged;
-// nothing is swallowed. With `handle_signals`, SIGINT/SIGTERM only request a stop, which the loop
-// reads with stop_requested(); a second signal terminates as usual. With `tensorboard_dir`, the
-// metrics and the start, failure and end also go to a TensorBoard event file.
+// Start, end (success with the duration, a stop with its step and signal, or failure) and errors
+// (type and message) are logged; nothing is swallowed. With `handle_signals`, SIGINT/SIGTERM
+// only request a stop, which the loop reads with stop_requested(); a second signal terminates as
+// usual. With `tensorboard_dir`, the metrics and the start, failure and end also go to a
+// TensorBoard event file. Every log line and metrics row reaches its file as it is written; a
+// file that cannot be written makes log_metrics() or close() throw (the run's status is then not
+// success), never a silent gap.
 #pragma once
 
 #include <algorithm>
@@ -36,7 +39,6 @@
 #include <utility>
 #include <vector>
 
-#include <spdlog/sinks/basic_file_sink.h>
 #include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
 
@@ -45,7 +47,9 @@
 #include "torchguard/core/guard.hpp"
 #include "torchguard/core/logging.hpp"
 #include "torchguard/core/outcome.hpp"
+#include "torchguard/detail/directory_lock.hpp"
 #include "torchguard/detail/stop_signals.hpp"
+#include "torchguard/session/log_file.hpp"
 #include "torchguard/session/metrics_log.hpp"
 #include "torchguard/session/session_board.hpp"
 
@@ -67,6 +71,10 @@ struct TrainingSessionOptions {
   // scalars of log_metrics with their steps, and the run's start, errors and end as text (tag
   // "session"). Each call's records reach the file before it returns.
   std::filesystem::path tensorboard_dir = {};
+  // The directories of those files are locked for the session's life (<directory>/.lock, as
+  // CheckpointGuard locks its own): a second run on them fails at once, before it opens, or
+  // writes a line into, any of them.
+  bool lock_directories = true;
 };
 
 class TrainingSession {
@@ -77,12 +85,15 @@ class TrainingSession {
       : TrainingSession(std::move(name), with_logger(std::move(logger))) {}
 
   TrainingSession(std::string name, Options options)
-      : state_(std::make_unique<State>(std::move(name), make_logger(options))) {
+      : state_(std::make_unique<State>(std::move(name))) {
+    // The locks first, then the files: a second run on the directory fails before it opens (or
+    // writes into) any of them, and a file that cannot be opened fails the constructor before it
+    // changes anything in the process (default logger, signal handlers).
+    if (options.lock_directories) lock_directories(options);
+    state_->logger = make_logger(options, state_->log_sink);
     const std::string started =
         fmt::format("Training session '{}' started{}", state_->name,
                     options.handle_signals ? " (SIGINT/SIGTERM request a stop)" : "");
-    // The files first: one that cannot be opened fails the constructor before it changes
-    // anything in the process (default logger, signal handlers).
     if (!options.metrics_file.empty()) state_->metrics.emplace(options.metrics_file);
     if (!options.tensorboard_dir.empty()) state_->board.emplace(options.tensorboard_dir, started);
     state_->metrics_log_interval = options.metrics_log_interval;
@@ -127,51 +138,73 @@ class TrainingSession {
   decltype(auto) run(F&& fn) {
     try {
       return std::invoke(std::forward<F>(fn));
+    } catch (const Cancelled&) {
+      if (!state_->stop.cancelled()) record_failure(std::current_exception());
+      throw;  // a stop that interrupted loading or inference: the session ends as stopped
     } catch (...) {
       record_failure(std::current_exception());
       throw;
     }
   }
 
-  // Logs the end of the session now (idempotent). ScopeStack calls this with the scope's outcome.
+  // Logs the end of the session now and closes its files (idempotent): "completed
+  // successfully", "stopped at step N by SIGINT" (a stop requested, by a signal or
+  // request_stop()), or "failed". Throws FileError when a file could not be written, synced or
+  // closed. ScopeStack calls this with the scope's outcome.
   void close(Outcome outcome) {
     if (!state_ || state_->closed) return;
     State& s = *state_;
     s.closed = true;
-    if (s.failure) outcome = Outcome::failure;
     const std::string duration = format_duration(elapsed());
-    std::string stopped;
-    if (const int signal_number = detail::StopSignalScope::received(); s.signals && signal_number) {
-      stopped = fmt::format("Training session '{}' stopped by {} after {}", s.name,
-                            detail::signal_name(signal_number), duration);
-      s.logger->warn("{}", stopped);
-    }
+    const std::int64_t step = s.step.load();
+    const std::string at_step = step >= 0 ? fmt::format(" at step {}", step) : std::string();
+    const int signal_number = s.signals ? detail::StopSignalScope::received() : 0;
     std::string end;
-    if (outcome == Outcome::success) {
-      end = fmt::format("Training session '{}' completed successfully in {}", s.name, duration);
-      s.logger->info("{}", end);
-    } else {
-      end = fmt::format("Training session '{}' failed after {}{}", s.name, duration,
+    if (s.failure || (outcome == Outcome::failure && !s.stop.cancelled())) {
+      end = fmt::format("Training session '{}' failed{} after {}{}", s.name, at_step, duration,
                         s.failure ? "" : " (left by an exception)");
       s.logger->error("{}", end);
+    } else if (s.stop.cancelled()) {
+      end = fmt::format("Training session '{}' stopped{} by {} after {}", s.name, at_step,
+                        signal_number ? detail::signal_name(signal_number) : "a stop request",
+                        duration);
+      s.logger->warn("{}", end);
+    } else {
+      end = fmt::format("Training session '{}' completed successfully in {}", s.name, duration);
+      s.logger->info("{}", end);
     }
+    std::optional<FileError> error;
+    auto keep = [&](auto&& fn) {
+      try {
+        fn();
+      } catch (const FileError& e) {
+        if (!error) error = e;
+      }
+    };
     {
       std::lock_guard<std::mutex> lock(s.metrics_mutex);
       // The failure's line again: the web server shows only this text at the last step.
-      for (const auto& line : {s.failure_line, stopped}) {
-        if (!line.empty()) end = line + "  \n" + end;
+      if (!s.failure_line.empty()) end = s.failure_line + "  \n" + end;
+      if (s.board) {
+        keep([&] { s.board->text(end); });
+        keep([&] { s.board->close(); });
       }
-      board_noexcept([&](detail::SessionBoard& board) {
-        board.text(end);
-        board.flush();
-      });
+      if (s.metrics) keep([&] { s.metrics->close(); });
     }
     s.signals.reset();  // the previous SIGINT/SIGTERM handlers come back here
     if (s.previous_default_logger && torchguard::default_logger() == s.logger) {
       torchguard::set_default_logger(std::move(s.previous_default_logger));
     }
     s.logger->flush();
+    if (s.log_sink) keep([&] { s.log_sink->close(); });
+    if (error) {
+      s.logger->error("Training session '{}': {}", s.name, error->what());
+      throw *error;
+    }
   }
+
+  // The step the run has reached (log_metrics() sets it too): the end line names it.
+  void set_step(std::int64_t step) noexcept { state_->step.store(step); }
 
   // Logs a failure seen by the caller (the type and message of `error`).
   void record_failure(const std::exception_ptr& error) {
@@ -211,6 +244,7 @@ class TrainingSession {
   void log_metrics(std::int64_t step, const Metrics& metrics) {
     State& s = *state_;
     std::lock_guard<std::mutex> lock(s.metrics_mutex);
+    s.step.store(std::max(s.step.load(), step));
     const auto now = Clock::now();
     if (!s.metrics_logged || now - s.last_metrics_line >= s.metrics_log_interval) {
       s.metrics_logged = true;
@@ -251,6 +285,7 @@ class TrainingSession {
   void flush() {
     State& s = *state_;
     s.logger->flush();
+    if (s.log_sink) s.log_sink->sync();
     std::lock_guard<std::mutex> lock(s.metrics_mutex);
     if (s.metrics) s.metrics->flush();
     if (s.board) s.board->flush();
@@ -265,15 +300,17 @@ class TrainingSession {
   using Clock = std::chrono::steady_clock;
 
   struct State {
-    State(std::string n, std::shared_ptr<spdlog::logger> l)
-        : name(std::move(n)), logger(std::move(l)), start(Clock::now()) {}
+    explicit State(std::string n) : name(std::move(n)), start(Clock::now()) {}
     std::string name;
+    std::vector<detail::DirectoryLock> locks;  // first: held while the files below are open
+    std::shared_ptr<detail::LogFileSink> log_sink;
     std::shared_ptr<spdlog::logger> logger;
     Clock::time_point start;
     detail::UncaughtExceptionDetector exit_detector;
     std::optional<detail::StopSignalScope> signals;
     CancellationSource stop;
     mutable std::atomic<bool> signal_reported{false};
+    std::atomic<std::int64_t> step{-1};
     bool failure = false;
     bool closed = false;
     std::mutex metrics_mutex;
@@ -285,6 +322,25 @@ class TrainingSession {
     std::optional<detail::SessionBoard> board;  // with tensorboard_dir; under metrics_mutex
     std::string failure_line;                   // record_failure()'s, repeated at the end
   };
+
+  // Locks the directory of each file the session writes (created first when missing).
+  void lock_directories(const Options& options) {
+    std::vector<std::filesystem::path> directories;
+    for (const auto& file : {options.log_file, options.metrics_file}) {
+      if (!file.empty()) {
+        directories.push_back(file.has_parent_path() ? file.parent_path()
+                                                     : std::filesystem::path("."));
+      }
+    }
+    if (!options.tensorboard_dir.empty()) directories.push_back(options.tensorboard_dir);
+    for (const auto& directory : directories) {
+      std::error_code ignored;  // a directory that cannot be made fails when its file opens
+      std::filesystem::create_directories(directory, ignored);
+      if (std::filesystem::is_directory(directory)) {
+        state_->locks.emplace_back(directory, "TrainingSession: the run directory");
+      }
+    }
+  }
 
   static Options with_logger(std::shared_ptr<spdlog::logger> logger) {
     Options options;
@@ -316,21 +372,21 @@ class TrainingSession {
     }
   }
 
-  static std::shared_ptr<spdlog::logger> make_logger(const Options& options) {
+  static std::shared_ptr<spdlog::logger> make_logger(const Options& options,
+                                                     std::shared_ptr<detail::LogFileSink>& sink) {
     auto base = detail::or_default(options.logger);
     if (options.log_file.empty()) return base;
     // A logger of our own: the user's sinks plus the file, so that the user's logger is unchanged.
     std::vector<spdlog::sink_ptr> sinks = base->sinks();
-    try {
-      sinks.push_back(
-          std::make_shared<spdlog::sinks::basic_file_sink_mt>(options.log_file.string(), false));
-    } catch (const spdlog::spdlog_ex& e) {
-      throw Error(fmt::format("TrainingSession: cannot open the log file '{}': {}",
-                              options.log_file.string(), e.what()));
+    if (options.log_file.has_parent_path()) {
+      std::error_code ignored;  // missing parent directories are created
+      std::filesystem::create_directories(options.log_file.parent_path(), ignored);
     }
+    sink = std::make_shared<detail::LogFileSink>(options.log_file);
+    sinks.push_back(sink);
     auto logger = std::make_shared<spdlog::logger>(base->name(), sinks.begin(), sinks.end());
     logger->set_level(base->level());
-    logger->flush_on(spdlog::level::warn);  // errors reach the disk before a crash can lose them
+    logger->flush_on(spdlog::level::warn);  // the user's sinks: errors reach them at once
     return logger;
   }
 
