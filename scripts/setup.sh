@@ -4,7 +4,8 @@
 #   scripts/setup.sh --torch2  also LibTorch 2.x: the `torch` wheel from PyPI, installed once
 #                              into $TORCHGUARD_TORCH2_VENV (default /opt/torchguard-venv)
 #                              and reused by every build after that, with the Python packages
-#                              the interop tests run against (safetensors, tensorboard).
+#                              the interop tests run against (safetensors, tensorboard,
+#                              transformers).
 set -euo pipefail
 
 packages=(build-essential cmake ninja-build git libtorch-dev libspdlog-dev catch2
@@ -33,10 +34,12 @@ if [ "${1:-}" = "--torch2" ]; then
     python3 -m venv --clear "$venv"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "${TORCHGUARD_TORCH2_SPEC:-torch>=2,<3}"
   fi
-  # The other side of the interop tests: Python's safetensors (numpy quiets torch's warning)
-  # and tensorboard (its EventAccumulator reads the event files; `tensorboard --logdir`).
-  if ! "$venv/bin/python" -c 'import safetensors.torch, numpy, tensorboard' 2>/dev/null; then
-    echo "setup: installing safetensors and tensorboard into $venv"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check safetensors numpy tensorboard
+  # The other side of the interop tests: Python's safetensors (numpy quiets torch's warning),
+  # tensorboard (its EventAccumulator reads the event files; `tensorboard --logdir`) and
+  # transformers (save_pretrained's sharded directories, from_pretrained; with huggingface_hub).
+  if ! "$venv/bin/python" -c 'import safetensors.torch, numpy, tensorboard, transformers' 2>/dev/null; then
+    echo "setup: installing safetensors, tensorboard and transformers into $venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check safetensors numpy tensorboard \
+      transformers
   fi
 fi

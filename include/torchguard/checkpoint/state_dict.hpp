@@ -1,16 +1,53 @@
-// A module's state_dict exchanged with PyTorch through safetensors files: the keys are the names
-// Python's `module.state_dict()` uses (`conv1.weight`, `bn.running_mean`), so
+// A module's state_dict exchanged with PyTorch and the Hugging Face Hub through safetensors files:
+// the keys are the names Python's `module.state_dict()` uses (`conv1.weight`, `bn.running_mean`),
+// so
 //   Python:  model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
 //   C++:     torchguard::load_state_dict(*model, "model.safetensors");
-// work on the same architecture both ways. Loading checks everything before it changes anything
-// and reports what Python's load_state_dict reports: missing keys, unexpected keys, and every
-// shape or dtype mismatch, in one error.
+// work on the same architecture both ways, and so do Hugging Face's sharded directories:
+//   Python:  model.save_pretrained("out", max_shard_size="2GB")   # or from_pretrained("out")
+//   C++:     torchguard::load_state_dict(*model, "out");           // or save_state_dict(...)
+//
+//   load_state_dict(module, path, LoadStateDictOptions)   into a module; `path` is a .safetensors
+//                                                          file, an *.index.json, or a directory
+//                                                          with model.safetensors or
+//                                                          model.safetensors.index.json
+//   load_state_dict(path) -> TensorMap                     the same files, without a module
+//   save_state_dict(module, path, SaveStateDictOptions)    one file, or HF's sharded directory
+//   save_state_dict(tensors, path, SaveStateDictOptions)   the same from a TensorMap
+//   save_state_dict(module, path, SafetensorsMetadata)     one file (the original signature)
+//
+// Loading checks everything before it changes anything and reports what Python's
+// load_state_dict reports: missing keys, unexpected keys, and every shape or dtype mismatch, in
+// one error, across all shards. A sharded directory is checked as a whole before its tensors are
+// read: the index's shard names stay inside the directory, every shard exists, holds exactly the
+// tensors the index places in it, and belongs to the save the index describes.
+//
+// Sharded saves (SaveStateDictOptions::max_shard_size) write what transformers' save_pretrained
+// writes: the same split (huggingface_hub's, see sharded.hpp), the same file names, the same index
+// ({"metadata": {"total_size", "total_parameters" for a module}, "weight_map"}), and a plain
+// model.safetensors without an index when everything fits in one shard. One shard at a time is
+// copied to the host. Each file is written crash-safely (a temporary beside it, fsync, rename),
+// the shards first, the index last; only then are the previous save's files that the new one does
+// not use removed (model-NNNNN-of-NNNNN.safetensors shards, and the model.safetensors or index the
+// new save replaces). Every shard and the index carry the save's id
+// (__metadata__["torchguard_save_id"], random). A crash in the middle of a save into a directory
+// leaves the previous save or the new one, never a mix of them:
+// - before the new index (or model.safetensors) is in place: the previous save, whole; but where
+//   new shards took the names of the previous save's (as many shards), the load refuses the
+//   directory, naming the shard from the other save, until it is saved again. Python's
+//   from_pretrained does not check ids: it would mix them;
+// - after: the new save, whole; stale files of the previous save may remain, never read, except a
+//   previous model.safetensors, which both loaders look for first: until it is removed the
+//   previous save loads, whole;
+// - temporaries (.tmp-<file>-<pid>) beside the files, which no loader reads.
 #pragma once
 
+#include <cstdint>
 #include <filesystem>
 #include <optional>
 #include <set>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -18,6 +55,7 @@
 #include <torch/torch.h>
 
 #include "torchguard/checkpoint/safetensors.hpp"
+#include "torchguard/checkpoint/sharded.hpp"
 #include "torchguard/core/error.hpp"
 
 namespace torchguard {
@@ -55,17 +93,40 @@ class StateDictError : public Error {
 
 namespace detail {
 
-// The module's parameters and buffers under their state_dict names (with `prefix` in front).
+// The module's parameters and buffers under their state_dict names (with `prefix` in front), in
+// the order of Python's state_dict(): each module's own parameters, its own buffers, then its
+// children's, depth first (the order a sharded save splits in, as transformers does).
+inline void append_module_state(const torch::nn::Module& module, const std::string& prefix,
+                                std::vector<NamedTensor>& state) {
+  for (const auto& parameter : module.named_parameters(/*recurse=*/false)) {
+    if (parameter.value().defined()) state.push_back({prefix + parameter.key(), parameter.value()});
+  }
+  for (const auto& buffer : module.named_buffers(/*recurse=*/false)) {
+    if (buffer.value().defined()) state.push_back({prefix + buffer.key(), buffer.value()});
+  }
+  for (const auto& child : module.named_children()) {
+    append_module_state(*child.value(), prefix + child.key() + ".", state);
+  }
+}
+
 inline std::vector<NamedTensor> module_state(const torch::nn::Module& module,
                                              const std::string& prefix = "") {
   std::vector<NamedTensor> state;
-  for (const auto& parameter : module.named_parameters()) {
-    state.push_back({prefix + parameter.key(), parameter.value()});
-  }
-  for (const auto& buffer : module.named_buffers()) {
-    state.push_back({prefix + buffer.key(), buffer.value()});
-  }
+  append_module_state(module, prefix, state);
   return state;
+}
+
+// What transformers' index calls total_parameters: the module's parameters' elements, a shared
+// parameter once.
+inline std::uint64_t parameter_count(const torch::nn::Module& module) {
+  std::set<const void*> seen;
+  std::uint64_t count = 0;
+  for (const auto& parameter : module.parameters()) {
+    if (seen.insert(parameter.unsafeGetTensorImpl()).second) {
+      count += static_cast<std::uint64_t>(parameter.numel());
+    }
+  }
+  return count;
 }
 
 inline std::string quoted_list(const std::vector<std::string>& names) {
@@ -155,27 +216,115 @@ inline LoadStateDictResult load_state_dict(torch::nn::Module& module, const Tens
   return detail::load_module_state(module, state, "", options, "the given tensors");
 }
 
-// Loads a safetensors file, such as Python's
-// `safetensors.torch.save_file(model.state_dict(), path)` writes, into the module. Throws
-// StateDictError, SafetensorsError, FileError; on error the module is unchanged.
+// Loads a state_dict saved by Python or C++ into the module: `path` is a safetensors file (Python's
+// `safetensors.torch.save_file(model.state_dict(), path)`), an index (*.index.json) with its
+// shards beside it, or a directory holding model.safetensors or model.safetensors.index.json
+// (what transformers' save_pretrained writes; the first one found, in that order, as
+// from_pretrained looks). Every file is checked, and the tensors checked against the module,
+// before the module changes; all of them are read into host memory first. Throws StateDictError,
+// SafetensorsError, FileError; on error the module is unchanged.
 inline LoadStateDictResult load_state_dict(torch::nn::Module& module,
                                            const std::filesystem::path& path,
                                            const LoadStateDictOptions& options = {}) {
-  const SafetensorsFile file(path);
-  return detail::load_module_state(module, file.tensors(), "", options,
-                                   fmt::format("'{}'", path.string()));
+  const auto location = detail::locate_state_dict(path);
+  const std::string what = fmt::format("'{}'", location.file.string());
+  if (!location.sharded) {
+    const SafetensorsFile file(location.file);
+    return detail::load_module_state(module, file.tensors(), "", options, what);
+  }
+  const detail::ShardedSafetensors shards(location.file);
+  return detail::load_module_state(module, shards.tensors(), "", options, what);
 }
 
-// Saves the module's state_dict (parameters and buffers) as a safetensors file that Python's
-// `model.load_state_dict(safetensors.torch.load_file(path))` loads. Crash-safe: the previous
-// file at `path` stays whole until the new one is on disk. `metadata` goes to `__metadata__`,
-// with "format": "pt" as PyTorch's tools write it.
+// Reads the state_dict at `path` (a file, an index or a directory, as above) into tensors of
+// their own, every file checked first, as Python's `load_file` does for one file. A tensor this
+// LibTorch has no dtype for is an error that names it and its file. Throws FileError,
+// SafetensorsError.
+inline TensorMap load_state_dict(const std::filesystem::path& path) {
+  const auto location = detail::locate_state_dict(path);
+  if (!location.sharded) return load_safetensors(location.file);
+  const detail::ShardedSafetensors shards(location.file);
+  const auto& unsupported = shards.unsupported();
+  if (!unsupported.empty()) {
+    throw SafetensorsError(fmt::format(
+        "'{}': LibTorch {} has no tensor for {} of its tensors ('{}' in '{}'{}); open the shard "
+        "with SafetensorsFile to read the others, and those with raw()",
+        location.file.string(), TORCH_VERSION, unsupported.size(), unsupported.front().first,
+        unsupported.front().second, unsupported.size() > 1 ? ", ..." : ""));
+  }
+  return shards.tensors();
+}
+
+// How save_state_dict writes; with C++20,
+//   save_state_dict(*model, "out", {.max_shard_size = 2'000'000'000});
+struct SaveStateDictOptions {
+  // 0: one safetensors file at `path`. Otherwise `path` is a directory (created if missing) that
+  // receives Hugging Face's layout: shards of at most this many bytes each (a tensor larger than
+  // that gets a shard of its own) and model.safetensors.index.json, or model.safetensors alone
+  // when everything fits in one. Bytes: transformers' "5GB" is 5'000'000'000.
+  std::uint64_t max_shard_size = 0;
+  // Goes to every file's __metadata__ (with "format": "pt", as PyTorch's tools write it) and to
+  // the index's "metadata". The keys "total_size", "total_parameters" and "torchguard_save_id"
+  // belong to the layout.
+  SafetensorsMetadata metadata = {};
+};
+
+namespace detail {
+
+inline void save_state(const std::vector<NamedTensor>& state, const std::filesystem::path& path,
+                       const SaveStateDictOptions& options, nlohmann::json index_metadata) {
+  if (options.max_shard_size == 0) {
+    SafetensorsMetadata metadata = options.metadata;
+    metadata.emplace("format", "pt");
+    TensorMap tensors;
+    for (const auto& item : state) tensors.emplace(item.name, item.tensor);
+    save_safetensors(path, tensors, metadata);
+    return;
+  }
+  if (path.extension() == ".safetensors") {
+    throw OptionsError(fmt::format(
+        "save_state_dict: with max_shard_size, '{}' is to be a directory (Hugging Face's layout), "
+        "not a .safetensors file",
+        path.string()));
+  }
+  save_sharded_safetensors(path, state, options.max_shard_size, options.metadata,
+                           std::move(index_metadata));
+}
+
+}  // namespace detail
+
+// Saves the module's state_dict (parameters and buffers) as `options` says: one safetensors file
+// that Python's `model.load_state_dict(safetensors.torch.load_file(path))` loads, or a directory
+// that transformers' `from_pretrained` loads (with the model's config.json beside it), split as
+// save_pretrained splits Python's state_dict of the same module. Crash-safe: see the top of this
+// file. Throws SafetensorsError, OptionsError (before anything is written), FileError.
 inline void save_state_dict(const torch::nn::Module& module, const std::filesystem::path& path,
-                            SafetensorsMetadata metadata = {}) {
-  metadata.emplace("format", "pt");
-  TensorMap state;
-  for (auto& item : detail::module_state(module)) state.emplace(item.name, item.tensor);
-  save_safetensors(path, state, metadata);
+                            const SaveStateDictOptions& options) {
+  detail::save_state(detail::module_state(module), path, options,
+                     {{"total_parameters", detail::parameter_count(module)}});
+}
+
+// Saves the module's state_dict as one safetensors file; `metadata` goes to `__metadata__`, with
+// "format": "pt". Crash-safe: the previous file at `path` stays whole until the new one is on disk.
+// (A template only so that `save_state_dict(module, path, {})` picks the overload above.)
+template <class Metadata = SafetensorsMetadata,
+          std::enable_if_t<std::is_same_v<Metadata, SafetensorsMetadata>, int> = 0>
+void save_state_dict(const torch::nn::Module& module, const std::filesystem::path& path,
+                     Metadata metadata = {}) {
+  SaveStateDictOptions options;
+  options.metadata = std::move(metadata);
+  save_state_dict(module, path, options);
+}
+
+// Saves tensors by state_dict name, as save_state_dict of a module does. A sharded save splits
+// them in the order of their names (a TensorMap's); the index has no total_parameters (which
+// tensors are parameters is the module's to say), as huggingface_hub's save_torch_state_dict.
+inline void save_state_dict(const TensorMap& tensors, const std::filesystem::path& path,
+                            const SaveStateDictOptions& options = {}) {
+  std::vector<detail::NamedTensor> state;
+  state.reserve(tensors.size());
+  for (const auto& [name, tensor] : tensors) state.push_back({name, tensor});
+  detail::save_state(state, path, options, nlohmann::json::object());
 }
 
 }  // namespace torchguard
