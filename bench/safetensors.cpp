@@ -119,6 +119,16 @@ void write_attack(const fs::path& path) {
   if (!out.flush()) throw std::runtime_error("cannot write " + path.string());
 }
 
+// The length of the file's header (its first 8 bytes, little-endian).
+std::uint64_t header_length(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  unsigned char prefix[8] = {};
+  in.read(reinterpret_cast<char*>(prefix), 8);
+  std::uint64_t length = 0;
+  for (int i = 7; i >= 0; --i) length = length << 8 | prefix[i];
+  return length;
+}
+
 // Drops the file's pages from the page cache; true when none of them is left there.
 bool evict(const fs::path& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -263,12 +273,13 @@ class PythonPeer {
     if (times.size() != static_cast<std::size_t>(repeats)) return {};
     return times;
   }
-  std::pair<double, std::string> attack(const fs::path& path) {
+  // Seconds to refuse the file (negative: accepted) and what was said, or nullopt.
+  std::optional<std::pair<double, std::string>> attack(const fs::path& path) {
     const std::string reply = request("attack " + path.string());
     char* end = nullptr;
     const double seconds = std::strtod(reply.c_str(), &end);
-    if (end == reply.c_str()) return {-1, "no answer from Python"};
-    return {seconds, std::string(end + (*end == ' ' ? 1 : 0))};
+    if (end == reply.c_str()) return std::nullopt;
+    return std::make_pair(seconds, std::string(end + (*end == ' ' ? 1 : 0)));
   }
 
  private:
@@ -334,7 +345,7 @@ int main(int argc, char** argv) {
   std::optional<PythonPeer> peer;
   if (!python.empty()) peer.emplace(python);
   const bool with_python = peer && peer->ready();
-  bool python_failed = false;
+  bool python_failed = false;  // an answer was not what it should be: the column is skipped
 
   // Untimed first opens: the page cache, Python's lazy imports, the allocators.
   for (std::size_t i = 0; i < sizes.size(); ++i) {
@@ -343,19 +354,20 @@ int main(int argc, char** argv) {
   }
   bool cold_works = true;
   std::vector<Samples> warm(sizes.size()), cold(sizes.size());
-  for (int round = 0; round < rounds && !python_failed; ++round) {
+  for (int round = 0; round < rounds; ++round) {
     for (std::size_t i = 0; i < sizes.size(); ++i) {
       const int repeats = static_cast<int>(100000 / sizes[i]);
       auto ours = [&](bool cached) {
         if (cached) {
-          for (int r = 0; r < repeats; ++r)
+          for (int r = 0; r < repeats; ++r) {
             warm[i].ours.push_back(torchguard_open(files[i], sizes[i]));
+          }
         } else if (cold_works && (cold_works = evict(files[i]))) {
           cold[i].ours.push_back(torchguard_open(files[i], sizes[i]));
         }
       };
       auto theirs = [&](bool cached) {
-        if (!with_python) return;
+        if (!with_python || python_failed) return;
         if (!cached && !(cold_works && (cold_works = evict(files[i])))) return;
         const auto times = peer->open(files[i], cached ? repeats : 1, sizes[i]);
         if (times.empty()) python_failed = true;
@@ -382,60 +394,63 @@ int main(int argc, char** argv) {
     attack_ours.push_back(seconds);
     attack_our_message = message;
     if (with_python && !python_failed) {
-      const auto [their_seconds, their_message] = peer->attack(attack);
-      attack_theirs.push_back(their_seconds);
-      attack_their_message = their_message;
+      if (const auto answer = peer->attack(attack)) {
+        attack_theirs.push_back(answer->first);
+        attack_their_message = answer->second;
+      } else {
+        python_failed = true;
+      }
     }
   }
   const auto attack_bytes = fs::file_size(attack);
-  std::vector<std::uintmax_t> file_bytes;
-  for (const auto& file : files) file_bytes.push_back(fs::file_size(file));
+  std::vector<std::uint64_t> header_bytes;
+  for (const auto& file : files) header_bytes.push_back(header_length(file));
   const bool python_column = with_python && !python_failed;
-  const std::string version = with_python ? peer->version() : std::string();
+  const std::string version =
+      with_python ? "\n(safetensors " + peer->version() + ")" : std::string();
   peer.reset();
   fs::remove_all(dir);
 
   std::printf(
       "Opening a safetensors file's header: SafetensorsFile(path) + names(), against the "
-      "reference%s,\n`with safe_open(path, framework=\"pt\") as f: keys = list(f.keys())`, "
+      "reference's\n`with safe_open(path, framework=\"pt\") as f: keys = list(f.keys())`%s, "
       "timed in one Python process.\nMedian ms per open; warm: %d rounds of 100000/size opens "
       "per side; cold (the file evicted from\nthe page cache before each open): %d opens per "
       "side. Target: torchguard / safe_open <= %.1f.\n",
-      version.empty() ? "" : (" (safetensors " + version + ")").c_str(), rounds, rounds,
-      target_ratio);
+      version.c_str(), rounds, rounds, target_ratio);
   if (!with_python) {
     std::printf(
-        "safe_open: SKIPPED, no Python with safetensors and torch ($TORCHGUARD_PYTHON, or "
-        "scripts/setup.sh --torch2)\n");
+        "safe_open: SKIPPED, no Python with safetensors and torch\n"
+        "  ($TORCHGUARD_PYTHON, or the venv of scripts/setup.sh --torch2)\n");
   } else if (python_failed) {
     std::printf("safe_open: SKIPPED, the Python process did not answer as expected\n");
   }
-  std::printf("  tensors  file MB  cache  torchguard ms  safe_open ms   ratio  target\n");
+  std::printf("  tensors  header MB  cache  torchguard ms  safe_open ms   ratio  target\n");
   for (std::size_t i = 0; i < sizes.size(); ++i) {
     for (const bool cached : {true, false}) {
       const Samples& samples = cached ? warm[i] : cold[i];
       if (samples.ours.empty()) {
-        std::printf("  %7zu  %7.2f  %-5s  (cold not measured: the page cache keeps the file)\n",
-                    sizes[i], static_cast<double>(file_bytes[i]) / 1e6, cached ? "warm" : "cold");
+        std::printf("  %7zu  %9.2f  %-5s  (cold not measured: the page cache keeps the file)\n",
+                    sizes[i], static_cast<double>(header_bytes[i]) / 1e6, cached ? "warm" : "cold");
         continue;
       }
       const double ours = median(samples.ours) * 1e3;
       if (!python_column || samples.theirs.empty()) {
-        std::printf("  %7zu  %7.2f  %-5s  %13.3f  %12s  %6s  -\n", sizes[i],
-                    static_cast<double>(file_bytes[i]) / 1e6, cached ? "warm" : "cold", ours,
+        std::printf("  %7zu  %9.2f  %-5s  %13.3f  %12s  %6s  -\n", sizes[i],
+                    static_cast<double>(header_bytes[i]) / 1e6, cached ? "warm" : "cold", ours,
                     "skipped", "-");
         continue;
       }
       const double theirs = median(samples.theirs) * 1e3;
-      std::printf("  %7zu  %7.2f  %-5s  %13.3f  %12.3f  %6.2f  %s\n", sizes[i],
-                  static_cast<double>(file_bytes[i]) / 1e6, cached ? "warm" : "cold", ours, theirs,
-                  ours / theirs, ours / theirs <= target_ratio ? "met" : "NOT met");
+      std::printf("  %7zu  %9.2f  %-5s  %13.3f  %12.3f  %6.2f  %s\n", sizes[i],
+                  static_cast<double>(header_bytes[i]) / 1e6, cached ? "warm" : "cold", ours,
+                  theirs, ours / theirs, ours / theirs <= target_ratio ? "met" : "NOT met");
     }
   }
 
   std::printf(
       "The attack of huggingface/safetensors attacks/safetensors_abuse_attempt_3.py (100000 "
-      "tensors,\nall data_offsets [0, 160000]; a %.1f MB header, a %.1f MB file), median of %d "
+      "tensors,\nall data_offsets [0, 160000]; header %.1f MB, file %.1f MB), median of %d "
       "tries.\nTarget: refused in < %.0f s.\n",
       static_cast<double>(attack_bytes - 8) / 2e6, static_cast<double>(attack_bytes) / 1e6,
       attack_tries, attack_target_seconds);
