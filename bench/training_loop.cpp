@@ -1,12 +1,13 @@
-// The library's cost in the main job: the training demo's loop (fashion_mnist::train_epochs, from
-// examples/fashion_mnist_training.hpp) with every guard the demo uses, against the same steps in
-// bare LibTorch. Guarded: a ScopeStack holding the TrainingSession (log file, metrics.jsonl,
-// TensorBoard events, stop signals) and the CheckpointGuard (the demo's options: a checkpoint every
-// 500 steps, restore on start, a save at the end), a GpuMemoryGuard per epoch, the Prefetcher
-// inside train_epochs and its metrics rows and checkpoint metadata. Bare: the same model, seed,
-// batches (the same order, index_select on the training thread), optimizer steps and per-step loss
-// and accuracy reads. Not measured on either side: loading the dataset, evaluation, and the demo's
-// progress bar.
+// The library's cost in the main job: the training demo's loop (examples/train_fashion_mnist.cpp,
+// with the functions of examples/fashion_mnist_common.hpp it uses) with every guard the demo
+// uses, against the same steps in bare LibTorch. Guarded: a ScopeStack holding the
+// TrainingSession (log file, metrics.jsonl, TensorBoard events, stop signals, the directory's
+// lock) and the CheckpointGuard (the demo's options: the sampler, the settings, a checkpoint
+// every 500 steps, restore on start, a save at the end), a GpuMemoryGuard per epoch, the
+// ResumableSampler's place, the Prefetcher, the metrics rows and the checkpoint's metadata. Bare:
+// the same model, seed, batches (the same order, index_select on the training thread), optimizer
+// steps and per-step loss and accuracy reads. Not measured on either side: loading the dataset,
+// evaluation, and the demo's progress bar.
 //
 //   bench_training_loop [--steps N] [--rounds R] [--threads T]    (defaults: 150, 5, 1)
 // Rounds alternate (guarded, bare, guarded, ...); each side's median samples/s is printed with the
@@ -29,7 +30,7 @@
 #include <torch/torch.h>
 #include <torchguard/torchguard.hpp>
 
-#include "fashion_mnist_training.hpp"
+#include "fashion_mnist_common.hpp"
 
 namespace fs = std::filesystem;
 using fashion_mnist::Clock;
@@ -74,31 +75,38 @@ double guarded_round(const fashion_mnist::Dataset& data, const fashion_mnist::Se
   session_options.handle_signals = true;
   auto& session = stack.emplace<torchguard::TrainingSession>("bench", session_options);
   return session.run([&] {
-    auto options = fashion_mnist::checkpoint_options(run_dir / "checkpoints", settings, torch::kCPU,
-                                                     session.logger());
+    const fashion_mnist::Schedule schedule(data.train.images.size(0), settings, false);
+    torchguard::ResumableSampler sampler(static_cast<std::size_t>(schedule.samples),
+                                         {settings.seed});
+    auto options = fashion_mnist::checkpoint_options(run_dir / "checkpoints", settings, schedule,
+                                                     sampler, torch::kCPU, session.logger());
     options.stop_token = session.stop_token();
     options.after_save = [&session] { session.flush(); };
     auto& checkpoint = stack.emplace<torchguard::CheckpointGuard>(model, optimizer, options);
-    fashion_mnist::reconcile_settings(checkpoint, *optimizer, settings, *session.logger());
     session.resume_metrics(checkpoint.current_step());
-    fashion_mnist::Trainer run(model, *optimizer, checkpoint, session, data, settings,
-                               /*whole_batches=*/false, torch::kCPU);
-    run.load_stop = session.stop_token();
-
-    std::optional<torchguard::GpuMemoryGuard> memory;  // per epoch, as the demo's EpochReporter
-    fashion_mnist::EpochHooks hooks;
-    hooks.begin_epoch = [&](std::int64_t epoch, std::int64_t) {
-      torchguard::GpuMemoryOptions memory_options;
-      memory_options.label = "epoch " + std::to_string(epoch + 1);
-      memory_options.logger = session.logger();
-      memory.emplace(memory_options);
-    };
-    hooks.end_epoch = [&](std::int64_t, const fashion_mnist::EpochFigures&, double, bool) {
-      memory->close(torchguard::Outcome::success);
-    };
 
     const auto start = Clock::now();
-    if (!fashion_mnist::train_epochs(run, hooks)) throw std::runtime_error("stopped");
+    torchguard::GpuMemoryOptions memory_options;  // per epoch, as the demo
+    memory_options.label = "epoch 1";
+    torchguard::GpuMemoryGuard memory(memory_options);
+    const auto left = sampler.remaining();
+    auto batches = fashion_mnist::epoch_batches(
+        data, std::vector<std::int64_t>(left.begin(), left.end()), schedule, settings.batch_size, 0,
+        schedule.total_steps, session.stop_token(), torch::kCPU);
+    fashion_mnist::EpochFigures figures;
+    for (auto& batch : batches) {
+      const auto step = fashion_mnist::train_step(model, *optimizer, batch);
+      figures.add(step.loss, step.samples, step.correct);
+      sampler.consume(static_cast<std::size_t>(step.samples));
+      const std::int64_t global_step = checkpoint.current_step() + 1;
+      if (global_step % settings.log_every == 0 || global_step == schedule.total_steps) {
+        session.log_metrics(global_step,
+                            {{"loss", figures.take_window_loss()}, {"lr", settings.learning_rate}});
+      }
+      checkpoint.metadata()[fashion_mnist::EpochFigures::kKey] = figures.to_json(0, 0.0);
+      if (checkpoint.step({{"loss", step.loss}}).stop) throw std::runtime_error("stopped");
+    }
+    memory.close(torchguard::Outcome::success);
     checkpoint.close(torchguard::Outcome::success);  // the last save, as the demo
     const double seconds = fashion_mnist::seconds_since(start);
     return static_cast<double>(settings.max_steps * settings.batch_size) / seconds;
@@ -116,20 +124,18 @@ double bare_round(const fashion_mnist::Dataset& data, const fashion_mnist::Setti
   const std::int64_t steps = settings.max_steps;  // within the first epoch
 
   const auto start = Clock::now();
-  const auto order = torch::tensor(fashion_mnist::epoch_order(samples, settings.seed, 0));
+  const auto permutation = torchguard::ResumableSampler::permutation(
+      static_cast<std::size_t>(samples), settings.seed, 0);
+  const auto order =
+      torch::tensor(std::vector<std::int64_t>(permutation.begin(), permutation.end()));
   fashion_mnist::EpochFigures figures;
   for (std::int64_t step = 0; step < steps; ++step) {
     const auto indices =
         order.slice(0, step * batch_size, std::min((step + 1) * batch_size, samples));
-    const auto images = data.train.images.index_select(0, indices);
-    const auto labels = data.train.labels.index_select(0, indices);
-    optimizer.zero_grad();
-    const auto logits = model->forward(images);
-    auto loss = torch::nn::functional::cross_entropy(logits, labels);
-    loss.backward();
-    optimizer.step();
-    figures.add(loss.item<double>(), labels.size(0),
-                logits.argmax(1).eq(labels).sum().item<std::int64_t>());
+    const torch::data::Example<> batch(data.train.images.index_select(0, indices),
+                                       data.train.labels.index_select(0, indices));
+    const auto result = fashion_mnist::train_step(model, optimizer, batch);
+    figures.add(result.loss, result.samples, result.correct);
   }
   const double seconds = fashion_mnist::seconds_since(start);
   if (figures.seen != steps * batch_size) std::abort();

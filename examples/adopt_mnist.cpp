@@ -14,6 +14,7 @@
 //   adopt_mnist --data-dir data --run-dir mnist-run     (MNIST's uncompressed idx files in data/)
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdio>
 #include <iostream>
@@ -207,8 +208,26 @@ auto run(int argc, char** argv) -> int {
     checkpoint_options.every_n_steps = settings.checkpoint_every;
     checkpoint_options.save_on_exit = torchguard::SaveOnExit::on_success;
     checkpoint_options.stop_token = session.stop_token();
-    checkpoint_options.tensors["sampler"] = sampler.state();
+    checkpoint_options.samplers["train"] = sampler;  // its place; the guard's epoch is its epoch
+    // torchguard: the settings that decide the arithmetic; a resume with another value is
+    // refused, naming both values.
+    checkpoint_options.settings.values = {{"--threads", settings.threads},
+                                          {"--epochs", settings.epochs},
+                                          {"--max-steps", settings.max_steps}};
+    checkpoint_options.settings.exact = {"--threads"};
+    // torchguard: the run's planned steps: run again once there, it trains nothing.
+    const auto steps_per_epoch =
+        static_cast<int64_t>((train_dataset_size + kTrainBatchSize - 1) / kTrainBatchSize);
+    checkpoint_options.total_steps =
+        settings.max_steps > 0 ? std::min(settings.max_steps, settings.epochs * steps_per_epoch)
+                               : settings.epochs * steps_per_epoch;
     torchguard::CheckpointGuard checkpoint(model, optimizer, checkpoint_options);
+    if (checkpoint.complete()) {
+      std::printf("the run is complete at step %lld; parameters %s\n",
+                  static_cast<long long>(checkpoint.current_step()),
+                  examples::parameter_fingerprint(*model).c_str());
+      return 0;
+    }
     if (sampler.mid_epoch()) {
       std::printf("resumed mid-epoch: epoch %lld at sample %zu of %zu (step %lld)\n",
                   static_cast<long long>(sampler.epoch() + 1), sampler.position(),
@@ -234,7 +253,7 @@ auto run(int argc, char** argv) -> int {
           "\ninterrupted at step %lld: checkpoint saved in %s; run the same command to "
           "resume\n",
           static_cast<long long>(checkpoint.current_step()), settings.checkpoint_dir.c_str());
-      return 130;
+      return torchguard::interrupted_exit_status;
     }
     std::printf("finished at step %lld; parameters %s\n",
                 static_cast<long long>(checkpoint.current_step()),

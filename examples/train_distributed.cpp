@@ -14,12 +14,13 @@
 #include <cstdio>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
 #include <torchguard/torchguard.hpp>
 
-#include "fashion_mnist_training.hpp"
+#include "fashion_mnist_common.hpp"
 
 namespace fs = std::filesystem;
 
@@ -40,6 +41,7 @@ torchguard::TrainingSession& open_session(torchguard::ScopeStack& stack,
     options.metrics_file = run_dir / "metrics.jsonl";
     options.tensorboard_dir = run_dir;
   }
+  options.lock_directories = group.is_main();  // one job, several processes: rank 0 holds it
   options.handle_signals = true;
   auto& session = stack.emplace<torchguard::TrainingSession>(
       "fashion-mnist rank " + std::to_string(group.rank()), options);
@@ -65,55 +67,103 @@ int train(Config config) {
   config.world_size = group.world_size();
   auto& session = open_session(stack, group, config);
 
-  return session.run([&] {
+  const int status = session.run([&] {
     const auto device = group.device();
     model->to(device);
     group.broadcast_parameters(*model);  // one starting point, whatever each rank's seed did
-    auto options = fashion_mnist::checkpoint_options(fs::path(config.run_dir) / "checkpoints",
-                                                     config, device, session.logger());
+    // Each rank loads the files itself; a stop signal cancels the loading.
+    const auto data = fashion_mnist::load_dataset(config.data_dir, session.stop_token());
+    const fashion_mnist::Schedule schedule(data.train.images.size(0), config,
+                                           /*whole_batches=*/true);
+    // Every rank keeps the same sampler (the same seed and steps); rank 0's is saved.
+    torchguard::ResumableSampler sampler(static_cast<std::size_t>(schedule.samples), {config.seed});
+    auto options =
+        fashion_mnist::checkpoint_options(fs::path(config.run_dir) / "checkpoints", config,
+                                          schedule, sampler, device, session.logger());
     options.stop_requested = [stop] { return *stop; };
     group.configure_checkpoints(options);  // rank 0 writes; a barrier after each save
     auto& checkpoint = stack.emplace<torchguard::CheckpointGuard>(model, optimizer, options);
     group.check_same(checkpoint.current_step(), "the restored step");
-    fashion_mnist::reconcile_settings(checkpoint, *optimizer, config, *session.logger());
+    fashion_mnist::use_learning_rate(*optimizer, config.learning_rate);
     if (group.is_main()) session.resume_metrics(checkpoint.current_step());
+    session.set_step(checkpoint.current_step());
     if (checkpoint.resumed() && group.is_main()) {
       std::printf("resumed from step %lld on %d ranks\n",
                   static_cast<long long>(checkpoint.current_step()), group.world_size());
       std::fflush(stdout);
     }
+    if (checkpoint.complete()) {
+      if (group.is_main()) {
+        std::printf("the run is complete at step %lld: nothing to train; parameters %s\n",
+                    static_cast<long long>(checkpoint.current_step()),
+                    fashion_mnist::parameter_fingerprint(model).c_str());
+      }
+      return 0;
+    }
 
-    // Each rank loads the files itself; a stop signal cancels the loading.
-    const auto data = fashion_mnist::load_dataset(config.data_dir, session.stop_token());
-    // No stop token for the batch loading: a rank must not stop before the others agree.
-    fashion_mnist::Trainer run(model, *optimizer, checkpoint, session, data, config,
-                               /*whole_batches=*/true, device);
-    run.rank = group.rank();
-    run.writes_metrics = group.is_main();
-    fashion_mnist::EpochHooks hooks;
-    hooks.sync_gradients = [&] { group.allreduce_gradients(*model); };
-    hooks.before_checkpoint_step = [&] { *stop = group.any(session.stop_requested()); };
-    hooks.end_epoch = [&](std::int64_t epoch, const fashion_mnist::EpochFigures& figures,
-                          double seconds, bool stopped) {
-      if (stopped || !group.is_main()) return;
-      session.log_metrics(checkpoint.current_step(), {{"epoch", epoch + 1},
-                                                      {"train_loss", figures.train_loss()},
-                                                      {"train_accuracy", figures.train_accuracy()},
-                                                      {"epoch_s", seconds}});
-    };
+    // The epochs: each rank trains its share of every global batch; the gradients are averaged
+    // before each optimizer step, and the ranks agree at each step on whether to stop. An epoch's
+    // last, partial global batch is left out (every rank must get a share).
     const auto start = fashion_mnist::Clock::now();
     const std::int64_t first_step = checkpoint.current_step();
-    const bool finished = fashion_mnist::train_epochs(run, hooks);
+    bool stopped = false;
+    while (!stopped && checkpoint.current_step() < schedule.total_steps) {
+      const std::int64_t epoch = sampler.epoch();
+      const std::vector<std::size_t> left = sampler.remaining();
+      const auto left_steps = static_cast<std::int64_t>(left.size()) / schedule.global_batch;
+      const std::int64_t steps =
+          std::min(left_steps, schedule.total_steps - checkpoint.current_step());
+      // No stop token for the batch loading: a rank must not stop before the others agree.
+      auto batches = fashion_mnist::epoch_batches(
+          data, std::vector<std::int64_t>(left.begin(), left.end()), schedule, config.batch_size,
+          group.rank(), steps, {}, device);
+      fashion_mnist::EpochFigures figures =
+          fashion_mnist::EpochFigures::restore(checkpoint.metadata(), epoch);
+      const auto epoch_start = fashion_mnist::Clock::now();
+      std::int64_t done = 0;
+      for (auto& batch : batches) {
+        const auto step = fashion_mnist::train_step(model, *optimizer, batch,
+                                                    [&] { group.allreduce_gradients(*model); });
+        figures.add(step.loss, step.samples, step.correct);
+        ++done;
+        if (done == left_steps) {
+          sampler.next_epoch();
+        } else {
+          sampler.consume(static_cast<std::size_t>(schedule.global_batch));
+        }
+        const std::int64_t global_step = checkpoint.current_step() + 1;
+        if (group.is_main() &&
+            (global_step % config.log_every == 0 || global_step == schedule.total_steps)) {
+          session.log_metrics(global_step,
+                              {{"loss", figures.take_window_loss()}, {"lr", config.learning_rate}});
+        }
+        checkpoint.metadata()[fashion_mnist::EpochFigures::kKey] = figures.to_json(
+            epoch, figures.earlier_seconds + fashion_mnist::seconds_since(epoch_start));
+        *stop = group.any(session.stop_requested());  // the same decision on every rank
+        if (checkpoint.step({{"loss", step.loss}}).stop) {
+          stopped = true;
+          break;
+        }
+      }
+      if (stopped || !group.is_main()) continue;
+      session.log_metrics(
+          checkpoint.current_step(),
+          {{"epoch", epoch + 1},
+           {"train_loss", figures.train_loss()},
+           {"train_accuracy", figures.train_accuracy()},
+           {"epoch_s", figures.earlier_seconds + fashion_mnist::seconds_since(epoch_start)}});
+    }
     const double seconds = fashion_mnist::seconds_since(start);
     checkpoint.close(torchguard::Outcome::success);
-    if (!finished) {
+    session.set_step(checkpoint.current_step());
+    if (stopped) {
       if (group.is_main()) {
         std::printf(
             "interrupted at step %lld on %d ranks: checkpoint saved; run the same "
             "command to resume\n",
             static_cast<long long>(checkpoint.current_step()), group.world_size());
       }
-      return 130;
+      return torchguard::interrupted_exit_status;
     }
     // Data parallelism keeps one model: the ranks must end with the same parameters.
     group.check_same(static_cast<std::int64_t>(examples::parameter_hash(*model) >> 1),
@@ -129,15 +179,16 @@ int train(Config config) {
           "%d ranks: %lld steps of %lld samples, %.0f samples/s; test accuracy %s; "
           "parameters %s on every rank\n",
           group.world_size(), static_cast<long long>(checkpoint.current_step()),
-          static_cast<long long>(run.schedule.global_batch),
-          static_cast<double>((checkpoint.current_step() - first_step) *
-                              run.schedule.global_batch) /
+          static_cast<long long>(schedule.global_batch),
+          static_cast<double>((checkpoint.current_step() - first_step) * schedule.global_batch) /
               std::max(seconds, 1e-9),
           accuracy.c_str(), fashion_mnist::parameter_fingerprint(model).c_str());
     }
     group.barrier();  // rank 0 evaluates while the others wait, then all leave together
     return 0;
   });
+  stack.close();  // the last save, the session's files, the group: what fails here fails the run
+  return status;
 }
 
 }  // namespace

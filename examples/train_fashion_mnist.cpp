@@ -1,18 +1,22 @@
 // The training demo: a small CNN on Fashion-MNIST with every guard in one ScopeStack.
 //
-//   TrainingSession   the run's log (console and train.log), metrics.jsonl, TensorBoard event
-//                     files (`tensorboard --logdir <run-dir>`), the stop signal
-//   CheckpointGuard   restore on start, save every N steps, at the end and on a stop request
-//   GpuMemoryGuard    per-epoch memory accounting (a no-op that says so on the CPU)
-//   gather            the four dataset files decompressed and parsed concurrently
-//   Prefetcher        batches assembled ahead of the training step
-//   BatchedInference  the test-set evaluation, one request per image, merged into batches
+//   TrainingSession    the run's log (console and train.log), metrics.jsonl, TensorBoard event
+//                      files (`tensorboard --logdir <run-dir>`), the stop signal, the run
+//                      directory's lock
+//   CheckpointGuard    restore on start (--restore picks another checkpoint), save every N steps,
+//                      at the end and on a stop request; it records the settings and the end
+//   ResumableSampler   the epoch's order and the place in it, saved in every checkpoint
+//   GpuMemoryGuard     per-epoch memory accounting (a no-op that says so on the CPU)
+//   gather             the four dataset files decompressed and parsed concurrently
+//   Prefetcher         batches assembled ahead of the training step
+//   BatchedInference   the test-set evaluation, one request per image, merged into batches
 //
 // Ctrl-C (or SIGTERM) stops loading, training and evaluation alike, saves a checkpoint and exits
 // with status 130; the same command resumes from it ("resumed from step X") and ends with the
 // same parameters as a run that was never interrupted (bitwise on the CPU with a fixed thread
-// count). The checkpoint records the settings: a resume with another --batch-size, --seed or
-// --threads is refused, another --lr, --epochs or --max-steps is used with a warning.
+// count). A resume with another --batch-size, --seed or --threads is refused, another --lr,
+// --epochs or --max-steps is used with a warning. Run again once finished, it says so and trains
+// nothing; a larger --epochs or --max-steps goes on.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -21,12 +25,13 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
 #include <torchguard/torchguard.hpp>
 
-#include "fashion_mnist_training.hpp"
+#include "fashion_mnist_common.hpp"
 #include "run_report.hpp"
 
 namespace fs = std::filesystem;
@@ -55,109 +60,172 @@ double peak_rss_mib() {
 }
 void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
 
-// Restores the newest valid checkpoint, checks this run's settings against it, and cuts
-// metrics.jsonl and TensorBoard back to the restored step (the steps after it are trained again).
-torchguard::CheckpointGuard& open_checkpoint(torchguard::ScopeStack& stack,
-                                             fashion_mnist::Net model,
-                                             std::shared_ptr<torch::optim::Adam> optimizer,
-                                             torchguard::TrainingSession& session,
-                                             const Config& config, torch::Device device) {
-  const fs::path directory = config.checkpoint_dir.empty()
-                                 ? fs::path(config.run_dir) / "checkpoints"
-                                 : fs::path(config.checkpoint_dir);
-  auto options = fashion_mnist::checkpoint_options(directory, config, device, session.logger());
-  options.stop_token = session.stop_token();
-  options.after_save = [&session] { session.flush(); };  // metrics on disk as far as the save
-  auto& checkpoint = stack.emplace<torchguard::CheckpointGuard>(model, optimizer, options);
-  fashion_mnist::reconcile_settings(checkpoint, *optimizer, config, *session.logger());
-  session.resume_metrics(checkpoint.current_step());
-  if (checkpoint.resumed()) {
-    std::printf("resumed from step %lld (%s)\n", static_cast<long long>(checkpoint.current_step()),
-                checkpoint.resumed_from()->filename().c_str());
-    std::fflush(stdout);
-  }
-  return checkpoint;
-}
-
-// Per epoch: a progress line and the memory accounting while it trains; at its end, the test
-// set's figures, and the epoch's row in metrics.jsonl.
-class EpochReporter {
- public:
-  EpochReporter(fashion_mnist::Trainer& run, const Config& config) : run_(run), config_(config) {}
-
-  fashion_mnist::EpochHooks hooks() {
-    fashion_mnist::EpochHooks hooks;
-    hooks.begin_epoch = [this](std::int64_t epoch, std::int64_t steps) { begin(epoch, steps); };
-    hooks.after_step = [this](std::int64_t done, const EpochFigures& figures, double loss) {
-      progress_->update(done, figures.seen - seen_before_, loss);
-    };
-    hooks.end_epoch = [this](std::int64_t epoch, const EpochFigures& figures, double seconds,
-                             bool stopped) { end(epoch, figures, seconds, stopped); };
-    return hooks;
-  }
-
- private:
-  void begin(std::int64_t epoch, std::int64_t steps) {
-    torchguard::GpuMemoryOptions memory_options;
-    memory_options.label = "epoch " + std::to_string(epoch + 1);
-    memory_options.logger = run_.session.logger();
-    memory_.emplace(memory_options);
-    reset_peak_rss();
-    progress_.emplace("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(config_.epochs),
-                      steps);
-    seen_before_ = EpochFigures::restore(run_.checkpoint.metadata(), epoch).seen;
-  }
-
-  void end(std::int64_t epoch, const EpochFigures& figures, double seconds, bool stopped) {
-    progress_->finish();
-    if (stopped) return;
-    // The end of an epoch, or of a --max-steps run inside one: evaluate.
-    const std::int64_t test_size = run_.data.test.images.size(0);
-    const auto evaluation = fashion_mnist::evaluate(
-        run_.model, run_.data.test,
-        config_.eval_samples > 0 ? std::min(config_.eval_samples, test_size) : test_size,
-        run_.device, run_.session.stop_token());
-    memory_->close(torchguard::Outcome::success);
-    // GPU: the allocator's peak inside the epoch; CPU: the process's peak resident memory.
-    const double memory_mib =
-        memory_->stats().available
-            ? static_cast<double>(memory_->stats().peak_allocated_bytes) / (1024.0 * 1024.0)
-            : peak_rss_mib();
-    run_.session.log_metrics(run_.checkpoint.current_step(),
-                             {{"epoch", epoch + 1},
-                              {"train_loss", figures.train_loss()},
-                              {"train_accuracy", figures.train_accuracy()},
-                              {"test_loss", evaluation.loss},
-                              {"test_accuracy", evaluation.accuracy},
-                              {"epoch_s", seconds},
-                              {"memory_peak_mib", memory_mib}});
-  }
-
-  fashion_mnist::Trainer& run_;
-  const Config& config_;
-  std::optional<torchguard::GpuMemoryGuard> memory_;
-  std::optional<run_report::Progress> progress_;
-  std::int64_t seen_before_ = 0;
-};
-
 // The end of a finished run: the epochs table, the charts, the parameters' fingerprint.
-void report_finished_run(fashion_mnist::Trainer& run, const Config& config, double seconds,
-                         std::int64_t first_step) {
+void report_finished_run(fashion_mnist::Net& model, const Config& config, spdlog::logger& log,
+                         std::int64_t step, std::int64_t samples, double seconds) {
   const fs::path run_dir = config.run_dir;
   std::printf("\n%s\n",
               run_report::summary_table(run_report::read_rows(run_dir / "metrics.jsonl")).c_str());
   if (config.plots) {
     std::string why;
     for (const auto& png : run_report::plot(run_dir, why)) std::printf("plot: %s\n", png.c_str());
-    if (!why.empty()) run.session.logger()->info("plots not drawn: {}", why);
+    if (!why.empty()) log.info("plots not drawn: {}", why);
   }
-  const auto fingerprint = fashion_mnist::parameter_fingerprint(run.model);
-  const auto samples = (run.checkpoint.current_step() - first_step) * run.schedule.global_batch;
+  const auto fingerprint = fashion_mnist::parameter_fingerprint(model);
   std::printf("finished at step %lld; this run: %s, %.0f samples/s; parameters %s\n",
-              static_cast<long long>(run.checkpoint.current_step()),
-              run_report::duration(seconds).c_str(),
+              static_cast<long long>(step), run_report::duration(seconds).c_str(),
               static_cast<double>(samples) / std::max(seconds, 1e-9), fingerprint.c_str());
   std::ofstream(run_dir / "parameters.xxh3") << fingerprint << "\n";
+}
+
+// Inside the session: the data, the checkpoint (restored), the epochs.
+int train_in_session(torchguard::ScopeStack& stack, torchguard::TrainingSession& session,
+                     fashion_mnist::Net& model, std::shared_ptr<torch::optim::Adam> optimizer,
+                     const Config& config, torch::Device device) {
+  auto log = session.logger();
+  log->info("device {}, {} intra-op threads, seed {}, batch {}, learning rate {}", device.str(),
+            at::get_num_threads(), config.seed, config.batch_size, config.learning_rate);
+  if (!config.init_from.empty()) {  // a fresh start begins here; a resume overrides it
+    torchguard::load_state_dict(*model, fs::path(config.init_from));
+    log->info("initialized the model from {}", config.init_from);
+  }
+  const auto load_start = Clock::now();
+  const auto data = fashion_mnist::load_dataset(config.data_dir, session.stop_token());
+  log->info("loaded {} training and {} test images from {} in {:.2f} s", data.train.images.size(0),
+            data.test.images.size(0), config.data_dir, fashion_mnist::seconds_since(load_start));
+  const fashion_mnist::Schedule schedule(data.train.images.size(0), config,
+                                         /*whole_batches=*/false);
+  torchguard::ResumableSampler sampler(static_cast<std::size_t>(schedule.samples), {config.seed});
+
+  // Restores the newest valid checkpoint (or the one --restore names), refuses a resume with
+  // other exact settings, and cuts metrics.jsonl and TensorBoard back to the restored step.
+  const fs::path directory = config.checkpoint_dir.empty()
+                                 ? fs::path(config.run_dir) / "checkpoints"
+                                 : fs::path(config.checkpoint_dir);
+  auto options =
+      fashion_mnist::checkpoint_options(directory, config, schedule, sampler, device, log);
+  options.stop_token = session.stop_token();
+  options.after_save = [&session] { session.flush(); };  // metrics on disk as far as the save
+  auto& checkpoint = stack.emplace<torchguard::CheckpointGuard>(model, optimizer, options);
+  fashion_mnist::use_learning_rate(*optimizer, config.learning_rate);
+  session.resume_metrics(checkpoint.current_step());
+  session.set_step(checkpoint.current_step());
+  if (checkpoint.resumed()) {
+    std::printf("resumed from step %lld (%s)\n", static_cast<long long>(checkpoint.current_step()),
+                checkpoint.resumed_from()->filename().c_str());
+    std::fflush(stdout);
+  }
+  if (checkpoint.complete()) {
+    std::printf(
+        "the run is complete at step %lld: nothing to train (a larger --epochs or --max-steps "
+        "goes on); parameters %s\n",
+        static_cast<long long>(checkpoint.current_step()),
+        fashion_mnist::parameter_fingerprint(model).c_str());
+    return 0;
+  }
+
+  // The epochs: each goes on where the sampler says (a resumed one midway), up to the run's
+  // last step, and ends with an evaluation and the epoch's row in metrics.jsonl.
+  const auto start = Clock::now();
+  const std::int64_t first_step = checkpoint.current_step();
+  bool stopped = false;
+  while (!stopped && checkpoint.current_step() < schedule.total_steps) {
+    const std::int64_t epoch = sampler.epoch();
+    const std::vector<std::size_t> left = sampler.remaining();
+    const auto left_steps = (static_cast<std::int64_t>(left.size()) + schedule.global_batch - 1) /
+                            schedule.global_batch;
+    const std::int64_t steps =
+        std::min(left_steps, schedule.total_steps - checkpoint.current_step());
+    torchguard::GpuMemoryOptions memory_options;
+    memory_options.label = "epoch " + std::to_string(epoch + 1);
+    torchguard::GpuMemoryGuard memory(memory_options);
+    reset_peak_rss();
+    run_report::Progress progress(
+        "epoch " + std::to_string(epoch + 1) + "/" + std::to_string(config.epochs), steps);
+    EpochFigures figures = EpochFigures::restore(checkpoint.metadata(), epoch);
+    const std::int64_t seen_before = figures.seen;
+    auto batches = fashion_mnist::epoch_batches(
+        data, std::vector<std::int64_t>(left.begin(), left.end()), schedule, config.batch_size,
+        /*rank=*/0, steps, session.stop_token(), device);
+
+    const auto epoch_start = Clock::now();
+    auto window_start = Clock::now();
+    std::int64_t window_samples = 0;
+    std::int64_t done = 0;
+    for (auto& batch : batches) {
+      const auto step = fashion_mnist::train_step(model, *optimizer, batch);
+      figures.add(step.loss, step.samples, step.correct);
+      window_samples += step.samples;
+      ++done;
+      // The sampler's place first: the checkpoint of this step records it. The epoch's last
+      // batch moves it to the next epoch.
+      if (done == left_steps) {
+        sampler.next_epoch();
+      } else {
+        sampler.consume(static_cast<std::size_t>(step.samples));
+      }
+      // A metrics row every --log-every steps, written before the checkpoint of its step: a row
+      // past the step a later run restores is cut from metrics.jsonl by that run.
+      const std::int64_t global_step = checkpoint.current_step() + 1;
+      if (global_step % config.log_every == 0 || global_step == schedule.total_steps) {
+        const double rate = window_samples / fashion_mnist::seconds_since(window_start);
+        session.log_metrics(global_step, {{"loss", figures.take_window_loss()},
+                                          {"lr", config.learning_rate},
+                                          {"samples_per_s", rate}});
+        window_start = Clock::now();
+        window_samples = 0;
+      }
+      checkpoint.metadata()[EpochFigures::kKey] = figures.to_json(
+          epoch, figures.earlier_seconds + fashion_mnist::seconds_since(epoch_start));
+      const auto result = checkpoint.step({{"loss", step.loss}});
+      progress.update(done, figures.seen - seen_before, step.loss);
+      if (result.stop) {
+        stopped = true;
+        break;
+      }
+    }
+    // The stop signal can end the batches before the checkpoint saw it: save that step.
+    if (!stopped && done < steps) {
+      checkpoint.save();
+      stopped = true;
+    }
+    progress.finish();
+    if (stopped) break;
+
+    // The end of an epoch, or of a --max-steps run inside one: evaluate.
+    const std::int64_t test_size = data.test.images.size(0);
+    const auto evaluation = fashion_mnist::evaluate(
+        model, data.test,
+        config.eval_samples > 0 ? std::min(config.eval_samples, test_size) : test_size, device,
+        session.stop_token());
+    memory.close(torchguard::Outcome::success);
+    // GPU: the allocator's peak inside the epoch; CPU: the process's peak resident memory.
+    const double memory_mib =
+        memory.stats().available
+            ? static_cast<double>(memory.stats().peak_allocated_bytes) / (1024.0 * 1024.0)
+            : peak_rss_mib();
+    session.log_metrics(
+        checkpoint.current_step(),
+        {{"epoch", epoch + 1},
+         {"train_loss", figures.train_loss()},
+         {"train_accuracy", figures.train_accuracy()},
+         {"test_loss", evaluation.loss},
+         {"test_accuracy", evaluation.accuracy},
+         {"epoch_s", figures.earlier_seconds + fashion_mnist::seconds_since(epoch_start)},
+         {"memory_peak_mib", memory_mib}});
+  }
+  checkpoint.close(torchguard::Outcome::success);  // the last save; rethrows a failed one
+  session.set_step(checkpoint.current_step());
+  if (stopped) {
+    std::printf(
+        "interrupted at step %lld: checkpoint saved in %s; run the same command to resume\n",
+        static_cast<long long>(checkpoint.current_step()), checkpoint.directory().c_str());
+    return torchguard::interrupted_exit_status;
+  }
+  report_finished_run(model, config, *log, checkpoint.current_step(),
+                      (checkpoint.current_step() - first_step) * schedule.global_batch,
+                      fashion_mnist::seconds_since(start));
+  return 0;
 }
 
 int train(const Config& config) {
@@ -180,39 +248,10 @@ int train(const Config& config) {
   session_options.tensorboard_dir = config.run_dir;
   session_options.handle_signals = true;
   auto& session = stack.emplace<torchguard::TrainingSession>("fashion-mnist", session_options);
-  auto log = session.logger();
-
-  return session.run([&] {
-    log->info("device {}, {} intra-op threads, seed {}, batch {}, learning rate {}", device.str(),
-              at::get_num_threads(), config.seed, config.batch_size, config.learning_rate);
-    if (!config.init_from.empty()) {  // a fresh start begins here; a resume overrides it
-      torchguard::load_state_dict(*model, fs::path(config.init_from));
-      log->info("initialized the model from {}", config.init_from);
-    }
-    auto& checkpoint = open_checkpoint(stack, model, optimizer, session, config, device);
-    const auto load_start = Clock::now();
-    const auto data = fashion_mnist::load_dataset(config.data_dir, session.stop_token());
-    log->info("loaded {} training and {} test images from {} in {:.2f} s",
-              data.train.images.size(0), data.test.images.size(0), config.data_dir,
-              fashion_mnist::seconds_since(load_start));
-    fashion_mnist::Trainer run(model, *optimizer, checkpoint, session, data, config,
-                               /*whole_batches=*/false, device);
-    run.load_stop = session.stop_token();
-    EpochReporter reporter(run, config);
-    const auto start = Clock::now();
-    const std::int64_t first_step = checkpoint.current_step();
-    const bool finished = fashion_mnist::train_epochs(run, reporter.hooks());
-    checkpoint.close(torchguard::Outcome::success);  // the last save; rethrows a failed one
-    if (!finished) {
-      std::printf(
-          "interrupted at step %lld: checkpoint saved in %s; run the same command to "
-          "resume\n",
-          static_cast<long long>(checkpoint.current_step()), checkpoint.directory().c_str());
-      return 130;
-    }
-    report_finished_run(run, config, fashion_mnist::seconds_since(start), first_step);
-    return 0;
-  });
+  const int status = session.run(
+      [&] { return train_in_session(stack, session, model, optimizer, config, device); });
+  stack.close();  // the session's files and the last save: what fails here fails the run
+  return status;
 }
 
 }  // namespace

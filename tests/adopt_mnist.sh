@@ -65,4 +65,8 @@ resumed=$(fingerprint "$work/second.out")
 [ -n "$straight" ] || fail "no fingerprint in the uninterrupted run's output"
 [ "$straight" = "$resumed" ] ||
   fail "parameters differ: $straight uninterrupted, $resumed interrupted at step $step and resumed"
+# Run again once finished: it says so and trains nothing.
+"$binary" "${common[@]}" --run-dir "$work/straight" > "$work/again.out" 2>&1 ||
+  { cat "$work/again.out"; fail "the finished run, run again, failed"; }
+expect_in "$work/again.out" "the run is complete at step 300; parameters $straight"
 echo "passed: interrupted at step $step, resumed, parameters $resumed in both runs"

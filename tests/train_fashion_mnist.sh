@@ -11,6 +11,12 @@
 #   settings-refused  a resume with another --batch-size is refused, naming the setting and both
 #               values, and leaves the checkpoints and metrics as they were
 #   settings-warned   a resume with another --lr goes on with a warning and the new value
+#   complete    a finished run, run again, says so and writes nothing; a larger --max-steps goes on
+#   restore     --restore <step> resumes from an older checkpoint, --restore none starts fresh;
+#               when every checkpoint is damaged, the error names --restore none
+#   file-errors a TensorBoard file whose fsync fails at the end, a metrics file whose write
+#               returns 0: the run's status is 1, with the file named (tests/io_faults.c, the
+#               shim: its path is the third argument)
 #   python      PyTorch and the demo share weights: Python's initial weights start the demo
 #               (--init-from), and Python evaluates the demo's newest checkpoint to the demo's
 #               own test accuracy (needs Python with safetensors; skipped visibly without it)
@@ -20,6 +26,7 @@
 set -uo pipefail
 binary=$1
 case_name=$2
+faults_library=${3:-}
 work=$(mktemp -d "${TMPDIR:-/tmp}/torchguard-demo-XXXXXX")
 trap 'umount "$work/disk" 2>/dev/null; rm -rf "$work"' EXIT
 # Small and quick, and the same in every run: the thread count fixes the arithmetic.
@@ -98,6 +105,11 @@ case "$case_name" in
     status=$?
     [ "$status" -eq 130 ] || { cat "$work/first.out"; fail "interrupted run exited $status, not 130"; }
     expect_in "$work/first.out" "interrupted at step"
+    # The log says what happened: a stop at a step, by the signal; never "completed".
+    stopped_at=$(sed -nE 's/.*interrupted at step ([0-9]+).*/\1/p' "$work/first.out")
+    expect_in "$work/first.out" "Training session 'fashion-mnist' stopped at step $stopped_at by SIGINT"
+    ! grep -q "completed successfully" "$work/first.out" ||
+      fail "the interrupted run logged 'completed successfully'"
     "$binary" "${common[@]}" --run-dir "$work/interrupted" --max-steps 400 > "$work/second.out" 2>&1 ||
       { cat "$work/second.out"; fail "the resumed run failed"; }
     expect_in "$work/second.out" "resumed from step"
@@ -165,7 +177,7 @@ case "$case_name" in
     metrics=$(cat "$work/run/metrics.jsonl")
     "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 40 --batch-size 32 \
       > "$work/second.out" 2>&1 && { cat "$work/second.out"; fail "a changed --batch-size was accepted"; }
-    expect_in "$work/second.out" "error: --batch-size is 32 in this run but was 64"
+    expect_in "$work/second.out" "--batch-size is 32 in this run but was 64"
     [ "$(checksums "$work/run/checkpoints")" = "$before" ] || fail "the refused run changed the checkpoints"
     [ "$(cat "$work/run/metrics.jsonl")" = "$metrics" ] || fail "the refused run changed metrics.jsonl"
     ;;
@@ -180,7 +192,7 @@ case "$case_name" in
     expect_in "$work/run/metrics.jsonl" '"step":30,'
     [ "$(grep -c '"lr":0.002' "$work/run/metrics.jsonl")" -eq 1 ] || fail "no metrics row with the new --lr"
     newest=$(ls -d "$work/run/checkpoints"/ckpt-* | sort | tail -1)
-    grep -Eq '"learning_rate": ?0.002' "$newest/manifest.json" ||
+    grep -Eq '"--lr": ?0.002' "$newest/manifest.json" ||
       fail "the new --lr is not in the settings of $newest"
     ;;
   python)
@@ -227,6 +239,53 @@ case "$case_name" in
     expect_in "$work/disk/run/train.log" "No space left on device"
     [ "$(ls "$work/disk/run/checkpoints")" = "$(printf 'ckpt-000001-step-10\nckpt-000002-step-20')" ] ||
       fail "checkpoints after the failed save: $(ls "$work/disk/run/checkpoints")"
+    ;;
+  complete)
+    "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 20 > "$work/first.out" 2>&1 ||
+      { cat "$work/first.out"; fail "the first run failed"; }
+    before=$(checksums "$work/run/checkpoints")
+    "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 20 > "$work/again.out" 2>&1 ||
+      { cat "$work/again.out"; fail "the same command again failed"; }
+    expect_in "$work/again.out" "the run is complete at step 20"
+    [ "$(checksums "$work/run/checkpoints")" = "$before" ] || fail "the finished run wrote again"
+    "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 30 > "$work/more.out" 2>&1 ||
+      { cat "$work/more.out"; fail "a larger --max-steps failed"; }
+    expect_in "$work/more.out" "goes on to step 30"
+    expect_in "$work/more.out" "finished at step 30"
+    ;;
+  restore)
+    "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 30 --checkpoint-every 10 \
+      > "$work/first.out" 2>&1 || { cat "$work/first.out"; fail "the first run failed"; }
+    "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 30 --checkpoint-every 10 \
+      --restore 20 > "$work/older.out" 2>&1 || { cat "$work/older.out"; fail "--restore 20 failed"; }
+    expect_in "$work/older.out" "resumed from step 20"
+    expect_in "$work/older.out" "finished at step 30"
+    "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 10 --restore none \
+      > "$work/fresh.out" 2>&1 || { cat "$work/fresh.out"; fail "--restore none failed"; }
+    expect_in "$work/fresh.out" "starting fresh (restore = \"none\")"
+    expect_in "$work/fresh.out" "finished at step 10"
+    for manifest in "$work/run/checkpoints"/ckpt-*/manifest.json; do echo garbage > "$manifest"; done
+    "$binary" "${common[@]}" --run-dir "$work/run" --max-steps 30 > "$work/damaged.out" 2>&1 &&
+      fail "a directory of damaged checkpoints was accepted"
+    expect_in "$work/damaged.out" "no valid checkpoint"
+    expect_in "$work/damaged.out" "--restore none starts fresh"
+    ;;
+  file-errors)
+    [ -n "$faults_library" ] || fail "no io_faults library given"
+    LD_PRELOAD=$faults_library TORCHGUARD_FAULTS="fsync:events.out.tfevents:EIO" \
+      "$binary" "${common[@]}" --run-dir "$work/board" --max-steps 20 > "$work/board.out" 2>&1
+    status=$?
+    [ "$status" -eq 1 ] || { cat "$work/board.out"; fail "exit status $status, not 1"; }
+    expect_in "$work/board.out" "TensorBoard: cannot fsync"
+    expect_in "$work/board.out" "Input/output error"
+    ! grep -q "^finished at step" "$work/board.out" || true
+    LD_PRELOAD=$faults_library TORCHGUARD_FAULTS="write:metrics.jsonl:0:1" \
+      timeout 120 "$binary" "${common[@]}" --run-dir "$work/metrics" --max-steps 20 \
+      > "$work/metrics.out" 2>&1
+    status=$?
+    [ "$status" -eq 1 ] || { cat "$work/metrics.out"; fail "exit status $status, not 1"; }
+    expect_in "$work/metrics.out" "cannot write metrics to"
+    expect_in "$work/metrics.out" "No space left on device"
     ;;
   *)
     fail "unknown case '$case_name'"

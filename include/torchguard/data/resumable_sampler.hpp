@@ -216,6 +216,36 @@ class ResumableSampler : public torch::data::samplers::Sampler<> {
     s_->at(kConsumed) = state.at("consumed").get<std::int64_t>();
   }
 
+  // For a loop that assembles its own batches (a torchguard::Prefetcher, several processes each
+  // taking a share) instead of iterating a LibTorch loader with torchguard::resume():
+  //   the epoch's indices not trained yet, in order (all of them in a fresh epoch);
+  std::vector<std::size_t> remaining() const {
+    Shared& s = *s_;
+    s.check_state();
+    const auto consumed = static_cast<std::size_t>(s.at(kConsumed));
+    std::vector<std::size_t> indices;
+    indices.reserve(s.size - consumed);
+    const auto order = s.options.shuffle ? permutation(s.size, s.options.seed, s.at(kEpoch))
+                                         : std::vector<std::size_t>();
+    for (std::size_t i = consumed; i < s.size; ++i) {
+      indices.push_back(s.options.shuffle ? order[i] : i);
+    }
+    return indices;
+  }
+  //   the loop trained `count` more of them (call it before the step's checkpoint);
+  void consume(std::size_t count) {
+    Shared& s = *s_;
+    s.check_state();
+    if (count > s.size - static_cast<std::size_t>(s.at(kConsumed))) {
+      throw OptionsError(
+          fmt::format("ResumableSampler: consume({}) with {} of {} samples of epoch {} left", count,
+                      s.size - static_cast<std::size_t>(s.at(kConsumed)), s.size, s.at(kEpoch)));
+    }
+    s.at(kConsumed) += static_cast<std::int64_t>(count);
+  }
+  //   the loop is done with the epoch (a last partial batch left out, too): the next one begins.
+  void next_epoch() { finish_epoch(); }
+
   // The position as an int64 tensor of kFields values {epoch, consumed, size, seed, shuffle},
   // updated in place as the loop receives batches (CheckpointOptions::tensors restores it in
   // place, as earlier versions did; CheckpointOptions::samplers is the way now). Do not resize
