@@ -422,9 +422,10 @@ class CheckpointGuard {
             "or start a new run (another directory, or restore = \"none\")",
             name, value.dump(), old_value->dump(), checkpoint.path.string(), old_value->dump()));
       }
-      s_->logger->warn("CheckpointGuard: {} changed from {} to {} since '{}'; this run uses {}",
-                       name, old_value->dump(), value.dump(), checkpoint.path.filename().string(),
-                       value.dump());
+      s_->logger->warn(
+          "CheckpointGuard: {} changed from {} to {} since '{}' (the restored parts hold what "
+          "the old value made them: the program applies the new one)",
+          name, old_value->dump(), value.dump(), checkpoint.path.filename().string());
     }
   }
 

@@ -88,6 +88,32 @@ struct ManifestCheck {
   std::vector<ManifestFile> files;
 };
 
+inline constexpr int max_manifest_depth = 64;
+
+// The deepest nesting of JSON containers in `text` (brackets in strings not counted).
+inline int json_depth(std::string_view text) {
+  int depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (const char c : text) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '{' || c == '[') {
+      deepest = std::max(deepest, ++depth);
+    } else if (c == '}' || c == ']') {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
 // check_manifest's work once the text parsed; sets `check`'s verdict.
 // `verified`: the text's checksum line was found and matched.
 inline void check_fields(ManifestCheck& check, const nlohmann::ordered_json& as_written,
@@ -128,6 +154,24 @@ inline void check_fields(ManifestCheck& check, const nlohmann::ordered_json& as_
   };
   if (!unsigned_field("sequence") || !integer_field("step") || !integer_field("epoch")) {
     return damaged("its manifest lacks its sequence, step or epoch");
+  }
+  // What a restore reads besides, of the type it reads: present or not (older formats).
+  auto optional_of = [&](const char* name, auto is_type) {
+    const auto it = manifest.find(name);
+    return it == manifest.end() || is_type(*it);
+  };
+  const auto object = [](const nlohmann::json& j) { return j.is_object() || j.is_null(); };
+  if (!optional_of("metrics", object) || !optional_of("metadata", object) ||
+      !optional_of("complete", [](const nlohmann::json& j) { return j.is_boolean(); }) ||
+      !optional_of("optimizer", [](const nlohmann::json& j) { return j.is_string(); }) ||
+      !optional_of("optimizer_groups",
+                   [](const nlohmann::json& j) {
+                     return j.is_array() &&
+                            std::all_of(j.begin(), j.end(),
+                                        [](const nlohmann::json& g) { return g.is_object(); });
+                   }) ||
+      !optional_of("settings", object)) {
+    return damaged("its manifest holds a field of the wrong type");
   }
   const auto files = manifest.find("files");
   if (files == manifest.end() || !files->is_array()) return damaged("its manifest lists no files");
@@ -207,6 +251,11 @@ inline ManifestCheck check_manifest(std::string_view text) {
   };
   // nlohmann's reader stops at a NUL as if the text ended: what follows would go unread.
   if (text.find('\0') != std::string_view::npos) return damaged("its manifest holds a NUL byte");
+  // A manifest is shallow; nlohmann copies and prints JSON recursively, so depth is refused
+  // before it parses.
+  if (json_depth(text) > max_manifest_depth) {
+    return damaged(fmt::format("its manifest nests deeper than {} levels", max_manifest_depth));
+  }
   const auto checksum_problem = check_text_checksum(text);
   if (checksum_problem && !checksum_problem->empty()) return damaged(*checksum_problem);
   nlohmann::ordered_json as_written;

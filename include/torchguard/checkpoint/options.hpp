@@ -90,7 +90,8 @@ struct RunSettings {
   nlohmann::json values = nlohmann::json::object();  // name -> value, e.g. {"batch_size", 64}
   // The names whose change breaks an exact resume (batch size, seed, thread count): a resume
   // with another value is refused, naming the old and the new. A change to any other is a
-  // warning, and this run's value is used.
+  // warning; the restored parts hold what the old value made them (an optimizer's learning
+  // rate): the program applies the new value after the restore.
   std::set<std::string> exact;
 };
 
