@@ -9,15 +9,16 @@ hand-written ones of huggingface/safetensors' tests (safetensors/src/tensor.rs) 
 seed's name says whether the reference accepts it (valid-*) or refuses it (invalid-*); the
 script checks that it does.
 
-manifest/: manifests as CheckpointGuard writes them (checkpoint/commit.hpp, write_checkpoint:
-nlohmann's dump(2), the key order, the XXH3 checksum of the rest), of format 1 and 2, intact,
-newer and damaged. With --checkpoints DIR (a directory that examples/checkpoint saved into), its
-manifests and safetensors files are taken too, and the checksum written here is first checked
-against theirs.
+manifest/: manifests as CheckpointGuard writes them (checkpoint/commit.hpp, write_checkpoint and
+manifest.hpp, manifest_text: JSON indented by two spaces in the writer's key order, the checksum
+key on the last line, the XXH3 of the text before that line closed with "\n}"), of formats 1, 2
+and 3, intact, newer and damaged. With --checkpoints DIR (a directory that examples/checkpoint
+saved into), its manifests and safetensors files are taken too, and the text written here for
+each manifest is first checked to be byte for byte theirs.
 
 Needs the venv of scripts/setup.sh --torch2 (torch, safetensors) and libxxhash (Debian's
-libxxhash-dev). Rerunning rewrites the same files; the fuzzer's own finds (named by their SHA-1)
-are left as they are.
+libxxhash-dev). Rerunning rewrites the same files (the manifests' created_unix_s is fixed); the
+fuzzer's own finds (named by their SHA-1) are left as they are.
 """
 import argparse
 import ctypes
@@ -108,9 +109,14 @@ def safetensors_seeds():
     safetensors_seed("valid-state-dict", save(state_dict, metadata={"format": "pt"}))
     safetensors_seed("valid-empty", save({}))
     safetensors_seed("valid-metadata-only", save({}, metadata={"framework": "pt"}))
-    safetensors_seed("valid-metadata-text", save({"x": small(torch.float32, [1])}, metadata={
-        "ключ": "значение", "quote\"": "back\\slash", "tab\t": "line\nbreak\r",
-        "control": "\x01\x1f\x7f", "emoji": "\U0001f642", "": "empty key", "empty value": ""}))
+    # Several metadata keys: written here, as the reference's writer orders them as a hash map
+    # does (another order each run).
+    metadata = {"ключ": "значение", "quote\"": "back\\slash", "tab\t": "line\nbreak\r",
+                "control": "\x01\x1f\x7f", "emoji": "\U0001f642", "": "empty key",
+                "empty value": ""}
+    safetensors_seed("valid-metadata-text", with_length(json.dumps(
+        {"__metadata__": metadata, "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+        ensure_ascii=False, separators=(",", ":")), b"\0\0\x80?"))
     safetensors_seed("valid-zero-sized", save({
         "a": torch.zeros(0), "b": torch.zeros(2, 0), "c": torch.zeros(0, dtype=torch.int64),
         "d": small(torch.int8, [1])}))
@@ -202,7 +208,7 @@ def safetensors_seeds():
         "nul-padding": '{"a":' + entry + "}\0",
         "trailing-garbage": '{"a":' + entry + "}x",
         "nested-128": '{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":' +
-                      "[" * 127 + "]" * 127 + "}}",
+                      "[" * 126 + "]" * 126 + "}}",
         "not-object": "[]",
         "overlong-utf8": b'{"\xc0\xaf":' + entry.encode() + b"}",
     }
@@ -226,32 +232,57 @@ def dump2(value):
     return json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)
 
 
-def checksum(manifest):
-    """manifest_checksum (checkpoint/manifest.hpp): XXH3 of dump(2) without the key."""
-    text = dump2({k: v for k, v in manifest.items() if k != CHECKSUM_KEY}).encode()
-    return f"{XXHASH.XXH3_64bits(text, len(text)):016x}"
-
-
 def sealed(manifest):
-    """The text write_checkpoint writes: the checksum last, dump(2), a newline."""
+    """The text manifest_text writes: dump(2) without the checksum, then the checksum of that
+    text as its last key (the XXH3 of dump(2) of the rest, the same for formats 2 and 3)."""
     manifest = {k: v for k, v in manifest.items() if k != CHECKSUM_KEY}
-    manifest[CHECKSUM_KEY] = checksum(manifest)
+    body = dump2(manifest).encode()
+    manifest[CHECKSUM_KEY] = f"{XXHASH.XXH3_64bits(body, len(body)):016x}"
     return (dump2(manifest) + "\n").encode()
 
 
-def manifest_of(format_version=2, optimizer="adam", files=None, **fields):
-    """A manifest with write_checkpoint's keys in its order."""
-    if files is None:
-        files = [{"name": name, "size": size, "xxh3_64": f"{size * 2654435761:016x}"[-16:]}
-                 for name, size in (("model.safetensors", 4916), ("optimizer.safetensors", 10168),
-                                    ("extra.safetensors", 5208))]
-    manifest = {"format_version": format_version, "sequence": 4, "step": 200, "epoch": 1,
+def files_of(*names):
+    """The manifest's list of `names` (sizes and checksums made up: only the text is read)."""
+    return [{"name": name, "size": 100 + 7 * i,
+             "xxh3_64": f"{(i + 1) * 0x9e3779b97f4a7c15 % 2**64:016x}"} for i, name in
+            enumerate(names)]
+
+
+ADAM_GROUPS = [{"amsgrad": False, "betas": [0.9, 0.999], "eps": 1e-08, "lr": 0.005,
+                "weight_decay": 0.0}]
+
+
+def manifest_of(format_version=3, files=None, **fields):
+    """A manifest of format 3 with write_checkpoint's keys in its order: one model, an Adam
+    optimizer, a scheduler and a sampler."""
+    manifest = {
+        "format_version": format_version, "sequence": 4, "step": 200, "epoch": 1,
+        "complete": False, "total_steps": 300, "metrics": {"loss": 0.013844713568687439},
+        "metadata": {}, "settings": {"batch_size": 64, "lr": 0.01},
+        "models": {"model": {"file": "model.safetensors"}},
+        "optimizers": {"optimizer": {"kind": "adam", "file": "optimizer.safetensors",
+                                     "param_groups": ADAM_GROUPS,
+                                     "parameters": ["0.weight", "0.bias", "2.weight", "2.bias"]}},
+        "schedulers": {"scheduler": {"step_count": 200}},
+        "samplers": {"sampler": {"consumed": 64, "epoch": 1, "seed": 0, "shuffle": True,
+                                 "size": 60000}},
+        "libtorch_version": "1.13.0", "created_unix_s": 1796582073,
+        "files": files_of("model.safetensors", "optimizer.safetensors", "extra.safetensors")
+        if files is None else files}
+    manifest.update(fields)
+    return manifest
+
+
+def manifest_of_format2(optimizer="adam", files=None, **fields):
+    """A manifest of format 2, as the writer before format 3 wrote it."""
+    manifest = {"format_version": 2, "sequence": 4, "step": 200, "epoch": 1,
                 "metrics": {"loss": 0.013844713568687439}, "metadata": {},
                 "optimizer": optimizer}
     if optimizer == "adam":
-        manifest["optimizer_groups"] = [{"amsgrad": False, "betas": [0.9, 0.999], "eps": 1e-08,
-                                         "lr": 0.005, "weight_decay": 0.0}]
-    manifest.update({"libtorch_version": "1.13.0", "created_unix_s": 1796582073, "files": files})
+        manifest["optimizer_groups"] = ADAM_GROUPS
+    manifest.update({"libtorch_version": "1.13.0", "created_unix_s": 1796582073,
+                     "files": files_of("model.safetensors", "optimizer.safetensors",
+                                       "extra.safetensors") if files is None else files})
     manifest.update(fields)
     return manifest
 
@@ -269,48 +300,71 @@ def manifest_seeds(checkpoints):
         for path in sorted(Path(checkpoints).glob("*/*.safetensors"))[:3]:
             safetensors_seed(f"valid-saved-{path.stem}", path.read_bytes())
 
-    write_manifest("intact-adam", sealed(manifest_of()))
-    write_manifest("intact-sgd", sealed(manifest_of(optimizer="sgd")))
-    write_manifest("intact-archive", sealed(manifest_of(
-        optimizer="archive",
-        files=[{"name": n, "size": 10, "xxh3_64": "0123456789abcdef"}
-               for n in ("model.safetensors", "extra.safetensors", "state.pt")])))
-    write_manifest("intact-user-metadata", sealed(manifest_of(
+    write_manifest("intact-format3", sealed(manifest_of()))
+    write_manifest("intact-format3-parts", sealed(manifest_of(
+        complete=True, total_steps=200,
+        models={"model": {"file": "model.safetensors"},
+                "ema": {"file": "model.ema.safetensors"}},
+        optimizers={"optimizer": {"kind": "sgd", "file": "optimizer.safetensors",
+                                  "param_groups": [{"lr": 0.1, "momentum": 0.9}, {"lr": 0.01}],
+                                  "parameters": ["w", ""]},
+                    "custom": {"kind": "archive", "file": "optimizer.custom.pt",
+                               "param_groups": [], "parameters": []}},
+        schedulers={}, samplers={},
+        files=files_of("model.safetensors", "model.ema.safetensors", "optimizer.safetensors",
+                       "optimizer.custom.pt", "extra.safetensors"))))
+    write_manifest("intact-format3-user-data", sealed(manifest_of(
         step=-1, epoch=-3, sequence=18446744073709551615,
         metrics={"loss": None, "accuracy": 0.5, "big": 1e300, "small": -1.5e-300},
         metadata={"run": "émoji \U0001f642", "nested": {"a": [1, 2, {"b": None}]},
-                  "escapes": "\"\\\n\t\x01"})))
-    write_manifest("intact-no-files", sealed(manifest_of(files=[])))
+                  "escapes": "\"\\\n\t\x01", "settings": {"old": 1}},
+        settings={"exact": True, "name": "ünïcode", "list": [1, 2.5, "x"]})))
+    write_manifest("intact-format2-adam", sealed(manifest_of_format2()))
+    write_manifest("intact-format2-sgd", sealed(manifest_of_format2(optimizer="sgd")))
+    write_manifest("intact-format2-archive", sealed(manifest_of_format2(
+        optimizer="archive", files=files_of("model.safetensors", "extra.safetensors",
+                                            "state.pt"))))
+    write_manifest("intact-no-files", sealed(manifest_of_format2(files=[])))
     # Format 1: no checksum of its own, nlohmann's dump() (tests/test_checkpoint_parts.cpp).
-    format1 = {"epoch": 2, "files": [
-        {"name": "tensors.bin", "size": 1234, "xxh3_64": "0011223344556677"},
-        {"name": "state.pt", "size": 99, "xxh3_64": "8899aabbccddeeff"}],
-        "format_version": 1, "metadata": {}, "metrics": None, "optimizer": "sgd",
-        "sequence": 1, "step": 5}
+    format1 = {"epoch": 2, "files": files_of("tensors.bin", "state.pt"), "format_version": 1,
+               "metadata": {}, "metrics": None, "optimizer": "sgd", "sequence": 1, "step": 5}
     write_manifest("intact-format1", json.dumps(format1, separators=(",", ":")).encode())
+    write_manifest("damaged-bom", b"\xef\xbb\xbf" + sealed(manifest_of()))
     write_manifest("newer-format99", sealed(manifest_of(format_version=99)))
 
     # Damage, one kind each.
     good = sealed(manifest_of())
     write_manifest("damaged-step-changed", good.replace(b'"step": 200', b'"step": 201'))
-    write_manifest("damaged-version-bit", good.replace(b'"format_version": 2',
-                                                       b'"format_version": 3'))
+    write_manifest("damaged-version-bit", good.replace(b'"format_version": 3',
+                                                       b'"format_version": 7'))
     write_manifest("damaged-no-checksum", (dump2(manifest_of()) + "\n").encode())
     write_manifest("damaged-checksum-number", dump2(
         dict(manifest_of(), manifest_xxh3_64=12345)).encode())
+    write_manifest("damaged-checksum-first", dump2(
+        dict({CHECKSUM_KEY: "0123456789abcdef"}, **manifest_of())).encode())
+    write_manifest("damaged-checksum-uppercase", good[:-20] + good[-20:].upper())
+    write_manifest("damaged-after-checksum", good + b" ")
     write_manifest("damaged-nul", good[:40] + b"\0" + good[40:])
     write_manifest("damaged-truncated", good[: len(good) // 2])
     write_manifest("damaged-not-object", b"[1, 2, 3]\n")
     write_manifest("damaged-invalid-utf8", good.replace(b"1.13.0", b"1.13\xff"))
-    write_manifest("damaged-bom", b"\xef\xbb\xbf" + good)
     fields = {
         "version-0": {"format_version": 0},
-        "version-string": {"format_version": "2"},
-        "version-float": {"format_version": 2.0},
+        "version-string": {"format_version": "3"},
+        "version-float": {"format_version": 3.0},
         "version-huge": {"format_version": 1000001},
         "sequence-negative": {"sequence": -4},
         "step-float": {"step": 200.5},
         "files-object": {"files": {"name": "model.safetensors"}},
+        "complete-number": {"complete": 1},
+        "no-total-steps": {"total_steps": None},
+        "models-array": {"models": []},
+        "model-unlisted-file": {"models": {"model": {"file": "other.safetensors"}}},
+        "optimizer-no-kind": {"optimizers": {"optimizer": {"file": "optimizer.safetensors",
+                                                           "param_groups": []}}},
+        "optimizer-groups-numbers": {"optimizers": {"optimizer": {
+            "kind": "adam", "file": "optimizer.safetensors", "param_groups": [1]}}},
+        "scheduler-negative": {"schedulers": {"scheduler": {"step_count": -1}}},
     }
     for name, change in fields.items():
         write_manifest(f"damaged-{name}", sealed(dict(manifest_of(), **change)))
