@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -13,21 +14,38 @@
 
 namespace examples {
 
-inline std::uint64_t parameter_hash(const torch::nn::Module& module) {
+// The modules' parameters in the order given, one module after the other, as one hash: a program
+// of several models (a GAN's generator and discriminator) compares runs by one value.
+inline std::uint64_t parameter_hash(
+    const std::vector<std::reference_wrapper<const torch::nn::Module>>& modules) {
   std::vector<torch::Tensor> bytes;
-  for (const auto& parameter : module.parameters()) {
-    bytes.push_back(
-        parameter.detach().to(torch::kCPU).contiguous().reshape({-1}).view(torch::kUInt8));
+  for (const torch::nn::Module& module : modules) {
+    for (const auto& parameter : module.parameters()) {
+      bytes.push_back(
+          parameter.detach().to(torch::kCPU).contiguous().reshape({-1}).view(torch::kUInt8));
+    }
   }
   const auto all = torch::cat(bytes);
   return XXH3_64bits(all.data_ptr(), static_cast<std::size_t>(all.numel()));
 }
 
-inline std::string parameter_fingerprint(const torch::nn::Module& module) {
+inline std::uint64_t parameter_hash(const torch::nn::Module& module) {
+  const std::vector<std::reference_wrapper<const torch::nn::Module>> one{module};
+  return parameter_hash(one);
+}
+
+// 16 hexadecimal digits.
+inline std::string parameter_fingerprint(
+    const std::vector<std::reference_wrapper<const torch::nn::Module>>& modules) {
   char text[17];
   std::snprintf(text, sizeof text, "%016llx",
-                static_cast<unsigned long long>(parameter_hash(module)));
+                static_cast<unsigned long long>(parameter_hash(modules)));
   return text;
+}
+
+inline std::string parameter_fingerprint(const torch::nn::Module& module) {
+  const std::vector<std::reference_wrapper<const torch::nn::Module>> one{module};
+  return parameter_fingerprint(one);
 }
 
 }  // namespace examples
