@@ -1194,7 +1194,7 @@ TEST_CASE("save child: save through a file system that fails", "[.save_faults_ch
   if (stopper.joinable()) stopper.join();
 }
 
-TEST_CASE("a write that returns 0 is a full disk, not a loop; the checkpoints stay",
+TEST_CASE("a write that returns 0 is a full disk, not a loop: the checkpoints stay",
           "[checkpoint][faults]") {
   TempDir dir;
   const auto child = torchguard::testing::run_with_faults(

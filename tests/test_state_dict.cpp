@@ -272,7 +272,7 @@ TEST_CASE("sharded save of a module: Python's state_dict order, total_parameters
                                          (dir.path / "a_file").string())));
 }
 
-TEST_CASE("loading shards: one error for every key and mismatch across shards; strict=false",
+TEST_CASE("loading shards: one error for every key and mismatch across shards, and strict=false",
           "[state_dict]") {
   TempDir dir;
   auto saved = small_model();
