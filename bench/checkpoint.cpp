@@ -38,9 +38,8 @@
 #include <vector>
 
 #include <torch/torch.h>
-#include <torchguard/checkpoint_guard.hpp>
+#include <torchguard/checkpoint.hpp>
 #include <torchguard/detail/files.hpp>
-#include <torchguard/safetensors.hpp>
 
 namespace fs = std::filesystem;
 

@@ -28,7 +28,7 @@
 
 #include <torch/torch.h>
 #include <torch/version.h>
-#include <torchguard/checkpoint_guard.hpp>
+#include <torchguard/checkpoint.hpp>
 #include <torchguard/distributed.hpp>
 
 #include "fashion_mnist_model.hpp"

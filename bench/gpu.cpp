@@ -22,8 +22,8 @@
 
 #include "cuda_overlap.hpp"
 #include "inference.hpp"
-#include "torchguard/checkpoint_guard.hpp"
-#include "torchguard/gpu_memory_guard.hpp"
+#include "torchguard/checkpoint.hpp"
+#include "torchguard/gpu.hpp"
 
 namespace fs = std::filesystem;
 

@@ -40,7 +40,7 @@
 #include <vector>
 
 #include <torch/torch.h>
-#include <torchguard/safetensors.hpp>
+#include <torchguard/checkpoint.hpp>
 
 extern char** environ;
 

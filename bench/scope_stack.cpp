@@ -2,7 +2,7 @@
 // std::vector<std::function<void()>> run backwards, which has none of ScopeStack's guarantees
 // (every entry runs when some throw, outcome-aware entries, owned guards, strong push).
 // Prints the median over repeated rounds and the ratio measured in this run.
-#include <torchguard/scope_stack.hpp>
+#include <torchguard/core.hpp>
 
 #include <algorithm>
 #include <chrono>

@@ -19,7 +19,7 @@
 
 #include <unistd.h>
 
-#include <torchguard/training_session.hpp>
+#include <torchguard/session.hpp>
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include <torch/torch.h>
-#include <torchguard/gpu_memory_guard.hpp>
+#include <torchguard/gpu.hpp>
 
 namespace fashion_mnist {
 

@@ -19,7 +19,7 @@
 
 #include "support.hpp"
 #include "torchguard/core/guard.hpp"
-#include "torchguard/detail/cuda_memory.hpp"
+#include "torchguard/gpu/cuda_memory.hpp"
 
 using Catch::Matchers::EndsWith;
 using Catch::Matchers::StartsWith;

@@ -25,6 +25,7 @@
 #include <nlohmann/json.hpp>
 
 #include "support.hpp"
+#include "torchguard/checkpoint.hpp"
 #include "torchguard/checkpoint/commit.hpp"
 #include "torchguard/checkpoint/format.hpp"
 #include "torchguard/checkpoint/guard.hpp"
@@ -33,7 +34,6 @@
 #include "torchguard/checkpoint/state.hpp"
 #include "torchguard/checkpoint/writer.hpp"
 #include "torchguard/data/resumable_sampler.hpp"
-#include "torchguard/safetensors.hpp"
 
 namespace fs = std::filesystem;
 namespace cp = torchguard::detail;

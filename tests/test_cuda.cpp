@@ -17,9 +17,9 @@
 #include "cuda_overlap.hpp"  // bench/: the overlap measurement that bench_gpu prints
 #include "support.hpp"
 #include "torchguard/async.hpp"
-#include "torchguard/checkpoint_guard.hpp"
+#include "torchguard/checkpoint.hpp"
 #include "torchguard/distributed.hpp"
-#include "torchguard/gpu_memory_guard.hpp"
+#include "torchguard/gpu.hpp"
 
 using torchguard::GpuMemoryGuard;
 using torchguard::GpuMemoryOptions;

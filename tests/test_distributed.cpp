@@ -20,7 +20,7 @@
 #include <torch/version.h>
 
 #include "support.hpp"
-#include "torchguard/checkpoint_guard.hpp"
+#include "torchguard/checkpoint.hpp"
 
 namespace fs = std::filesystem;
 using torchguard::DistributedError;

@@ -1,6 +1,6 @@
 // GpuMemoryGuard and retry_on_oom on the CPU: the no-op path, and the accounting driven through
 // a fake allocator (detail::AllocatorSource). On a GPU: tests/test_cuda.cpp.
-#include "torchguard/gpu_memory_guard.hpp"
+#include "torchguard/gpu.hpp"
 
 #include <atomic>
 #include <map>

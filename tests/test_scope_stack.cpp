@@ -1,4 +1,4 @@
-#include "torchguard/scope_stack.hpp"
+#include "torchguard/core.hpp"
 
 #include <array>
 #include <cstddef>

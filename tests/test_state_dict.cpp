@@ -16,7 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "support.hpp"
-#include "torchguard/safetensors.hpp"
+#include "torchguard/checkpoint.hpp"
 
 namespace fs = std::filesystem;
 using torchguard::SaveStateDictOptions;

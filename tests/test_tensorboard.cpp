@@ -22,7 +22,7 @@
 #include <nlohmann/json.hpp>
 
 #include "support.hpp"
-#include "torchguard/training_session.hpp"
+#include "torchguard/session.hpp"
 
 namespace fs = std::filesystem;
 using torchguard::Metrics;

@@ -1,4 +1,4 @@
-#include "torchguard/training_session.hpp"
+#include "torchguard/session.hpp"
 
 #include <signal.h>
 #include <sys/wait.h>
@@ -20,7 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "support.hpp"
-#include "torchguard/scope_stack.hpp"
+#include "torchguard/core.hpp"
 
 namespace fs = std::filesystem;
 using torchguard::Outcome;

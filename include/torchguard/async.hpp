@@ -22,11 +22,14 @@
 // CancellationToken; a task that ignores it is waited for (C++ cannot stop a thread safely), and
 // its result is dropped.
 //
-// Each part has its own header under torchguard/async/; this one includes them all.
+// Includes core.hpp and async/{batched_inference,gather,gather_futures,prefetcher,task_pool}.hpp
+// (task_pool.hpp: the worker threads behind gather and Prefetcher, with TaskError, Order and
+// Indexed; cuda_stage.hpp: the Prefetcher's copy to a GPU).
 #pragma once
 
 #include "torchguard/async/batched_inference.hpp"
 #include "torchguard/async/gather.hpp"
+#include "torchguard/async/gather_futures.hpp"
 #include "torchguard/async/prefetcher.hpp"
 #include "torchguard/async/task_pool.hpp"
-#include "torchguard/core/exit_status.hpp"
+#include "torchguard/core.hpp"

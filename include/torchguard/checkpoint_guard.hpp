@@ -1,5 +1,4 @@
-// CheckpointGuard: restore the newest valid checkpoint on entry, save on exit, crash-safe. The
-// guard and its parts live in torchguard/checkpoint/ (guard.hpp composes them).
+// The earlier name of torchguard/checkpoint.hpp, kept for programs that include it.
 #pragma once
 
-#include "torchguard/checkpoint/guard.hpp"
+#include "torchguard/checkpoint.hpp"

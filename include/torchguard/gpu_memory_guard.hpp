@@ -1,6 +1,4 @@
-// GpuMemoryGuard (per-scope CUDA memory accounting) and retry_on_oom (the largest batch that
-// fits). See gpu/.
+// The earlier name of torchguard/gpu.hpp, kept for programs that include it.
 #pragma once
 
-#include "torchguard/gpu/memory_guard.hpp"
-#include "torchguard/gpu/retry_on_oom.hpp"
+#include "torchguard/gpu.hpp"

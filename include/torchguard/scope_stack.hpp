@@ -1,4 +1,4 @@
-// ScopeStack: a run-time LIFO stack of guards and callbacks (Python's contextlib.ExitStack).
+// The earlier name of torchguard/core.hpp, kept for programs that include it.
 #pragma once
 
-#include "torchguard/core/scope_stack.hpp"
+#include "torchguard/core.hpp"

@@ -1,6 +1,4 @@
-// TrainingSession: a named training run, logged from start to end, its metrics in JSON lines,
-// and its stop request (SIGINT/SIGTERM) as a CancellationToken. See session/.
+// The earlier name of torchguard/session.hpp, kept for programs that include it.
 #pragma once
 
-#include "torchguard/core/exit_status.hpp"
-#include "torchguard/session/training_session.hpp"
+#include "torchguard/session.hpp"

@@ -26,6 +26,7 @@
 
 #include "torchguard/core/cancellation.hpp"
 #include "torchguard/core/error.hpp"
+#include "torchguard/core/guard.hpp"
 #include "torchguard/core/logging.hpp"
 #include "torchguard/core/outcome.hpp"
 
@@ -57,16 +58,15 @@ struct BatchedInferenceStats {
 
 namespace detail {
 
-// BatchedInference's state and model thread. It stays at one address (behind a unique_ptr), so a
-// BatchedInference can move while the thread runs. Destroying it closes it.
+// BatchedInference's state and model thread. It stays at one address (on the heap), so a
+// BatchedInference can move while the thread runs. Its owner closes it before it goes.
 class BatchServer {
  public:
   using Model = std::function<torch::Tensor(const torch::Tensor&)>;
+  static constexpr const char* close_error_prefix = "BatchedInference: close failed";
 
   BatchServer(Model model, BatchedInferenceOptions options)
-      : model_(std::move(model)),
-        options_(std::move(options)),
-        logger_(or_default(options_.logger)) {
+      : logger(or_default(options.logger)), model_(std::move(model)), options_(std::move(options)) {
     if (options_.max_batch == 0) {
       throw OptionsError("BatchedInference: max_batch must be at least 1");
     }
@@ -79,13 +79,9 @@ class BatchServer {
   BatchServer(const BatchServer&) = delete;
   BatchServer& operator=(const BatchServer&) = delete;
 
-  ~BatchServer() {
-    try {
-      close();
-    } catch (...) {
-      logger_->error("BatchedInference: close failed: {}", describe(std::current_exception()));
-    }
-  }
+  // Where a failed batch and a failed close are logged. Built first, from the options before
+  // options_ takes them.
+  const std::shared_ptr<spdlog::logger> logger;
 
   std::future<torch::Tensor> submit(torch::Tensor input) {
     if (!input.defined()) throw OptionsError("BatchedInference: the input is undefined");
@@ -119,6 +115,7 @@ class BatchServer {
       if (worker_.joinable()) worker_.join();
     });
   }
+  void close(Outcome) { close(); }
 
   BatchedInferenceStats stats() const {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -220,8 +217,8 @@ class BatchServer {
         set_error(batch.front(), std::current_exception());
         return 1;
       }
-      logger_->warn("BatchedInference: a batch of {} failed ({}); running its requests one by one",
-                    batch.size(), describe(std::current_exception()));
+      logger->warn("BatchedInference: a batch of {} failed ({}); running its requests one by one",
+                   batch.size(), describe(std::current_exception()));
     }
     std::size_t failed = 0;
     for (auto& request : batch) {
@@ -252,7 +249,6 @@ class BatchServer {
 
   Model model_;
   BatchedInferenceOptions options_;
-  std::shared_ptr<spdlog::logger> logger_;
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<Request> queue_;
@@ -289,29 +285,23 @@ class BatchedInference {
 
   template <class M>
   BatchedInference(M model, BatchedInferenceOptions options)
-      : server_(std::make_unique<detail::BatchServer>(as_function(std::move(model)),
-                                                      std::move(options))) {}
+      : s_(std::in_place, as_function(std::move(model)), std::move(options)) {}
 
   // The destructor (and a move assignment, for the old server) closes, logging what it throws.
   BatchedInference(BatchedInference&&) noexcept = default;
   BatchedInference& operator=(BatchedInference&&) noexcept = default;
-  ~BatchedInference() = default;
 
   // Queues one input (no batch dimension) and returns the future of its output row. Throws
   // Cancelled once options.cancellation is cancelled (closed or not), else Error after close().
-  std::future<torch::Tensor> submit(torch::Tensor input) {
-    return server_->submit(std::move(input));
-  }
+  std::future<torch::Tensor> submit(torch::Tensor input) { return s_->submit(std::move(input)); }
 
   // The guard's close: stops new requests, answers every queued one, and joins the model thread.
   // Idempotent; the outcome changes nothing. Throws what goes wrong (the join's
   // std::system_error), as every guard's close() does; the destructor logs it instead. From the
   // model's own thread it does not wait for that thread: see BatchServer::close().
-  void close(Outcome /*outcome*/ = Outcome::success) {
-    if (server_) server_->close();
-  }
+  void close(Outcome outcome = Outcome::success) { s_.close(outcome); }
 
-  BatchedInferenceStats stats() const { return server_->stats(); }
+  BatchedInferenceStats stats() const { return s_->stats(); }
 
  private:
   static BatchedInferenceOptions options_for(std::size_t max_batch,
@@ -336,7 +326,7 @@ class BatchedInference {
     }
   }
 
-  std::unique_ptr<detail::BatchServer> server_;
+  detail::GuardState<detail::BatchServer> s_;
 };
 
 }  // namespace torchguard

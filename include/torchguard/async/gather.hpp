@@ -265,10 +265,16 @@ GatherEnd drive(TaskPool<R>& pool, const GatherOptions& options, bool fail_fast)
   return end;
 }
 
+// Checks the options, refuses a token already cancelled (Cancelled: nothing runs), and starts
+// the items on a pool.
 template <class R, class Range, class F>
 std::unique_ptr<TaskPool<R>> start_gather(const Range& inputs, F& fn, const GatherOptions& options,
                                           bool fail_fast) {
   check_gather_options(options);
+  if (options.cancellation.cancelled()) {
+    throw Cancelled(
+        fmt::format("gather cancelled before it started (0 of {} items done)", range_size(inputs)));
+  }
   auto first = std::begin(inputs);
   static_assert(
       std::is_base_of_v<std::random_access_iterator_tag,
@@ -338,11 +344,6 @@ template <class Range, class F>
 std::vector<Indexed<detail::gather_result_t<Range, F>>> gather(const Range& inputs, F&& fn,
                                                                const GatherOptions& options = {}) {
   using R = detail::gather_result_t<Range, F>;
-  detail::check_gather_options(options);
-  if (options.cancellation.cancelled()) {
-    throw Cancelled(fmt::format("gather cancelled before it started (0 of {} items done)",
-                                detail::range_size(inputs)));
-  }
   auto pool = detail::start_gather<R>(inputs, fn, options, /*fail_fast=*/true);
   const auto end = detail::drive(*pool, options, /*fail_fast=*/true);
   if (end.error) std::rethrow_exception(end.error);
@@ -381,11 +382,6 @@ template <class Range, class F>
 std::vector<Settled<detail::gather_result_t<Range, F>>> gather_settled(
     const Range& inputs, F&& fn, const GatherOptions& options = {}) {
   using R = detail::gather_result_t<Range, F>;
-  detail::check_gather_options(options);
-  if (options.cancellation.cancelled()) {
-    throw Cancelled(fmt::format("gather cancelled before it started (0 of {} items done)",
-                                detail::range_size(inputs)));
-  }
   auto pool = detail::start_gather<R>(inputs, fn, options, /*fail_fast=*/false);
   const auto end = detail::drive(*pool, options, /*fail_fast=*/false);
   // The progress callback's error, or the gather's own cancellation (drive() has waited for

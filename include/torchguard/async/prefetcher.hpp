@@ -18,12 +18,13 @@
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
+#include "torchguard/async/cuda_stage.hpp"
 #include "torchguard/async/task_pool.hpp"
 #include "torchguard/core/cancellation.hpp"
 #include "torchguard/core/error.hpp"
+#include "torchguard/core/guard.hpp"
 #include "torchguard/core/logging.hpp"
 #include "torchguard/core/outcome.hpp"
-#include "torchguard/detail/cuda_stage.hpp"
 
 namespace torchguard {
 
@@ -70,94 +71,44 @@ class Prefetcher {
 
   template <class Load>
   Prefetcher(std::size_t count, Load load, PrefetchOptions options = {})
-      : options_(std::move(options)) {
-    if (options_.depth == 0) throw OptionsError("Prefetcher: depth must be at least 1");
-    if (options_.device) {
-      if constexpr (!detail::stageable<T>::value) {
-        throw OptionsError(
-            "Prefetcher: a staging device needs items made of tensors (a tensor, an Example, or "
-            "vectors, pairs and tuples of them)");
-      }
-      options_.device = detail::check_stage_device(*options_.device);  // with its index
-    }
-    if (options_.max_depth == 0) {
-      const auto most = std::numeric_limits<std::size_t>::max();
-      options_.max_depth = options_.depth > most / 2 ? most : 2 * options_.depth;
-    }
-    if (options_.max_depth < options_.depth) {
-      throw OptionsError(fmt::format("Prefetcher: max_depth ({}) must not be below depth ({})",
-                                     options_.max_depth, options_.depth));
-    }
-    const std::size_t workers = options_.workers ? options_.workers : options_.depth;
-    if (workers > options_.depth) {
-      throw OptionsError(fmt::format("Prefetcher: workers ({}) must not exceed depth ({})", workers,
-                                     options_.depth));
-    }
-    typename detail::TaskPool<Item>::Config config;
-    config.workers = workers;
-    config.window = options_.depth;
-    config.outside = options_.cancellation;  // already cancelled: no load starts
-    // Loads run concurrently on the workers, with the caller's LibTorch thread-local state.
-    pool_ = std::make_unique<detail::TaskPool<Item>>(
-        count,
-        [load = std::make_shared<Load>(std::move(load)), device = options_.device,
-         pin = options_.pin_memory, state = at::ThreadLocalState()](
-            std::size_t index, const CancellationToken& token) -> Item {
-          (void)pin;
-          at::ThreadLocalStateGuard caller_state(state);
-          Item item{detail::invoke_with_token(*load, index, token), {}};
-          if constexpr (detail::stageable<T>::value) {
-            if (device) item.ready = detail::stage_to_device(item.value, *device, pin);
-          }
-          return item;
-        },
-        std::move(config));
-  }
+      : s_(std::in_place, count, std::move(load), std::move(options)) {}
 
-  // The loads run on the pool, which a move hands over whole: they never see `this`.
+  // The loads run on the pool, which a move hands over whole: they never see `this`. A move
+  // assignment (and the destructor) cancels the loads the Prefetcher held and waits for them.
   Prefetcher(Prefetcher&&) noexcept = default;
-  Prefetcher& operator=(Prefetcher&&) noexcept = default;  // the old loads are cancelled
-  Prefetcher(const Prefetcher&) = delete;
-  Prefetcher& operator=(const Prefetcher&) = delete;
+  Prefetcher& operator=(Prefetcher&&) noexcept = default;
 
-  ~Prefetcher() {
-    try {
-      close(Outcome::success);
-    } catch (...) {
-      detail::or_default(options_.logger)
-          ->error("Prefetcher: close failed: {}", describe(std::current_exception()));
-    }
-  }
-
-  std::size_t size() const noexcept { return pool_->size(); }
+  std::size_t size() const noexcept { return s_->pool->size(); }
 
   // The next item with its index, or nullopt after the last one, or after a cancel (cancel(),
   // close(), options.cancellation; cancelled() then says so). A failed item throws TaskError.
   std::optional<Indexed<T>> next_indexed() {
-    auto lock = pool_->lock();
+    auto& s = *s_;
+    auto& pool = *s.pool;
+    auto lock = pool.lock();
     std::size_t index = 0;
     for (;;) {
-      if (options_.cancellation.cancelled()) pool_->stop(lock);
-      if (taken_ >= pool_->size() || pool_->stopped()) return std::nullopt;
-      if (options_.order == Order::input) {
-        index = taken_;
-        if (is_done(pool_->slot(index))) break;
-      } else if (taken_ < pool_->completion_order().size()) {
-        index = pool_->completion_order()[taken_];
+      if (s.options.cancellation.cancelled()) pool.stop(lock);
+      if (s.taken >= pool.size() || pool.stopped()) return std::nullopt;
+      if (s.options.order == Order::input) {
+        index = s.taken;
+        if (is_done(pool.slot(index))) break;
+      } else if (s.taken < pool.completion_order().size()) {
+        index = pool.completion_order()[s.taken];
         break;
       }
       // The consumer waits while loaders wait for room: the window is too short for this wait.
-      if (pool_->window_holds_workers()) pool_->grow_window(lock, options_.max_depth);
+      if (pool.window_holds_workers()) pool.grow_window(lock, s.options.max_depth);
       // The pool stops when the token is cancelled, and notifies.
-      pool_->wait_until(lock, std::chrono::steady_clock::time_point::max());
+      pool.wait_until(lock, std::chrono::steady_clock::time_point::max());
     }
-    ++taken_;
-    pool_->consume(lock);
-    auto& slot = pool_->slot(index);
+    ++s.taken;
+    pool.consume(lock);
+    auto& slot = pool.slot(index);
     if (slot.error) {
       auto error = std::move(slot.error);
       lock.unlock();  // the user's item_name runs without the pool's lock
-      throw TaskError(index, pool_->size(), name_of(index), std::move(error));
+      throw TaskError(index, pool.size(), name_of(index), std::move(error));
     }
     Item item = std::move(*slot.value);
     slot.value.reset();
@@ -181,25 +132,20 @@ class Prefetcher {
   //   for (auto& batch : batches) train_step(batch);
   //   if (batches.cancelled()) { /* interrupted: save, exit 130 */ }
   bool cancelled() const {
-    if (!pool_) return false;
-    auto lock = pool_->lock();
-    if (taken_ >= pool_->size()) return false;
-    return pool_->stopped() || options_.cancellation.cancelled();
+    if (!s_) return false;
+    auto lock = s_->pool->lock();
+    if (s_->taken >= s_->pool->size()) return false;
+    return s_->pool->stopped() || s_->options.cancellation.cancelled();
   }
 
   // Stops loading: running loads see their tokens cancelled and are waited for. next() returns
   // nullopt from then on; cancelled() is true if items remained.
   void cancel() noexcept {
-    if (!pool_) return;
-    {
-      auto lock = pool_->lock();
-      pool_->stop(lock);
-    }
-    pool_->join();
+    if (s_) s_->cancel();
   }
 
   // The guard's close: cancel(). Idempotent; the outcome changes nothing.
-  void close(Outcome /*outcome*/ = Outcome::success) { cancel(); }
+  void close(Outcome outcome = Outcome::success) { s_.close(outcome); }
 
   // Range-for over the remaining items (an input range: each item is visited once).
   class iterator {
@@ -237,24 +183,88 @@ class Prefetcher {
     T value;
     std::function<void(T&)> ready;  // CUDA: makes the consumer's stream wait for the copy
   };
+  using Pool = detail::TaskPool<Item>;
+
+  // The options, the pool of loads and the consumer's place.
+  struct State {
+    static constexpr const char* close_error_prefix = "Prefetcher: close failed";
+
+    template <class Load>
+    State(std::size_t count, Load load, PrefetchOptions prefetch_options)
+        : options(std::move(prefetch_options)), logger(detail::or_default(options.logger)) {
+      if (options.depth == 0) throw OptionsError("Prefetcher: depth must be at least 1");
+      if (options.device) {
+        if constexpr (!detail::stageable<T>::value) {
+          throw OptionsError(
+              "Prefetcher: a staging device needs items made of tensors (a tensor, an Example, "
+              "or vectors, pairs and tuples of them)");
+        }
+        options.device = detail::check_stage_device(*options.device);  // with its index
+      }
+      if (options.max_depth == 0) {
+        const auto most = std::numeric_limits<std::size_t>::max();
+        options.max_depth = options.depth > most / 2 ? most : 2 * options.depth;
+      }
+      if (options.max_depth < options.depth) {
+        throw OptionsError(fmt::format("Prefetcher: max_depth ({}) must not be below depth ({})",
+                                       options.max_depth, options.depth));
+      }
+      const std::size_t workers = options.workers ? options.workers : options.depth;
+      if (workers > options.depth) {
+        throw OptionsError(fmt::format("Prefetcher: workers ({}) must not exceed depth ({})",
+                                       workers, options.depth));
+      }
+      typename Pool::Config config;
+      config.workers = workers;
+      config.window = options.depth;
+      config.outside = options.cancellation;  // already cancelled: no load starts
+      // Loads run concurrently on the workers, with the caller's LibTorch thread-local state.
+      pool = std::make_unique<Pool>(
+          count,
+          [load = std::make_shared<Load>(std::move(load)), device = options.device,
+           pin = options.pin_memory, state = at::ThreadLocalState()](
+              std::size_t index, const CancellationToken& token) -> Item {
+            (void)pin;
+            at::ThreadLocalStateGuard caller_state(state);
+            Item item{detail::invoke_with_token(*load, index, token), {}};
+            if constexpr (detail::stageable<T>::value) {
+              if (device) item.ready = detail::stage_to_device(item.value, *device, pin);
+            }
+            return item;
+          },
+          std::move(config));
+    }
+
+    void cancel() noexcept {
+      {
+        auto lock = pool->lock();
+        pool->stop(lock);
+      }
+      pool->join();
+    }
+    void close(Outcome) { cancel(); }
+
+    PrefetchOptions options;
+    std::shared_ptr<spdlog::logger> logger;
+    std::unique_ptr<Pool> pool;
+    std::size_t taken = 0;
+  };
 
   // The item's name for its error, or empty; a failing item_name must not hide the item's error.
   std::string name_of(std::size_t index) const noexcept {
     try {
-      return options_.item_name ? options_.item_name(index) : std::string();
+      return s_->options.item_name ? s_->options.item_name(index) : std::string();
     } catch (...) {
       return {};
     }
   }
 
-  static bool is_done(const typename detail::TaskPool<Item>::Slot& slot) {
-    using Status = typename detail::TaskPool<Item>::Status;
+  static bool is_done(const typename Pool::Slot& slot) {
+    using Status = typename Pool::Status;
     return slot.status == Status::succeeded || slot.status == Status::failed;
   }
 
-  PrefetchOptions options_;
-  std::unique_ptr<detail::TaskPool<Item>> pool_;
-  std::size_t taken_ = 0;
+  detail::GuardState<State> s_;
 };
 
 }  // namespace torchguard

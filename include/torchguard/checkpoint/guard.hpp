@@ -56,7 +56,9 @@
 #include "torchguard/checkpoint/state.hpp"
 #include "torchguard/checkpoint/writer.hpp"
 #include "torchguard/core/error.hpp"
+#include "torchguard/core/guard.hpp"
 #include "torchguard/core/logging.hpp"
+#include "torchguard/core/metrics.hpp"
 #include "torchguard/core/outcome.hpp"
 #include "torchguard/detail/directory_lock.hpp"
 #include "torchguard/detail/files.hpp"
@@ -86,19 +88,256 @@ inline Parts collect_parts(ModuleRef model, OptimizerRef optimizer,
   return parts;
 }
 
-// A CheckpointGuard's state, on the heap: the writer thread points into it, so the guard moves.
-struct CheckpointGuardState {
+// A CheckpointGuard's work: the restore at entry, the saves, the background writer and the
+// exit save. On the heap: the writer thread points into it.
+class CheckpointGuardState {
+ public:
+  static constexpr const char* close_error_prefix = "CheckpointGuard";
+
+  // Takes the directory's lock, restores (or starts fresh) as options.restore says, then starts
+  // the background writer.
   CheckpointGuardState(ModuleRef model, OptimizerRef optimizer,
                        CheckpointOptions checkpoint_options)
       : options(std::move(checkpoint_options)),
         logger(or_default(options.logger)),
         training(collect_parts(std::move(model), std::move(optimizer), options), options),
-        total_steps(options.total_steps) {}
+        total_steps(options.total_steps) {
+    validate_checkpoint_options(options);
+    writer = !options.is_writer || options.is_writer();
+    const auto& directory = options.directory;
+    std::error_code error;
+    const bool created = std::filesystem::create_directories(directory, error);
+    if (error && !std::filesystem::is_directory(directory)) {
+      throw CheckpointError(fmt::format("CheckpointGuard: cannot create the directory '{}': {}",
+                                        directory.string(), error.message()));
+    }
+    if (created && writer) {  // the new directory's own entry must survive a crash too
+      fsync_directory(std::filesystem::absolute(directory).parent_path());
+    }
+    if (writer) {
+      // A second run on this directory fails here, at once.
+      lock.emplace(directory, "CheckpointGuard: the checkpoint directory");
+      if (!lock->held()) {
+        logger->warn(
+            "CheckpointGuard: cannot create '{}' (a read-only directory?): another run "
+            "on this directory is not excluded",
+            lock->path().string());
+      }
+      sequence = remove_leftover_temporaries(directory, *logger);
+    }
+    restore_newest(options, writer, *logger,
+                   [&](const VerifiedCheckpoint& checkpoint) { load(checkpoint); });
+    if (options.background && writer) {
+      background =
+          std::make_unique<BackgroundWriter>([this](Snapshot& snapshot) { commit(snapshot); });
+    }
+  }
+
+  // See CheckpointGuard::step.
+  StepResult advance(const Metrics& step_metrics) {
+    ++step;
+    saved_this_step = false;
+    complete_marked = false;  // more was trained: complete again only when said or reached
+    set_metrics(step_metrics);
+    settle();  // a dropped background save is replaced now
+    StepResult result;
+    result.stop = stop_requested();
+    const bool due = resave || (options.every_n_steps > 0 && step % options.every_n_steps == 0) ||
+                     (total_steps > 0 && step == total_steps);
+    // A stop saves once, at the first step that sees it: a loop that goes on does not save at
+    // every step after it.
+    if (due || (result.stop && !stop_logged)) {
+      save(Metrics{});
+      result.saved = true;
+    }
+    if (result.stop && !stop_logged) {
+      stop_logged = true;
+      logger->warn("CheckpointGuard: stop requested; checkpoint saved at step {}", step);
+    }
+    return result;
+  }
+
+  // See CheckpointGuard::save.
+  void save(const Metrics& save_metrics) {
+    set_metrics(save_metrics);
+    saved_this_step = true;  // set on every process alike: the exit decision must not diverge
+    const auto& after_save = options.after_save;
+    try {
+      if (writer) commit_or_queue();
+      if (after_save && background) wait();  // the others see it done
+    } catch (...) {
+      // The other processes are waiting at the fence: reach it before reporting the error.
+      if (after_save) after_save();
+      throw;
+    }
+    if (after_save) after_save();
+  }
+
+  // See CheckpointGuard::before_optimizer_step.
+  void before_optimizer_step() {
+    settle();
+    if (background && !overlap_refused) overlap = true;
+  }
+
+  // See CheckpointGuard::wait.
+  void wait() {
+    if (!background) return;
+    try {
+      settle();
+      background->wait();
+    } catch (...) {
+      last_commit_failed = true;
+      throw;
+    }
+  }
+
+  // See CheckpointGuard::close.
+  void close(Outcome outcome) {
+    if (closed) return;
+    closed = true;
+    const SaveOnExit policy = options.save_on_exit;
+    const bool save_now = policy == SaveOnExit::always ||
+                          (policy == SaveOnExit::on_success && outcome == Outcome::success);
+    std::exception_ptr error;
+    try {
+      wait();  // a background write in flight, and its error
+    } catch (...) {
+      error = std::current_exception();
+    }
+    try {
+      if (save_now && !saved_this_step && unchanged_since_restore()) {
+        logger->info("CheckpointGuard: step {} is as it was restored from '{}'{}: not saved again",
+                     step, resumed_from->string(), complete() ? " (the run is complete)" : "");
+      } else if (save_now && !saved_this_step) {
+        save(Metrics{});
+      } else if (resave && writer) {  // a dropped background save, replaced
+        commit_or_queue();
+      } else if (save_now && (error || last_commit_failed) && writer) {
+        // The last save point's write failed: write the final state once more. No fence: the
+        // other processes consider this step saved.
+        commit_or_queue();
+      } else if (save_now) {
+        logger->info("CheckpointGuard: step {} is already saved", step);
+      }
+      wait();
+    } catch (...) {
+      if (!error) error = std::current_exception();
+    }
+    if (error) std::rethrow_exception(error);
+  }
 
   // request_stop(), options.stop_requested, or options.stop_token.
   bool stop_requested() const {
     return stop_flag.load() || (options.stop_requested && options.stop_requested()) ||
            options.stop_token.cancelled();
+  }
+
+  // See CheckpointGuard::epoch and complete.
+  std::int64_t current_epoch() const { return sampler_epoch().value_or(epoch); }
+  bool complete() const noexcept {
+    return complete_marked || (total_steps > 0 && step >= total_steps);
+  }
+
+  // The epoch of the first sampler that has one.
+  std::optional<std::int64_t> sampler_epoch() const {
+    for (const auto& [name, sampler] : training.parts().samplers) {
+      if (auto sampler_at = sampler.epoch()) return sampler_at;
+    }
+    return std::nullopt;
+  }
+
+  CheckpointOptions options;
+  std::shared_ptr<spdlog::logger> logger;
+  TrainingState training;
+  bool writer = true;  // this process writes (options.is_writer)
+  std::int64_t step = 0;
+  std::int64_t epoch = 0;
+  std::uint64_t sequence = 0;
+  std::int64_t total_steps = 0;
+  bool complete_marked = false;  // mark_complete(), or the restored checkpoint was complete
+  nlohmann::json metrics = nlohmann::json::object();
+  nlohmann::json resumed_metrics = nlohmann::json::object();
+  nlohmann::json metadata = nlohmann::json::object();
+  std::optional<std::filesystem::path> resumed_from;
+  std::int64_t restored_step = -1;
+  std::int64_t restored_epoch = -1;
+  nlohmann::json restored_metadata;
+  std::vector<std::int64_t> restored_versions;  // of every saved tensor, just after the restore
+  bool saved_this_step = false;     // set by save(), cleared by step(): the exit save may skip
+  bool last_commit_failed = false;  // the newest save point's write did not commit
+  bool overlap = false;          // the loop calls before_optimizer_step(): copies may be deferred
+  bool overlap_refused = false;  // a deferred copy was found torn: never again in this run
+  bool resave = false;           // a background save was dropped: save the state at hand
+  std::int64_t staged_step = 0;  // the step of the last background snapshot
+  std::atomic<bool> stop_flag{false};
+  bool stop_logged = false;
+  bool closed = false;
+  std::optional<DirectoryLock> lock;             // held by the writing process
+  HostStaging staging;                           // reused by background snapshots
+  std::unique_ptr<BackgroundWriter> background;  // last: stopped before the rest goes
+
+ private:
+  // The settings the checkpoint recorded (format 3; format 2's demos kept them in
+  // metadata["settings"]) against this run's: a change to an exact one throws before anything
+  // loads, another is a warning.
+  void reconcile_settings(const VerifiedCheckpoint& checkpoint) const {
+    const auto& manifest = checkpoint.manifest;
+    const auto& current = options.settings;
+    nlohmann::json saved = manifest.value("settings", nlohmann::json::object());
+    if (saved.empty() && manifest.contains("metadata") && manifest["metadata"].is_object()) {
+      saved = manifest["metadata"].value("settings", nlohmann::json::object());
+    }
+    if (!saved.is_object()) return;
+    for (const auto& [name, value] : current.values.items()) {
+      const auto old_value = saved.find(name);
+      if (old_value == saved.end() || *old_value == value) continue;
+      if (current.exact.count(name)) {
+        throw OptionsError(fmt::format(
+            "CheckpointGuard: {} is {} in this run but was {} in the run that wrote '{}': "
+            "resuming with another value would not continue that run exactly; resume with {}, "
+            "or start a new run (another directory, or restore = \"none\")",
+            name, value.dump(), old_value->dump(), checkpoint.path.string(), old_value->dump()));
+      }
+      logger->warn(
+          "CheckpointGuard: {} changed from {} to {} since '{}' (the restored parts hold what "
+          "the old value made them: the program applies the new one)",
+          name, old_value->dump(), value.dump(), checkpoint.path.filename().string());
+    }
+  }
+
+  void load(const VerifiedCheckpoint& checkpoint) {
+    reconcile_settings(checkpoint);
+    training.load(checkpoint, *logger);
+    const auto& manifest = checkpoint.manifest;
+    step = manifest.at("step").get<std::int64_t>();
+    epoch = manifest.at("epoch").get<std::int64_t>();
+    resumed_metrics = manifest.value("metrics", nlohmann::json::object());
+    metrics = nlohmann::json::object();  // a new checkpoint must not carry the old metrics
+    metadata = manifest.value("metadata", nlohmann::json::object());
+    sequence = std::max(sequence, manifest.at("sequence").get<std::uint64_t>());
+    resumed_from = checkpoint.path;
+    restored_step = step;
+    restored_epoch = epoch;
+    restored_metadata = metadata;
+    restored_versions = training.versions();
+    const bool was_complete = manifest.value("complete", false);
+    complete_marked = was_complete && total_steps <= step;
+    std::string end;
+    if (was_complete && complete_marked) {
+      end = ": the run is complete (a larger total of steps or epochs goes on)";
+    } else if (was_complete) {
+      end = fmt::format(": the run was complete there, and goes on to step {}", total_steps);
+    }
+    logger->info("CheckpointGuard: resumed from step {} (epoch {}) of '{}'{}", step,
+                 current_epoch(), checkpoint.path.string(), end);
+  }
+
+  void set_metrics(const Metrics& given) {
+    if (given.empty()) return;
+    metrics = nlohmann::json::object();
+    for (const auto& [name, value] : given) {
+      metrics[name] = std::isfinite(value) ? nlohmann::json(value) : nlohmann::json(nullptr);
+    }
   }
 
   // Commits a snapshot, then applies retention (a failure to delete old checkpoints is logged,
@@ -126,36 +365,73 @@ struct CheckpointGuardState {
     }
   }
 
-  CheckpointOptions options;
-  std::shared_ptr<spdlog::logger> logger;
-  TrainingState training;
-  UncaughtExceptionDetector exit_detector;
-  bool writer = true;  // this process writes (options.is_writer)
-  std::int64_t step = 0;
-  std::int64_t epoch = 0;
-  std::uint64_t sequence = 0;
-  std::int64_t total_steps = 0;
-  bool complete_marked = false;  // mark_complete(), or the restored checkpoint was complete
-  nlohmann::json metrics = nlohmann::json::object();
-  nlohmann::json resumed_metrics = nlohmann::json::object();
-  nlohmann::json metadata = nlohmann::json::object();
-  std::optional<std::filesystem::path> resumed_from;
-  std::int64_t restored_step = -1;
-  std::int64_t restored_epoch = -1;
-  nlohmann::json restored_metadata;
-  std::vector<std::int64_t> restored_versions;  // of every saved tensor, just after the restore
-  bool saved_this_step = false;     // set by save(), cleared by step(): the exit save may skip
-  bool last_commit_failed = false;  // the newest save point's write did not commit
-  bool overlap = false;          // the loop calls before_optimizer_step(): copies may be deferred
-  bool overlap_refused = false;  // a deferred copy was found torn: never again in this run
-  bool resave = false;           // a background save was dropped: save the state at hand
-  std::int64_t staged_step = 0;  // the step of the last background snapshot
-  std::atomic<bool> stop_flag{false};
-  bool stop_logged = false;
-  bool closed = false;
-  std::optional<DirectoryLock> lock;             // held by the writing process
-  HostStaging staging;                           // reused by background snapshots
-  std::unique_ptr<BackgroundWriter> background;  // last: stopped before the rest goes
+  // `deferred`: a background snapshot's copies that may run later (staging.hpp).
+  std::unique_ptr<Snapshot> take_snapshot(bool in_background, DeferredCopies* deferred = nullptr) {
+    auto snapshot = std::make_unique<Snapshot>();
+    snapshot->sequence = ++sequence;
+    snapshot->step = step;
+    snapshot->epoch = current_epoch();
+    snapshot->complete = complete();
+    snapshot->total_steps = total_steps;
+    snapshot->metrics = metrics;
+    snapshot->metadata = metadata;
+    snapshot->settings = options.settings.values;
+    snapshot->stop_requested = [this] { return stop_requested(); };
+    auto copies = training.capture(*snapshot, in_background ? &staging : nullptr,
+                                   deferred != nullptr && overlap);
+    if (deferred) *deferred = std::move(copies);
+    return snapshot;
+  }
+
+  // True when nothing changed since the restore: the same step, epoch and metadata, and no saved
+  // tensor changed in place (each in-place change bumps a tensor's version). A finished run
+  // started again writes no copy of its last step; a loop that trains without step() still
+  // saves. Processes that meet at a fence (after_save) must decide alike: they go by the step
+  // and the restored checkpoint's completeness alone.
+  bool unchanged_since_restore() const {
+    if (!resumed_from || step != restored_step) return false;
+    if (options.after_save) return complete();
+    return writer && epoch == restored_epoch && metadata == restored_metadata &&
+           training.versions() == restored_versions;
+  }
+
+  void commit_or_queue() {
+    if (!background) {
+      auto snapshot = take_snapshot(false);
+      last_commit_failed = true;
+      commit(*snapshot);
+      last_commit_failed = false;
+      return;
+    }
+    wait();  // at most one write in flight: the previous one ends before the next is copied
+    DeferredCopies deferred;
+    auto snapshot = take_snapshot(true, &deferred);
+    staged_step = snapshot->step;
+    background->submit(std::move(snapshot), std::move(deferred));
+    last_commit_failed = false;  // until the writer reports otherwise
+    resave = false;
+  }
+
+  // Decides a background snapshot whose copies were deferred, once they are done: written when
+  // none of their sources changed since capture, dropped when one did (the optimizer stepped
+  // before before_optimizer_step(): the copy may be torn). The state is then saved again at the
+  // next step() or close(), and copies are made in step() for the rest of the run.
+  void settle() {
+    if (!background) return;
+    const bool kept =
+        background->settle([](const DeferredCopies& copies) { return copies.unchanged(); });
+    if (kept) return;
+    overlap = false;
+    overlap_refused = true;
+    resave = true;
+    saved_this_step = false;
+    logger->warn(
+        "CheckpointGuard: the parameters changed while the background save of step {} was "
+        "copying them (optimizer.step() before guard.before_optimizer_step()?): that save is "
+        "dropped, the state is saved again at the next step() or close(), and background saves "
+        "copy in step() from now on",
+        staged_step);
+  }
 };
 
 }  // namespace detail
@@ -175,10 +451,7 @@ class CheckpointGuard {
 
   // The model and optimizer are the parts named "model" and "optimizer".
   CheckpointGuard(ModuleRef model, OptimizerRef optimizer, CheckpointOptions options)
-      : s_(std::make_unique<detail::CheckpointGuardState>(std::move(model), std::move(optimizer),
-                                                          std::move(options))) {
-    open();
-  }
+      : s_(std::in_place, std::move(model), std::move(optimizer), std::move(options)) {}
 
   // Without an optimizer: a model (and the options' parts) alone.
   CheckpointGuard(ModuleRef model, CheckpointOptions options)
@@ -188,62 +461,20 @@ class CheckpointGuard {
   explicit CheckpointGuard(CheckpointOptions options)
       : CheckpointGuard(nullptr, nullptr, std::move(options)) {}
 
+  // The destructor (and a move assignment, for the guard's own work) saves according to the exit
+  // policy and waits for a background write. Never throws: errors are logged (call close() to
+  // have them thrown). A moved-from guard does nothing.
   CheckpointGuard(CheckpointGuard&&) noexcept = default;
-  CheckpointGuard& operator=(CheckpointGuard&& other) noexcept {
-    if (this != &other) {
-      finish();
-      s_ = std::move(other.s_);
-    }
-    return *this;
-  }
-
-  // Saves according to the exit policy and waits for a background write. Never throws: errors
-  // are logged (call close() to have them thrown). A moved-from guard does nothing.
-  ~CheckpointGuard() { finish(); }
+  CheckpointGuard& operator=(CheckpointGuard&&) noexcept = default;
 
   // Advances the step with this step's metrics; saves every `every_n_steps` steps, at the step
   // that reaches total_steps, and at once when a stop was requested (the result then says to
   // stop; only the first such step saves).
-  StepResult step(const Metrics& metrics = {}) {
-    ++s_->step;
-    s_->saved_this_step = false;
-    s_->complete_marked = false;  // more was trained: complete again only when said or reached
-    set_metrics(metrics);
-    settle();  // a dropped background save is replaced now
-    StepResult result;
-    result.stop = stop_requested();
-    const bool due = s_->resave ||
-                     (s_->options.every_n_steps > 0 && s_->step % s_->options.every_n_steps == 0) ||
-                     (s_->total_steps > 0 && s_->step == s_->total_steps);
-    // A stop saves once, at the first step that sees it: a loop that goes on does not save at
-    // every step after it.
-    if (due || (result.stop && !s_->stop_logged)) {
-      save();
-      result.saved = true;
-    }
-    if (result.stop && !s_->stop_logged) {
-      s_->stop_logged = true;
-      s_->logger->warn("CheckpointGuard: stop requested; checkpoint saved at step {}", s_->step);
-    }
-    return result;
-  }
+  StepResult step(const Metrics& metrics = {}) { return s_->advance(metrics); }
 
   // Commits a checkpoint of the current state now (queued, when background). Rethrows the error
   // of an earlier background write.
-  void save(const Metrics& metrics = {}) {
-    set_metrics(metrics);
-    s_->saved_this_step = true;  // set on every process alike: the exit decision must not diverge
-    const auto& after_save = s_->options.after_save;
-    try {
-      if (s_->writer) commit_or_queue();
-      if (after_save && s_->background) wait();  // the others see it done
-    } catch (...) {
-      // The other processes are waiting at the fence: reach it before reporting the error.
-      if (after_save) after_save();
-      throw;
-    }
-    if (after_save) after_save();
-  }
+  void save(const Metrics& metrics = {}) { s_->save(metrics); }
 
   // The point where the parameters are about to change: call it just before optimizer.step().
   // With `background`, it waits until a save's copy of the parameters and the optimizer's state
@@ -251,68 +482,23 @@ class CheckpointGuard {
   // the only wait of the training loop. A loop that never calls it (or steps the optimizer
   // before it) is still saved whole: the copy is made in step(), or a copy that the optimizer
   // overtook is dropped and the state saved again, with a warning. Cheap when nothing is due.
-  void before_optimizer_step() {
-    settle();
-    if (s_->background && !s_->overlap_refused) s_->overlap = true;
-  }
+  void before_optimizer_step() { s_->before_optimizer_step(); }
 
   // Waits for a background write in flight; rethrows its error.
-  void wait() {
-    if (!s_->background) return;
-    try {
-      settle();
-      s_->background->wait();
-    } catch (...) {
-      s_->last_commit_failed = true;
-      throw;
-    }
-  }
+  void wait() { s_->wait(); }
 
   // Ends the guard's work: saves according to the exit policy, waits for the writer, and throws
   // what went wrong. Idempotent.
-  void close(Outcome outcome) {
-    if (s_->closed) return;
-    s_->closed = true;
-    const SaveOnExit policy = s_->options.save_on_exit;
-    const bool save_now = policy == SaveOnExit::always ||
-                          (policy == SaveOnExit::on_success && outcome == Outcome::success);
-    std::exception_ptr error;
-    try {
-      wait();  // a background write in flight, and its error
-    } catch (...) {
-      error = std::current_exception();
-    }
-    try {
-      if (save_now && !s_->saved_this_step && unchanged_since_restore()) {
-        s_->logger->info(
-            "CheckpointGuard: step {} is as it was restored from '{}'{}: not saved again", s_->step,
-            s_->resumed_from->string(), complete() ? " (the run is complete)" : "");
-      } else if (save_now && !s_->saved_this_step) {
-        save();
-      } else if (s_->resave && s_->writer) {  // a dropped background save, replaced
-        commit_or_queue();
-      } else if (save_now && (error || s_->last_commit_failed) && s_->writer) {
-        // The last save point's write failed: write the final state once more. No fence: the
-        // other processes consider this step saved.
-        commit_or_queue();
-      } else if (save_now) {
-        s_->logger->info("CheckpointGuard: step {} is already saved", s_->step);
-      }
-      wait();
-    } catch (...) {
-      if (!error) error = std::current_exception();
-    }
-    if (error) std::rethrow_exception(error);
-  }
+  void close(Outcome outcome) { s_.close(outcome); }
 
   std::int64_t current_step() const noexcept { return s_->step; }
   void set_step(std::int64_t step) noexcept { s_->step = step; }
   // The run's epoch: a sampler's (options.samplers), when one has an epoch; else the value given
   // to set_epoch() (restored from the checkpoint).
-  std::int64_t epoch() const { return sampler_epoch().value_or(s_->epoch); }
+  std::int64_t epoch() const { return s_->current_epoch(); }
   // Throws OptionsError when a sampler keeps the epoch: there is one epoch, not two.
   void set_epoch(std::int64_t epoch) {
-    if (sampler_epoch()) {
+    if (s_->sampler_epoch()) {
       throw OptionsError(
           "CheckpointGuard: set_epoch() with a sampler in options.samplers: the epoch is the "
           "sampler's");
@@ -333,9 +519,7 @@ class CheckpointGuard {
   // True when the run's planned work is done: mark_complete() since the last step(), the step
   // at total_steps, or a restored checkpoint marked complete (with no larger total given). A
   // program that sees it on entry has nothing to train; leaving then writes nothing.
-  bool complete() const noexcept {
-    return s_->complete_marked || (s_->total_steps > 0 && s_->step >= s_->total_steps);
-  }
+  bool complete() const noexcept { return s_->complete(); }
   // The run's settings as given (options.settings.values).
   const nlohmann::json& settings() const noexcept { return s_->options.settings.values; }
 
@@ -366,196 +550,7 @@ class CheckpointGuard {
     return options;
   }
 
-  // Takes the directory's lock, restores (or starts fresh) as options.restore says, then starts
-  // the background writer.
-  void open() {
-    auto& s = *s_;
-    detail::validate_checkpoint_options(s.options);
-    s.writer = !s.options.is_writer || s.options.is_writer();
-    const auto& directory = s.options.directory;
-    std::error_code error;
-    const bool created = std::filesystem::create_directories(directory, error);
-    if (error && !std::filesystem::is_directory(directory)) {
-      throw CheckpointError(fmt::format("CheckpointGuard: cannot create the directory '{}': {}",
-                                        directory.string(), error.message()));
-    }
-    if (created && s.writer) {  // the new directory's own entry must survive a crash too
-      detail::fsync_directory(std::filesystem::absolute(directory).parent_path());
-    }
-    if (s.writer) {
-      // A second run on this directory fails here, at once.
-      s.lock.emplace(directory, "CheckpointGuard: the checkpoint directory");
-      if (!s.lock->held()) {
-        s.logger->warn(
-            "CheckpointGuard: cannot create '{}' (a read-only directory?): another run "
-            "on this directory is not excluded",
-            s.lock->path().string());
-      }
-      s.sequence = detail::remove_leftover_temporaries(directory, *s.logger);
-    }
-    detail::restore_newest(s.options, s.writer, *s.logger,
-                           [&](const detail::VerifiedCheckpoint& checkpoint) { load(checkpoint); });
-    if (s.options.background && s.writer) {
-      s.background = std::make_unique<detail::BackgroundWriter>(
-          [state = s_.get()](detail::Snapshot& snapshot) { state->commit(snapshot); });
-    }
-  }
-
-  // The settings the checkpoint recorded (format 3; format 2's demos kept them in
-  // metadata["settings"]) against this run's: a change to an exact one throws before anything
-  // loads, another is a warning.
-  void reconcile_settings(const detail::VerifiedCheckpoint& checkpoint) const {
-    const auto& manifest = checkpoint.manifest;
-    const auto& current = s_->options.settings;
-    nlohmann::json saved = manifest.value("settings", nlohmann::json::object());
-    if (saved.empty() && manifest.contains("metadata") && manifest["metadata"].is_object()) {
-      saved = manifest["metadata"].value("settings", nlohmann::json::object());
-    }
-    if (!saved.is_object()) return;
-    for (const auto& [name, value] : current.values.items()) {
-      const auto old_value = saved.find(name);
-      if (old_value == saved.end() || *old_value == value) continue;
-      if (current.exact.count(name)) {
-        throw OptionsError(fmt::format(
-            "CheckpointGuard: {} is {} in this run but was {} in the run that wrote '{}': "
-            "resuming with another value would not continue that run exactly; resume with {}, "
-            "or start a new run (another directory, or restore = \"none\")",
-            name, value.dump(), old_value->dump(), checkpoint.path.string(), old_value->dump()));
-      }
-      s_->logger->warn(
-          "CheckpointGuard: {} changed from {} to {} since '{}' (the restored parts hold what "
-          "the old value made them: the program applies the new one)",
-          name, old_value->dump(), value.dump(), checkpoint.path.filename().string());
-    }
-  }
-
-  void load(const detail::VerifiedCheckpoint& checkpoint) {
-    auto& s = *s_;
-    reconcile_settings(checkpoint);
-    s.training.load(checkpoint, *s.logger);
-    const auto& manifest = checkpoint.manifest;
-    s.step = manifest.at("step").get<std::int64_t>();
-    s.epoch = manifest.at("epoch").get<std::int64_t>();
-    s.resumed_metrics = manifest.value("metrics", nlohmann::json::object());
-    s.metrics = nlohmann::json::object();  // a new checkpoint must not carry the old metrics
-    s.metadata = manifest.value("metadata", nlohmann::json::object());
-    s.sequence = std::max(s.sequence, manifest.at("sequence").get<std::uint64_t>());
-    s.resumed_from = checkpoint.path;
-    s.restored_step = s.step;
-    s.restored_epoch = s.epoch;
-    s.restored_metadata = s.metadata;
-    s.restored_versions = s.training.versions();
-    const bool was_complete = manifest.value("complete", false);
-    s.complete_marked = was_complete && s.total_steps <= s.step;
-    std::string end;
-    if (was_complete && s.complete_marked) {
-      end = ": the run is complete (a larger total of steps or epochs goes on)";
-    } else if (was_complete) {
-      end = fmt::format(": the run was complete there, and goes on to step {}", s.total_steps);
-    }
-    s.logger->info("CheckpointGuard: resumed from step {} (epoch {}) of '{}'{}", s.step, epoch(),
-                   checkpoint.path.string(), end);
-  }
-
-  // The epoch of the first sampler that has one.
-  std::optional<std::int64_t> sampler_epoch() const {
-    for (const auto& [name, sampler] : s_->training.parts().samplers) {
-      if (auto epoch = sampler.epoch()) return epoch;
-    }
-    return std::nullopt;
-  }
-
-  void set_metrics(const Metrics& metrics) {
-    if (metrics.empty()) return;
-    s_->metrics = nlohmann::json::object();
-    for (const auto& [name, value] : metrics) {
-      s_->metrics[name] = std::isfinite(value) ? nlohmann::json(value) : nlohmann::json(nullptr);
-    }
-  }
-
-  // `deferred`: a background snapshot's copies that may run later (staging.hpp).
-  std::unique_ptr<detail::Snapshot> take_snapshot(bool background,
-                                                  detail::DeferredCopies* deferred = nullptr) {
-    auto& s = *s_;
-    auto snapshot = std::make_unique<detail::Snapshot>();
-    snapshot->sequence = ++s.sequence;
-    snapshot->step = s.step;
-    snapshot->epoch = epoch();
-    snapshot->complete = complete();
-    snapshot->total_steps = s.total_steps;
-    snapshot->metrics = s.metrics;
-    snapshot->metadata = s.metadata;
-    snapshot->settings = s.options.settings.values;
-    snapshot->stop_requested = [state = s_.get()] { return state->stop_requested(); };
-    auto copies = s.training.capture(*snapshot, background ? &s.staging : nullptr,
-                                     deferred != nullptr && s.overlap);
-    if (deferred) *deferred = std::move(copies);
-    return snapshot;
-  }
-
-  // True when nothing changed since the restore: the same step, epoch and metadata, and no saved
-  // tensor changed in place (each in-place change bumps a tensor's version). A finished run
-  // started again writes no copy of its last step; a loop that trains without step() still
-  // saves. Processes that meet at a fence (after_save) must decide alike: they go by the step
-  // and the restored checkpoint's completeness alone.
-  bool unchanged_since_restore() const {
-    auto& s = *s_;
-    if (!s.resumed_from || s.step != s.restored_step) return false;
-    if (s.options.after_save) return complete();
-    return s.writer && s.epoch == s.restored_epoch && s.metadata == s.restored_metadata &&
-           s.training.versions() == s.restored_versions;
-  }
-
-  void commit_or_queue() {
-    if (!s_->background) {
-      auto snapshot = take_snapshot(false);
-      s_->last_commit_failed = true;
-      s_->commit(*snapshot);
-      s_->last_commit_failed = false;
-      return;
-    }
-    wait();  // at most one write in flight: the previous one ends before the next is copied
-    detail::DeferredCopies deferred;
-    auto snapshot = take_snapshot(true, &deferred);
-    s_->staged_step = snapshot->step;
-    s_->background->submit(std::move(snapshot), std::move(deferred));
-    s_->last_commit_failed = false;  // until the writer reports otherwise
-    s_->resave = false;
-  }
-
-  // Decides a background snapshot whose copies were deferred, once they are done: written when
-  // none of their sources changed since capture, dropped when one did (the optimizer stepped
-  // before before_optimizer_step(): the copy may be torn). The state is then saved again at the
-  // next step() or close(), and copies are made in step() for the rest of the run.
-  void settle() {
-    auto& s = *s_;
-    if (!s.background) return;
-    const bool kept = s.background->settle(
-        [](const detail::DeferredCopies& copies) { return copies.unchanged(); });
-    if (kept) return;
-    s.overlap = false;
-    s.overlap_refused = true;
-    s.resave = true;
-    s.saved_this_step = false;
-    s.logger->warn(
-        "CheckpointGuard: the parameters changed while the background save of step {} was "
-        "copying them (optimizer.step() before guard.before_optimizer_step()?): that save is "
-        "dropped, the state is saved again at the next step() or close(), and background saves "
-        "copy in step() from now on",
-        s.staged_step);
-  }
-
-  void finish() noexcept {
-    if (!s_) return;
-    try {
-      close(s_->exit_detector.outcome());
-    } catch (...) {
-      s_->logger->error("CheckpointGuard: {}", describe(std::current_exception()));
-    }
-    if (s_->background) s_->background->stop();
-  }
-
-  std::unique_ptr<detail::CheckpointGuardState> s_;
+  detail::GuardState<detail::CheckpointGuardState> s_;
 };
 
 }  // namespace torchguard

@@ -151,28 +151,16 @@ class SafetensorsHeaderReader {
     skip_whitespace();
     expect('{', "the header is not a JSON object");
     ++depth_;
-    skip_whitespace();
     bool metadata_seen = false;
-    if (!take('}')) {
-      for (;;) {
-        skip_whitespace();
-        const std::size_t key_at = position_;
-        std::string key = read_string();
-        skip_whitespace();
-        expect(':', "expected ':' after a key");
-        skip_whitespace();
-        if (key == "__metadata__") {
-          if (metadata_seen) fail_at(key_at, "__metadata__ is given twice");
-          metadata_seen = true;
-          read_metadata(header.metadata);
-        } else {
-          header.entries.push_back(read_entry(std::move(key)));
-        }
-        skip_whitespace();
-        if (take('}')) break;
-        expect(',', "expected ',' or '}' after a tensor");
+    read_members("expected ',' or '}' after a tensor", [&](std::string key, std::size_t key_at) {
+      if (key == "__metadata__") {
+        if (metadata_seen) fail_at(key_at, "__metadata__ is given twice");
+        metadata_seen = true;
+        read_metadata(header.metadata);
+      } else {
+        header.entries.push_back(read_entry(std::move(key)));
       }
-    }
+    });
     skip_whitespace();
     if (position_ != text_.size()) {
       fail_at(position_, fmt::format("{} after the JSON object (only JSON whitespace may pad it)",
@@ -436,6 +424,27 @@ class SafetensorsHeaderReader {
     }
   }
 
+  // Reads an object's members, from after its '{' to its '}': `member(key, key_at)` reads each
+  // value (key_at: where its key starts). `missing_separator` says what a member is followed by
+  // when neither ',' nor '}' comes.
+  template <class Member>
+  void read_members(const char* missing_separator, Member&& member) {
+    skip_whitespace();
+    if (take('}')) return;
+    for (;;) {
+      skip_whitespace();
+      const std::size_t key_at = position_;
+      std::string key = read_string();
+      skip_whitespace();
+      expect(':', "expected ':' after a key");
+      skip_whitespace();
+      member(std::move(key), key_at);
+      skip_whitespace();
+      if (take('}')) return;
+      expect(',', missing_separator);
+    }
+  }
+
   void read_metadata(SafetensorsMetadata& metadata) {
     const std::size_t start = position_;
     if (text_.compare(position_, 4, "null") == 0) {  // serde's None
@@ -444,29 +453,17 @@ class SafetensorsHeaderReader {
     }
     expect('{', "__metadata__ is not an object");
     enter(start);
-    skip_whitespace();
-    if (!take('}')) {
-      for (;;) {
-        skip_whitespace();
-        const std::size_t key_at = position_;
-        std::string key = read_string();
-        skip_whitespace();
-        expect(':', "expected ':' after a key");
-        skip_whitespace();
-        if (peek() != '"') {
-          fail_at(position_, fmt::format("__metadata__ '{}' is not a string (the format allows "
-                                         "only strings)",
-                                         key));
-        }
-        std::string value = read_string();
-        if (!metadata.emplace(key, std::move(value)).second) {
-          fail_at(key_at, fmt::format("__metadata__ names '{}' twice", key));
-        }
-        skip_whitespace();
-        if (take('}')) break;
-        expect(',', "expected ',' or '}' in __metadata__");
+    read_members("expected ',' or '}' in __metadata__", [&](std::string key, std::size_t key_at) {
+      if (peek() != '"') {
+        fail_at(position_, fmt::format("__metadata__ '{}' is not a string (the format allows "
+                                       "only strings)",
+                                       key));
       }
-    }
+      std::string value = read_string();
+      if (!metadata.emplace(key, std::move(value)).second) {
+        fail_at(key_at, fmt::format("__metadata__ names '{}' twice", key));
+      }
+    });
     leave();
   }
 
@@ -519,36 +516,25 @@ class SafetensorsHeaderReader {
     ++position_;
     enter(start);
     bool dtype_seen = false, shape_seen = false, offsets_seen = false;
-    skip_whitespace();
-    if (!take('}')) {
-      for (;;) {
-        skip_whitespace();
-        const std::size_t key_at = position_;
-        const std::string field = read_string();
-        skip_whitespace();
-        expect(':', "expected ':' after a key");
-        skip_whitespace();
-        auto once = [&](bool& seen) {
-          if (seen) bad(key_at, fmt::format("its field '{}' is given twice", field));
-          seen = true;
-        };
-        if (field == "dtype") {
-          once(dtype_seen);
-          read_dtype();
-        } else if (field == "shape") {
-          once(shape_seen);
-          entry.shape = read_sizes("a dimension");
-        } else if (field == "data_offsets") {
-          once(offsets_seen);
-          read_offsets();
-        } else {
-          skip_value();
-        }
-        skip_whitespace();
-        if (take('}')) break;
-        expect(',', "expected ',' or '}' in a tensor's entry");
-      }
-    }
+    read_members("expected ',' or '}' in a tensor's entry",
+                 [&](const std::string& field, std::size_t key_at) {
+                   auto once = [&](bool& seen) {
+                     if (seen) bad(key_at, fmt::format("its field '{}' is given twice", field));
+                     seen = true;
+                   };
+                   if (field == "dtype") {
+                     once(dtype_seen);
+                     read_dtype();
+                   } else if (field == "shape") {
+                     once(shape_seen);
+                     entry.shape = read_sizes("a dimension");
+                   } else if (field == "data_offsets") {
+                     once(offsets_seen);
+                     read_offsets();
+                   } else {
+                     skip_value();
+                   }
+                 });
     leave();
     if (!dtype_seen) bad(start, "it has no dtype");
     if (!shape_seen) bad(start, "it has no shape");

@@ -106,6 +106,10 @@ class CancellationToken {
   std::shared_ptr<detail::CancelState> state_;
 };
 
+namespace detail {
+struct TrainingSessionState;  // links its signal flag
+}  // namespace detail
+
 // Cancels from outside: hand out `token()`, call `cancel()` from any thread (not from a signal
 // handler: TrainingSession's signal handling does that part).
 class CancellationSource {
@@ -116,7 +120,7 @@ class CancellationSource {
   CancellationToken token() const { return CancellationToken(state_); }
 
  private:
-  friend class TrainingSession;
+  friend struct detail::TrainingSessionState;
   // Cancelled also once `*flag` is non-zero (a flag written by a signal handler).
   void link(const std::atomic<int>* flag) noexcept { state_->linked_flag = flag; }
   std::shared_ptr<detail::CancelState> state_;

@@ -2,11 +2,6 @@
 #pragma once
 
 #include <exception>
-#include <string>
-#include <utility>
-#include <vector>
-
-#include "torchguard/core/metrics.hpp"
 
 namespace torchguard {
 

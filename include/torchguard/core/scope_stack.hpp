@@ -22,6 +22,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "torchguard/core/error.hpp"
 #include "torchguard/core/guard.hpp"
 #include "torchguard/core/logging.hpp"
 #include "torchguard/core/outcome.hpp"
@@ -179,36 +180,79 @@ struct ScopeStackOptions {
   std::shared_ptr<spdlog::logger> logger;  // where failed cleanups are logged
 };
 
-// A run-time LIFO stack of guards and callbacks. Not thread-safe: one owner at a time.
+namespace detail {
+
+// A ScopeStack's entries, and how they close.
+struct ScopeStackState {
+  static constexpr const char* close_error_prefix =
+      "ScopeStack: a cleanup failed while the stack was destroyed";
+
+  explicit ScopeStackState(std::shared_ptr<spdlog::logger> logger_to_use)
+      : logger(or_default(std::move(logger_to_use))) {}
+
+  // Runs every entry, newest first (see ScopeStack::close).
+  void close(Outcome outcome) {
+    suppressed.clear();
+    std::exception_ptr first_error;
+    while (!entries.empty()) {
+      Entry entry = std::move(entries.back());  // an entry may push while it runs
+      entries.pop_back();
+      if (std::exception_ptr error = run_entry(entry, outcome)) {
+        outcome = Outcome::failure;
+        if (!first_error) {
+          first_error = error;
+        } else {
+          logger->error("ScopeStack: another cleanup failed too: {}", describe(error));
+          suppressed.push_back(error);
+        }
+      }
+    }
+    if (first_error) std::rethrow_exception(first_error);
+  }
+
+  // Runs one entry's exit and destroys it; returns the first error of the two.
+  std::exception_ptr run_entry(Entry& entry, Outcome outcome) {
+    std::exception_ptr error;
+    try {
+      entry.exit(outcome);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    try {
+      entry.destroy();
+    } catch (...) {
+      if (!error) {
+        error = std::current_exception();
+      } else {
+        logger->error("ScopeStack: a guard's destructor threw after its close() failed: {}",
+                      describe(std::current_exception()));
+        suppressed.push_back(std::current_exception());
+      }
+    }
+    return error;
+  }
+
+  std::shared_ptr<spdlog::logger> logger;
+  std::vector<Entry> entries;
+  std::vector<std::exception_ptr> suppressed;
+};
+
+}  // namespace detail
+
+// A run-time LIFO stack of guards and callbacks. Not thread-safe: one owner at a time. A
+// moved-from stack is empty: it may be asked its size, closed, destroyed or assigned to.
 class ScopeStack {
  public:
   using Options = ScopeStackOptions;
 
   explicit ScopeStack(std::shared_ptr<spdlog::logger> logger = nullptr)
-      : logger_(detail::or_default(std::move(logger))) {}
+      : s_(std::in_place, std::move(logger)) {}
   explicit ScopeStack(Options options) : ScopeStack(std::move(options.logger)) {}
 
-  ScopeStack(ScopeStack&& other) noexcept
-      : logger_(other.logger_), entries_(std::move(other.entries_)) {
-    other.entries_.clear();
-  }
-
-  // Closes this stack's own entries first, then takes the other's.
-  ScopeStack& operator=(ScopeStack&& other) noexcept {
-    if (this != &other) {
-      close_noexcept(Outcome::success);
-      entries_ = std::move(other.entries_);
-      other.entries_.clear();
-      logger_ = other.logger_;
-    }
-    return *this;
-  }
-
-  ScopeStack(const ScopeStack&) = delete;
-  ScopeStack& operator=(const ScopeStack&) = delete;
-
-  // Runs what is left. Failure when the scope is left by an exception. Never throws.
-  ~ScopeStack() { close_noexcept(exit_detector_.outcome()); }
+  // A move assignment closes this stack's own entries first, then takes the other's. The
+  // destructor runs what is left: failure when the scope is left by an exception. Never throws.
+  ScopeStack(ScopeStack&&) noexcept = default;
+  ScopeStack& operator=(ScopeStack&&) noexcept = default;
 
   // Builds a guard in place and owns it; returns a reference valid until the stack closes.
   template <class G, class... Args>
@@ -217,7 +261,7 @@ class ScopeStack {
     auto owned =
         std::make_unique<detail::OwnedGuard<G>>(std::in_place, std::forward<Args>(args)...);
     G& guard = owned->guard;
-    entries_.emplace_back(std::move(owned));
+    s_->entries.emplace_back(std::move(owned));
     return guard;
   }
 
@@ -250,103 +294,51 @@ class ScopeStack {
   // Moves every entry into a new stack and leaves this one empty: the usual way to keep
   // resources acquired in a constructor when the constructor succeeds.
   ScopeStack pop_all() {
-    ScopeStack taken(logger_);
-    taken.entries_ = std::move(entries_);
-    entries_.clear();
+    ScopeStack taken(s_->logger);
+    taken.s_->entries = std::move(s_->entries);
+    s_->entries.clear();
     return taken;
   }
 
   // Runs every entry now, newest first. Success unless an exception is unwinding this scope.
-  void close() { close(exit_detector_.outcome()); }
+  void close() { close(s_.scope_outcome()); }
 
   // Runs every entry now, newest first, telling them `outcome`. Once an entry throws, the rest
   // are told Outcome::failure (as Python's __exit__ sees the exception). Every entry runs; the
   // first error is rethrown as it was thrown, the others are logged and kept.
-  void close(Outcome outcome) {
-    suppressed_.clear();
-    std::exception_ptr first_error;
-    while (!entries_.empty()) {
-      detail::Entry entry = std::move(entries_.back());  // an entry may push while it runs
-      entries_.pop_back();
-      if (std::exception_ptr error = run_entry(entry, outcome)) {
-        outcome = Outcome::failure;
-        if (!first_error) {
-          first_error = error;
-        } else {
-          logger_->error("ScopeStack: another cleanup failed too: {}", describe(error));
-          suppressed_.push_back(error);
-        }
-      }
-    }
-    if (first_error) std::rethrow_exception(first_error);
-  }
+  void close(Outcome outcome) { s_.close(outcome); }
 
-  std::size_t size() const noexcept { return entries_.size(); }
-  bool empty() const noexcept { return entries_.empty(); }
+  std::size_t size() const noexcept { return s_ ? s_->entries.size() : 0; }
+  bool empty() const noexcept { return size() == 0; }
 
   // The errors of the last close() after the one it rethrew, in the order they happened.
-  const std::vector<std::exception_ptr>& suppressed_errors() const noexcept { return suppressed_; }
+  const std::vector<std::exception_ptr>& suppressed_errors() const noexcept {
+    static const std::vector<std::exception_ptr> none;
+    return s_ ? s_->suppressed : none;
+  }
 
  private:
   template <detail::RunWhen When, class F>
   void push_callback(F&& fn) {
     try {
       // Strong guarantee: vector growth moves entries with noexcept moves only.
-      entries_.emplace_back(std::in_place_type<detail::Callback<std::decay_t<F>, When>>,
-                            std::forward<F>(fn));
+      s_->entries.emplace_back(std::in_place_type<detail::Callback<std::decay_t<F>, When>>,
+                               std::forward<F>(fn));
     } catch (...) {
       // The entry could not be stored: run the cleanup now, as the scope it guards has failed.
       if (detail::should_run(When, Outcome::failure)) {
         try {
           detail::invoke_cleanup(fn, Outcome::failure);
         } catch (...) {
-          logger_->error("ScopeStack: a cleanup run at push failed: {}",
-                         describe(std::current_exception()));
+          s_->logger->error("ScopeStack: a cleanup run at push failed: {}",
+                            describe(std::current_exception()));
         }
       }
       throw;
     }
   }
 
-  // Runs one entry's exit and destroys it; returns the first error of the two.
-  std::exception_ptr run_entry(detail::Entry& entry, Outcome outcome) {
-    std::exception_ptr error;
-    try {
-      entry.exit(outcome);
-    } catch (...) {
-      error = std::current_exception();
-    }
-    try {
-      entry.destroy();
-    } catch (...) {
-      if (!error) {
-        error = std::current_exception();
-      } else {
-        logger_->error("ScopeStack: a guard's destructor threw after its close() failed: {}",
-                       describe(std::current_exception()));
-        suppressed_.push_back(std::current_exception());
-      }
-    }
-    return error;
-  }
-
-  void close_noexcept(Outcome outcome) noexcept {
-    if (entries_.empty()) return;
-    try {
-      close(outcome);
-    } catch (...) {
-      try {
-        logger_->error("ScopeStack: a cleanup failed while the stack was destroyed: {}",
-                       describe(std::current_exception()));
-      } catch (...) {
-      }
-    }
-  }
-
-  std::shared_ptr<spdlog::logger> logger_;
-  std::vector<detail::Entry> entries_;
-  std::vector<std::exception_ptr> suppressed_;
-  detail::UncaughtExceptionDetector exit_detector_;
+  detail::GuardState<detail::ScopeStackState> s_;
 };
 
 }  // namespace torchguard

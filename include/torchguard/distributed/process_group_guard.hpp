@@ -43,6 +43,7 @@
 #include "torchguard/core/error.hpp"
 #include "torchguard/core/guard.hpp"
 #include "torchguard/core/logging.hpp"
+#include "torchguard/core/outcome.hpp"
 #include "torchguard/distributed/options.hpp"
 #include "torchguard/distributed/rendezvous.hpp"
 #include "torchguard/version.hpp"
@@ -56,117 +57,189 @@
 #endif
 
 namespace torchguard {
+namespace detail {
+
+// A ProcessGroupGuard's group: the settings it was made with, the store and the c10d group.
+struct ProcessGroupState {
+  static constexpr const char* close_error_prefix = "ProcessGroupGuard";
+
+  explicit ProcessGroupState(ProcessGroupOptions group_options)
+      : options(std::move(group_options)), logger(or_default(options.logger)) {
+    world_size = int_setting(options.world_size, "WORLD_SIZE", std::nullopt);
+    if (world_size < 1) {
+      throw DistributedError(
+          fmt::format("ProcessGroupGuard: WORLD_SIZE must be at least 1, not {}", world_size));
+    }
+    rank = int_setting(options.rank, "RANK", std::nullopt);
+    if (rank < 0 || rank >= world_size) {
+      throw DistributedError(
+          fmt::format("ProcessGroupGuard: RANK {} is out of range for WORLD_SIZE {} (0 to {})",
+                      rank, world_size, world_size - 1));
+    }
+    local_rank = int_setting(options.local_rank, "LOCAL_RANK", rank);
+    if (local_rank < 0) {
+      throw DistributedError(
+          fmt::format("ProcessGroupGuard: LOCAL_RANK must not be negative, not {}", local_rank));
+    }
+    if (options.timeout.count() <= 0) {
+      throw DistributedError("ProcessGroupGuard: the timeout must be positive");
+    }
+    choose_backend();
+    RendezvousPlace place{rank, world_size, options.timeout, {}, false, {}};
+    store = join_group(options, place);
+    create_group();
+    logger->info("ProcessGroupGuard: rank {} of {} (local rank {}), {} on {}", rank, world_size,
+                 local_rank, backend_name(), device.str());
+  }
+
+  // Releases the process group, then the store (see ProcessGroupGuard::close).
+  void close(Outcome) {
+    if (closed) return;
+    closed = true;
+#if TORCHGUARD_WITH_NCCL
+    if (nccl && process_group) static_cast<c10d::ProcessGroupNCCL&>(*process_group).shutdown();
+#endif
+    process_group.reset();
+    store.reset();
+    logger->debug("ProcessGroupGuard: rank {} left the group", rank);
+  }
+
+  const char* backend_name() const noexcept { return nccl ? "nccl" : "gloo"; }
+
+  const c10::intrusive_ptr<ProcessGroupBase>& group() const {
+    if (!process_group) throw DistributedError("ProcessGroupGuard: the group is closed");
+    return process_group;
+  }
+
+  // Waits for a collective, at most the timeout; a failure names it, the rank and the timeout.
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) const {
+    try {
+      work->wait(options.timeout);
+    } catch (const std::exception& e) {
+      throw DistributedError(fmt::format(
+          "ProcessGroupGuard: {} failed on rank {} of {} (a rank died, or did not get here within "
+          "{}): {}",
+          what, rank, world_size, format_duration(options.timeout), error_message(e)));
+    }
+  }
+
+  void barrier() const {
+    c10d::BarrierOptions barrier_options;
+    barrier_options.timeout = options.timeout;
+    if (nccl) barrier_options.device_ids = {device.index()};
+    wait(group()->barrier(barrier_options), "barrier");
+  }
+
+  ProcessGroupOptions options;
+  std::shared_ptr<spdlog::logger> logger;
+  int rank = 0;
+  int world_size = 1;
+  int local_rank = 0;
+  bool nccl = false;
+  torch::Device device{torch::kCPU};
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<ProcessGroupBase> process_group;
+  bool closed = false;
+  // Expires with the state: the checkpoint fence handed out tells a gone group by it.
+  std::shared_ptr<const bool> alive = std::make_shared<const bool>(true);
+
+ private:
+  void choose_backend() {
+    const bool gpu = TORCHGUARD_WITH_NCCL && torch::cuda::is_available();
+    switch (options.backend) {
+      case DistributedBackend::gloo:
+        nccl = false;
+        break;
+      case DistributedBackend::nccl:
+        if (!gpu) {
+          throw DistributedError(
+              "ProcessGroupGuard: the NCCL backend needs a CUDA-enabled LibTorch built with NCCL "
+              "and a GPU; use DistributedBackend::gloo on the CPU");
+        }
+        nccl = true;
+        break;
+      case DistributedBackend::automatic:
+        nccl = gpu;
+        break;
+    }
+    device = torch::Device(torch::kCPU);
+#if TORCHGUARD_WITH_NCCL
+    if (nccl) {
+      const int devices = static_cast<int>(torch::cuda::device_count());
+      if (local_rank >= devices) {
+        throw DistributedError(
+            fmt::format("ProcessGroupGuard: LOCAL_RANK {} has no GPU: this machine has {}",
+                        local_rank, devices));
+      }
+      device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank));
+      if (options.select_cuda_device) c10::cuda::set_device(device.index());
+    }
+#endif
+  }
+
+  void create_group() {
+    try {
+#if TORCHGUARD_WITH_NCCL
+      if (nccl) {
+        auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
+        nccl_options->timeout = options.timeout;
+        process_group =
+            c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, nccl_options);
+        return;
+      }
+#endif
+      auto gloo_options = c10d::ProcessGroupGloo::Options::create(options.timeout);
+      gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      process_group =
+          c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, gloo_options);
+    } catch (const std::exception& e) {
+      throw DistributedError(
+          fmt::format("ProcessGroupGuard: creating the {} group failed on rank {}: {}",
+                      backend_name(), rank, error_message(e)));
+    }
+  }
+};
+
+}  // namespace detail
 
 class ProcessGroupGuard {
  public:
   using Options = ProcessGroupOptions;
 
-  explicit ProcessGroupGuard(Options options = {})
-      : options_(std::move(options)), logger_(detail::or_default(options_.logger)) {
-    world_size_ = detail::int_setting(options_.world_size, "WORLD_SIZE", std::nullopt);
-    if (world_size_ < 1) {
-      throw DistributedError(
-          fmt::format("ProcessGroupGuard: WORLD_SIZE must be at least 1, not {}", world_size_));
-    }
-    rank_ = detail::int_setting(options_.rank, "RANK", std::nullopt);
-    if (rank_ < 0 || rank_ >= world_size_) {
-      throw DistributedError(
-          fmt::format("ProcessGroupGuard: RANK {} is out of range for WORLD_SIZE {} (0 to {})",
-                      rank_, world_size_, world_size_ - 1));
-    }
-    local_rank_ = detail::int_setting(options_.local_rank, "LOCAL_RANK", rank_);
-    if (local_rank_ < 0) {
-      throw DistributedError(
-          fmt::format("ProcessGroupGuard: LOCAL_RANK must not be negative, not {}", local_rank_));
-    }
-    if (options_.timeout.count() <= 0) {
-      throw DistributedError("ProcessGroupGuard: the timeout must be positive");
-    }
-    choose_backend();
-    detail::RendezvousPlace place{rank_, world_size_, options_.timeout, {}, false, {}};
-    store_ = detail::join_group(options_, place);
-    where_ = place.where;
-    serves_store_ = place.serves_store;
-    create_group();
-    logger_->info("ProcessGroupGuard: rank {} of {} (local rank {}), {} on {}", rank_, world_size_,
-                  local_rank_, backend_name(), device_.str());
-  }
+  explicit ProcessGroupGuard(Options options = {}) : s_(std::in_place, std::move(options)) {}
 
-  ProcessGroupGuard(ProcessGroupGuard&& other) noexcept
-      : options_(std::move(other.options_)),
-        logger_(other.logger_),
-        rank_(other.rank_),
-        world_size_(other.world_size_),
-        local_rank_(other.local_rank_),
-        nccl_(other.nccl_),
-        device_(other.device_),
-        where_(std::move(other.where_)),
-        serves_store_(other.serves_store_),
-        store_(std::move(other.store_)),
-        group_(std::move(other.group_)),
-        closed_(std::exchange(other.closed_, true)),
-        self_(std::move(other.self_)) {
-    if (self_) *self_ = this;  // what configure_checkpoints() handed out follows the move
-  }
-  ProcessGroupGuard& operator=(ProcessGroupGuard&& other) noexcept {
-    if (this != &other) {
-      this->~ProcessGroupGuard();
-      new (this) ProcessGroupGuard(std::move(other));
-    }
-    return *this;
-  }
-
-  // Tears the group down; never throws (close() does).
-  ~ProcessGroupGuard() {
-    try {
-      close();
-    } catch (...) {
-      logger_->error("ProcessGroupGuard: {}", describe(std::current_exception()));
-    }
-    if (self_) *self_ = nullptr;
-  }
+  // The destructor (and a move assignment, for the group the guard held) tears the group down;
+  // never throws (close() does).
+  ProcessGroupGuard(ProcessGroupGuard&&) noexcept = default;
+  ProcessGroupGuard& operator=(ProcessGroupGuard&&) noexcept = default;
 
   // The guard contract's close: the group is released the same way whatever the outcome.
-  void close(Outcome) { close(); }
+  void close(Outcome outcome) { s_.close(outcome); }
 
   // Releases the process group, then the store. Idempotent. Ranks do not wait for each other
   // here: a rank that leaves early because of an error must not hang in teardown.
-  void close() {
-    if (closed_) return;
-    closed_ = true;
-#if TORCHGUARD_WITH_NCCL
-    if (nccl_ && group_) static_cast<c10d::ProcessGroupNCCL&>(*group_).shutdown();
-#endif
-    group_.reset();
-    store_.reset();
-    logger_->debug("ProcessGroupGuard: rank {} left the group", rank_);
-  }
+  void close() { close(Outcome::success); }
 
-  int rank() const noexcept { return rank_; }
-  int world_size() const noexcept { return world_size_; }
-  int local_rank() const noexcept { return local_rank_; }
-  bool is_main() const noexcept { return rank_ == 0; }
+  int rank() const noexcept { return s_->rank; }
+  int world_size() const noexcept { return s_->world_size; }
+  int local_rank() const noexcept { return s_->local_rank; }
+  bool is_main() const noexcept { return s_->rank == 0; }
   // Where this rank computes: cuda:LOCAL_RANK with NCCL, the CPU with Gloo.
-  torch::Device device() const noexcept { return device_; }
-  const char* backend_name() const noexcept { return nccl_ ? "nccl" : "gloo"; }
+  torch::Device device() const noexcept { return s_->device; }
+  const char* backend_name() const noexcept { return s_->backend_name(); }
   // c10d's own objects, for collectives the guard does not wrap.
-  const c10::intrusive_ptr<detail::ProcessGroupBase>& process_group() const { return group(); }
-  const c10::intrusive_ptr<c10d::Store>& store() const { return store_; }
+  const c10::intrusive_ptr<detail::ProcessGroupBase>& process_group() const { return s_->group(); }
+  const c10::intrusive_ptr<c10d::Store>& store() const { return s_->store; }
 
   // Waits until every rank gets here (at most the timeout).
-  void barrier() {
-    c10d::BarrierOptions barrier_options;
-    barrier_options.timeout = options_.timeout;
-    if (nccl_) barrier_options.device_ids = {device_.index()};
-    wait(group()->barrier(barrier_options), "barrier");
-  }
+  void barrier() { s_->barrier(); }
 
   // Sums `tensors` in place over the ranks.
   void allreduce(std::vector<torch::Tensor>& tensors, const char* what = "allreduce") {
     if (tensors.empty()) return;
     c10d::AllreduceOptions allreduce_options;
-    allreduce_options.timeout = options_.timeout;
-    wait(group()->allreduce(tensors, allreduce_options), what);
+    allreduce_options.timeout = s_->options.timeout;
+    s_->wait(s_->group()->allreduce(tensors, allreduce_options), what);
   }
 
   // Averages every gradient of `module` over the ranks (one flat buffer: one collective).
@@ -177,30 +250,30 @@ class ProcessGroupGuard {
         gradients.push_back(parameter.grad());
       }
     }
-    if (gradients.empty() || world_size_ == 1) return;
+    if (gradients.empty() || world_size() == 1) return;
     std::vector<torch::Tensor> flat{flatten(gradients)};
     allreduce(flat, "allreduce_gradients");
-    flat[0].div_(world_size_);
+    flat[0].div_(world_size());
     unflatten_into(flat[0], gradients);
   }
 
   // Copies rank `root`'s parameters and buffers to every rank.
   void broadcast_parameters(torch::nn::Module& module, int root = 0) {
-    if (root < 0 || root >= world_size_) {
+    if (root < 0 || root >= world_size()) {
       throw OptionsError(fmt::format(
           "ProcessGroupGuard: broadcast_parameters: root {} is not a rank of a group of {}", root,
-          world_size_));
+          world_size()));
     }
     std::vector<torch::Tensor> tensors;
     for (auto& parameter : module.parameters()) tensors.push_back(parameter);
     for (auto& buffer : module.buffers()) tensors.push_back(buffer);
-    if (tensors.empty() || world_size_ == 1) return;
+    if (tensors.empty() || world_size() == 1) return;
     torch::NoGradGuard no_grad;
     std::vector<torch::Tensor> flat{flatten(tensors)};
     c10d::BroadcastOptions broadcast_options;
     broadcast_options.rootRank = root;
-    broadcast_options.timeout = options_.timeout;
-    wait(group()->broadcast(flat, broadcast_options), "broadcast_parameters");
+    broadcast_options.timeout = s_->options.timeout;
+    s_->wait(s_->group()->broadcast(flat, broadcast_options), "broadcast_parameters");
     unflatten_into(flat[0], tensors);
   }
 
@@ -211,7 +284,7 @@ class ProcessGroupGuard {
     if (extremes[0] != -extremes[1]) {
       throw DistributedError(
           fmt::format("ProcessGroupGuard: the ranks disagree on {}: from {} to {} (rank {} has {})",
-                      what, -extremes[1], extremes[0], rank_, value));
+                      what, -extremes[1], extremes[0], rank(), value));
     }
   }
 
@@ -223,28 +296,25 @@ class ProcessGroupGuard {
   // `after_save`) for this group: rank 0 writes, every rank waits at a barrier after each save.
   template <class CheckpointOptionsT>
   void configure_checkpoints(CheckpointOptionsT& checkpoint_options) {
-    checkpoint_options.is_writer = [rank = rank_] { return rank == 0; };
-    checkpoint_options.after_save = [self = self_] {
-      if (!self || !*self) throw DistributedError("ProcessGroupGuard: the group is gone");
-      (*self)->barrier();
+    checkpoint_options.is_writer = [rank = rank()] { return rank == 0; };
+    // The state stays where it is while the guard moves; `alive` tells when it is gone.
+    checkpoint_options.after_save = [state = s_.get(),
+                                     alive = std::weak_ptr<const bool>(s_->alive)] {
+      if (alive.expired()) throw DistributedError("ProcessGroupGuard: the group is gone");
+      state->barrier();
     };
   }
 
  private:
-  const c10::intrusive_ptr<detail::ProcessGroupBase>& group() const {
-    if (!group_) throw DistributedError("ProcessGroupGuard: the group is closed");
-    return group_;
-  }
-
   std::vector<std::int64_t> max_over_ranks(const std::vector<std::int64_t>& values,
                                            const char* what) {
-    if (world_size_ == 1) return values;
+    if (world_size() == 1) return values;
     std::vector<torch::Tensor> tensors{
-        torch::tensor(values, torch::TensorOptions().dtype(torch::kInt64)).to(device_)};
+        torch::tensor(values, torch::TensorOptions().dtype(torch::kInt64)).to(device())};
     c10d::AllreduceOptions allreduce_options;
     allreduce_options.reduceOp = c10d::ReduceOp::MAX;
-    allreduce_options.timeout = options_.timeout;
-    wait(group()->allreduce(tensors, allreduce_options), what);
+    allreduce_options.timeout = s_->options.timeout;
+    s_->wait(s_->group()->allreduce(tensors, allreduce_options), what);
     const auto result = tensors[0].to(torch::kCPU);
     return std::vector<std::int64_t>(result.data_ptr<std::int64_t>(),
                                      result.data_ptr<std::int64_t>() + result.numel());
@@ -267,86 +337,7 @@ class ProcessGroupGuard {
     }
   }
 
-  void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) {
-    try {
-      work->wait(options_.timeout);
-    } catch (const std::exception& e) {
-      throw DistributedError(fmt::format(
-          "ProcessGroupGuard: {} failed on rank {} of {} (a rank died, or did not get here within "
-          "{}): {}",
-          what, rank_, world_size_, format_duration(options_.timeout), error_message(e)));
-    }
-  }
-
-  void choose_backend() {
-    const bool gpu = TORCHGUARD_WITH_NCCL && torch::cuda::is_available();
-    switch (options_.backend) {
-      case DistributedBackend::gloo:
-        nccl_ = false;
-        break;
-      case DistributedBackend::nccl:
-        if (!gpu) {
-          throw DistributedError(
-              "ProcessGroupGuard: the NCCL backend needs a CUDA-enabled LibTorch built with NCCL "
-              "and a GPU; use DistributedBackend::gloo on the CPU");
-        }
-        nccl_ = true;
-        break;
-      case DistributedBackend::automatic:
-        nccl_ = gpu;
-        break;
-    }
-    device_ = torch::Device(torch::kCPU);
-#if TORCHGUARD_WITH_NCCL
-    if (nccl_) {
-      const int devices = static_cast<int>(torch::cuda::device_count());
-      if (local_rank_ >= devices) {
-        throw DistributedError(
-            fmt::format("ProcessGroupGuard: LOCAL_RANK {} has no GPU: this machine has {}",
-                        local_rank_, devices));
-      }
-      device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank_));
-      if (options_.select_cuda_device) c10::cuda::set_device(device_.index());
-    }
-#endif
-  }
-
-  void create_group() {
-    try {
-#if TORCHGUARD_WITH_NCCL
-      if (nccl_) {
-        auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
-        nccl_options->timeout = options_.timeout;
-        group_ =
-            c10::make_intrusive<c10d::ProcessGroupNCCL>(store_, rank_, world_size_, nccl_options);
-        return;
-      }
-#endif
-      auto gloo_options = c10d::ProcessGroupGloo::Options::create(options_.timeout);
-      gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-      group_ =
-          c10::make_intrusive<c10d::ProcessGroupGloo>(store_, rank_, world_size_, gloo_options);
-    } catch (const std::exception& e) {
-      throw DistributedError(
-          fmt::format("ProcessGroupGuard: creating the {} group failed on rank {}: {}",
-                      backend_name(), rank_, error_message(e)));
-    }
-  }
-
-  ProcessGroupOptions options_;
-  std::shared_ptr<spdlog::logger> logger_;
-  int rank_ = 0;
-  int world_size_ = 1;
-  int local_rank_ = 0;
-  bool nccl_ = false;
-  torch::Device device_{torch::kCPU};
-  std::string where_;
-  bool serves_store_ = false;  // this rank's process is the TCPStore's server
-  c10::intrusive_ptr<c10d::Store> store_;
-  c10::intrusive_ptr<detail::ProcessGroupBase> group_;
-  bool closed_ = false;
-  // Where this guard lives now, for the checkpoint fence handed out (null once destroyed).
-  std::shared_ptr<ProcessGroupGuard*> self_ = std::make_shared<ProcessGroupGuard*>(this);
+  detail::GuardState<detail::ProcessGroupState> s_;
 };
 
 }  // namespace torchguard

@@ -37,7 +37,7 @@
 #include "torchguard/core/guard.hpp"
 #include "torchguard/core/logging.hpp"
 #include "torchguard/core/outcome.hpp"
-#include "torchguard/detail/cuda_memory.hpp"
+#include "torchguard/gpu/cuda_memory.hpp"
 
 namespace torchguard {
 
@@ -124,167 +124,166 @@ inline void say_unavailable_once(const std::shared_ptr<spdlog::logger>& logger) 
       built_with_cuda ? "no CUDA device is available" : "this LibTorch has no CUDA support");
 }
 
-}  // namespace detail
+// An open GpuMemoryGuard's scope on a usable allocator: the device it selected, the counters at
+// entry, its running peaks (the frame in open_frames()), and the figures at exit.
+struct GpuMemoryScope {
+  static constexpr const char* close_error_prefix = "GpuMemoryGuard";
 
-class GpuMemoryGuard {
- public:
-  using Options = GpuMemoryOptions;
-
-  explicit GpuMemoryGuard(Options options = {})
-      : options_(std::move(options)),
-        logger_(detail::or_default(options_.logger)),
-        source_(&detail::allocator_source()) {
-    if (!source_->usable()) {
-      detail::say_unavailable_once(logger_);
+  GpuMemoryScope(GpuMemoryOptions scope_options, AllocatorSource& allocator)
+      : options(std::move(scope_options)),
+        logger(or_default(options.logger)),
+        source(&allocator),
+        previous_device(source->current_device()),
+        device(options.device.value_or(previous_device)) {
+    if (device != previous_device) source->set_device(device);
+    if (options.memory_fraction) source->set_memory_fraction(*options.memory_fraction, device);
+    if (options.empty_cache_on_entry) source->empty_cache();
+    if (!options.reset_peak) {
+      entry = source->read(device);
       return;
     }
-    active_ = true;
-    previous_device_ = source_->current_device();
-    device_ = options_.device.value_or(previous_device_);
-    if (device_ != previous_device_) source_->set_device(device_);
-    if (options_.memory_fraction) source_->set_memory_fraction(*options_.memory_fraction, device_);
-    if (options_.empty_cache_on_entry) source_->empty_cache();
-    if (!options_.reset_peak) {
-      entry_ = source_->read(device_);
-      return;
-    }
-    std::lock_guard<std::mutex> lock(detail::peak_mutex());
-    entry_ = detail::end_segment(*source_, device_);  // the open guards' segment ends here
-    // On the heap: the open-frame list points to it, and the guard may move.
-    frame_ = std::make_unique<detail::PeakFrame>(
-        detail::PeakFrame{source_, device_, entry_.allocated_bytes, entry_.reserved_bytes});
-    detail::open_frames().push_back(frame_.get());
+    std::lock_guard<std::mutex> lock(peak_mutex());
+    entry = end_segment(*source, device);  // the open guards' segment ends here
+    frame = PeakFrame{source, device, entry.allocated_bytes, entry.reserved_bytes};
+    open_frames().push_back(&frame);  // last: nothing throws once the frame is listed
+    linked = true;
   }
 
-  GpuMemoryGuard(GpuMemoryGuard&& other) noexcept
-      : options_(std::move(other.options_)),
-        logger_(other.logger_),
-        source_(other.source_),
-        active_(std::exchange(other.active_, false)),
-        closed_(other.closed_),
-        device_(other.device_),
-        previous_device_(other.previous_device_),
-        entry_(other.entry_),
-        frame_(std::move(other.frame_)),
-        final_(std::move(other.final_)) {}
-  GpuMemoryGuard& operator=(GpuMemoryGuard&& other) noexcept {
-    if (this != &other) {
-      close_noexcept();
-      options_ = std::move(other.options_);
-      logger_ = other.logger_;
-      source_ = other.source_;
-      active_ = std::exchange(other.active_, false);
-      closed_ = other.closed_;
-      device_ = other.device_;
-      previous_device_ = other.previous_device_;
-      entry_ = other.entry_;
-      frame_ = std::move(other.frame_);
-      final_ = std::move(other.final_);
-    }
-    return *this;
+  GpuMemoryScope(const GpuMemoryScope&) = delete;
+  GpuMemoryScope& operator=(const GpuMemoryScope&) = delete;
+
+  // The frame leaves the list even when close() failed before it got there: never dangling.
+  ~GpuMemoryScope() {
+    if (!linked) return;
+    std::lock_guard<std::mutex> lock(peak_mutex());
+    unlink();
   }
 
-  // Logs the scope's figures, restores the device and the memory fraction. Never throws.
-  ~GpuMemoryGuard() { close_noexcept(); }
-
-  // Ends the scope now (idempotent): final figures, log line, device and fraction restored.
-  void close(Outcome = Outcome::success) {
-    if (!active_ || closed_) return;
-    closed_ = true;
-    if (options_.empty_cache_on_exit) source_->empty_cache();
-    if (options_.reset_peak) {
-      std::lock_guard<std::mutex> lock(detail::peak_mutex());
-      auto& frames = detail::open_frames();
-      const auto unlink = [&] {  // even when the allocator throws: never left dangling
-        frames.erase(std::remove(frames.begin(), frames.end(), frame_.get()), frames.end());
-      };
-      detail::AllocatorCounters now;
+  // See GpuMemoryGuard::close.
+  void close(Outcome) {
+    if (closed) return;
+    closed = true;
+    if (options.empty_cache_on_exit) source->empty_cache();
+    if (options.reset_peak) {
+      std::lock_guard<std::mutex> lock(peak_mutex());
+      AllocatorCounters now;
       try {
         // The segment ends for every open guard, this one included; the others measure on.
-        now = detail::end_segment(*source_, device_);
+        now = end_segment(*source, device);
       } catch (...) {
         unlink();
         throw;
       }
       unlink();
-      final_ = figures(now, frame_->running_peak_allocated, frame_->running_peak_reserved);
+      final_stats = figures(now, frame.running_peak_allocated, frame.running_peak_reserved);
     } else {
-      final_ = stats();
+      final_stats = stats();
     }
-    log_line(*final_);
-    if (options_.memory_fraction) source_->set_memory_fraction(1.0, device_);
-    if (device_ != previous_device_) source_->set_device(previous_device_);
+    log_line(*final_stats);
+    if (options.memory_fraction) source->set_memory_fraction(1.0, device);
+    if (device != previous_device) source->set_device(previous_device);
   }
 
-  // The figures now (after close(): the figures at exit).
+  // See GpuMemoryGuard::stats.
   GpuMemoryStats stats() const {
-    if (final_) return *final_;
-    if (!active_) return {};
-    if (!options_.reset_peak) {
-      const auto now = source_->read(device_);
+    if (final_stats) return *final_stats;
+    if (!options.reset_peak) {
+      const auto now = source->read(device);
       return figures(now, now.peak_allocated_bytes, now.peak_reserved_bytes);
     }
-    std::lock_guard<std::mutex> lock(detail::peak_mutex());
-    const auto now = source_->read(device_);
-    return figures(now, std::max(frame_->running_peak_allocated, now.peak_allocated_bytes),
-                   std::max(frame_->running_peak_reserved, now.peak_reserved_bytes));
+    std::lock_guard<std::mutex> lock(peak_mutex());
+    const auto now = source->read(device);
+    return figures(now, std::max(frame.running_peak_allocated, now.peak_allocated_bytes),
+                   std::max(frame.running_peak_reserved, now.peak_reserved_bytes));
   }
 
+  GpuMemoryOptions options;
+  std::shared_ptr<spdlog::logger> logger;
+  AllocatorSource* source;
+  int previous_device;
+  int device;
+  AllocatorCounters entry;
+  PeakFrame frame{};  // with reset_peak: in open_frames() while `linked`
+  bool linked = false;
+  bool closed = false;
+  std::optional<GpuMemoryStats> final_stats;
+
  private:
-  GpuMemoryStats figures(const detail::AllocatorCounters& now, std::int64_t peak_allocated,
+  // Takes the frame off the open list. Call with peak_mutex() held.
+  void unlink() noexcept {
+    if (!linked) return;
+    auto& frames = open_frames();
+    frames.erase(std::remove(frames.begin(), frames.end(), &frame), frames.end());
+    linked = false;
+  }
+
+  GpuMemoryStats figures(const AllocatorCounters& now, std::int64_t peak_allocated,
                          std::int64_t peak_reserved) const {
     GpuMemoryStats s;
     s.available = true;
-    s.device = device_;
-    s.allocated_bytes_at_entry = entry_.allocated_bytes;
-    s.reserved_bytes_at_entry = entry_.reserved_bytes;
+    s.device = device;
+    s.allocated_bytes_at_entry = entry.allocated_bytes;
+    s.reserved_bytes_at_entry = entry.reserved_bytes;
     s.allocated_bytes = now.allocated_bytes;
     s.reserved_bytes = now.reserved_bytes;
     s.peak_allocated_bytes = peak_allocated;
     s.peak_reserved_bytes = peak_reserved;
-    s.leaked_bytes = now.allocated_bytes - entry_.allocated_bytes;
+    s.leaked_bytes = now.allocated_bytes - entry.allocated_bytes;
     s.fragmentation = now.reserved_bytes > 0
                           ? double(now.reserved_bytes - now.allocated_bytes) / now.reserved_bytes
                           : 0.0;
-    s.oom_events = now.oom_events - entry_.oom_events;
-    s.alloc_retries = now.alloc_retries - entry_.alloc_retries;
+    s.oom_events = now.oom_events - entry.oom_events;
+    s.alloc_retries = now.alloc_retries - entry.alloc_retries;
     return s;
   }
 
-  void close_noexcept() noexcept {
-    try {
-      close(Outcome::success);
-    } catch (...) {
-      logger_->error("GpuMemoryGuard: {}", describe(std::current_exception()));
-    }
-  }
-
   void log_line(const GpuMemoryStats& s) const {
-    using detail::format_bytes;
-    const std::string label = options_.label.empty() ? "" : fmt::format(" [{}]", options_.label);
-    logger_->info(
+    const std::string label = options.label.empty() ? "" : fmt::format(" [{}]", options.label);
+    logger->info(
         "GPU memory{} cuda:{}: peak {} allocated / {} reserved; now {} allocated ({} at entry), "
         "{} reserved ({:.0f}% fragmentation); leaked {}; {} OOM, {} allocator retries",
         label, s.device, format_bytes(s.peak_allocated_bytes), format_bytes(s.peak_reserved_bytes),
         format_bytes(s.allocated_bytes), format_bytes(s.allocated_bytes_at_entry),
         format_bytes(s.reserved_bytes), s.fragmentation * 100, format_bytes(s.leaked_bytes),
         s.oom_events, s.alloc_retries);
-    if (s.leaked_bytes > options_.leak_warning_bytes) {
-      logger_->warn("GPU memory{} cuda:{}: the scope left {} more allocated than at its entry",
-                    label, s.device, format_bytes(s.leaked_bytes));
+    if (s.leaked_bytes > options.leak_warning_bytes) {
+      logger->warn("GPU memory{} cuda:{}: the scope left {} more allocated than at its entry",
+                   label, s.device, format_bytes(s.leaked_bytes));
     }
   }
+};
 
-  GpuMemoryOptions options_;
-  std::shared_ptr<spdlog::logger> logger_;
-  detail::AllocatorSource* source_;
-  bool active_ = false;
-  bool closed_ = false;
-  int device_ = -1;
-  int previous_device_ = -1;
-  detail::AllocatorCounters entry_;
-  std::unique_ptr<detail::PeakFrame> frame_;
-  std::optional<GpuMemoryStats> final_;
+}  // namespace detail
+
+class GpuMemoryGuard {
+ public:
+  using Options = GpuMemoryOptions;
+
+  // Without a usable allocator (CPU-only LibTorch, no GPU) the guard holds nothing.
+  explicit GpuMemoryGuard(Options options = {}) : s_(open(std::move(options))) {}
+
+  // The destructor (and a move assignment, for the scope the guard held) logs the scope's
+  // figures, restores the device and the memory fraction. Never throws.
+  GpuMemoryGuard(GpuMemoryGuard&&) noexcept = default;
+  GpuMemoryGuard& operator=(GpuMemoryGuard&&) noexcept = default;
+
+  // Ends the scope now (idempotent): final figures, log line, device and fraction restored.
+  void close(Outcome outcome = Outcome::success) { s_.close(outcome); }
+
+  // The figures now (after close(): the figures at exit).
+  GpuMemoryStats stats() const { return s_ ? s_->stats() : GpuMemoryStats{}; }
+
+ private:
+  static std::unique_ptr<detail::GpuMemoryScope> open(Options options) {
+    auto& source = detail::allocator_source();
+    if (!source.usable()) {
+      detail::say_unavailable_once(detail::or_default(options.logger));
+      return nullptr;
+    }
+    return std::make_unique<detail::GpuMemoryScope>(std::move(options), source);
+  }
+
+  detail::GuardState<detail::GpuMemoryScope> s_;
 };
 
 }  // namespace torchguard

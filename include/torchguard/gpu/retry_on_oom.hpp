@@ -23,7 +23,7 @@
 
 #include "torchguard/core/error.hpp"
 #include "torchguard/core/logging.hpp"
-#include "torchguard/detail/cuda_memory.hpp"
+#include "torchguard/gpu/cuda_memory.hpp"
 
 namespace torchguard {
 

@@ -29,7 +29,7 @@
 #include "torchguard/core/error.hpp"
 #include "torchguard/core/metrics.hpp"
 #include "torchguard/detail/files.hpp"
-#include "torchguard/detail/tfrecord.hpp"
+#include "torchguard/session/tfrecord.hpp"
 
 namespace torchguard {
 
