@@ -15,3 +15,20 @@ interop_python() {  # interop_python <module>
   echo "SKIPPED: no Python with $1 (scripts/setup.sh --torch2 installs it)"
   return 1
 }
+# The Python whose torch is the given LibTorch version's (major.minor: the same kernels), with the
+# repository's python/ package on its path, as a command prefix: Debian's python3-torch (the venv
+# scripts/setup.sh makes over it) for Debian's LibTorch, the torch2 venv for the wheel's. Without
+# one, prints the SKIPPED line and fails:
+#   python=$(libtorch_python 2.15.0 "torchguard, safetensors") || { echo "$python"; exit 0; }
+libtorch_python() {  # libtorch_python <LibTorch version> <modules>
+  local python version=${1%.*}.
+  for python in "${TORCHGUARD_PYTHON:-}" "${TORCHGUARD_DEBIAN_VENV:-/opt/torchguard-venv-debian}/bin/python" \
+                "${TORCHGUARD_TORCH2_VENV:-/opt/torchguard-venv}/bin/python"; do
+    [ -n "$python" ] && [ -x "$python" ] &&
+      PYTHONPATH="$(dirname "${BASH_SOURCE[0]}")/../python" "$python" -c \
+        "import torch, $2; assert torch.__version__.startswith('$version')" 2>/dev/null &&
+      { echo "env PYTHONPATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/../python" && pwd) $python"; return 0; }
+  done
+  echo "SKIPPED: no Python with torch ${version}x that imports $2 (scripts/setup.sh installs it)"
+  return 1
+}

@@ -39,6 +39,7 @@ inline auto Contains(const std::string& text) { return Catch::Matchers::Contains
 #include <spdlog/sinks/base_sink.h>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
+#include <torch/version.h>
 
 namespace torchguard::testing {
 
@@ -218,6 +219,35 @@ inline std::string interop_python(const std::string& modules) {
   }
   std::cout << "SKIPPED: no Python that imports " << modules
             << " (scripts/setup.sh --torch2 installs it)" << std::endl;
+  return {};
+}
+
+// The Python whose torch is this build's LibTorch (the same major and minor version: the same
+// kernels on both sides), that imports `modules`, with the repository's python/ package on its
+// path: "PYTHONPATH=... <python>", a command prefix. Debian's python3-torch for Debian's
+// LibTorch (the venv scripts/setup.sh makes over it, $TORCHGUARD_DEBIAN_VENV), the torch2 venv
+// for the wheel's. Otherwise "" after printing the SKIPPED line.
+inline std::string libtorch_python(const std::string& modules) {
+  const std::string version = fmt::format("{}.{}.", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR);
+  std::vector<std::string> candidates;
+  if (const char* python = std::getenv("TORCHGUARD_PYTHON")) candidates.push_back(python);
+  const char* debian = std::getenv("TORCHGUARD_DEBIAN_VENV");
+  candidates.push_back(std::string(debian ? debian : "/opt/torchguard-venv-debian") +
+                       "/bin/python");
+  const char* venv = std::getenv("TORCHGUARD_TORCH2_VENV");
+  candidates.push_back(std::string(venv ? venv : "/opt/torchguard-venv") + "/bin/python");
+  const std::string path = fmt::format("PYTHONPATH='{}/../python'", TORCHGUARD_TESTS_DIR);
+  for (const auto& python : candidates) {
+    const std::string probe = fmt::format(
+        "{} {} -c 'import torch, {}; assert torch.__version__.startswith(\"{}\")' "
+        ">/dev/null 2>&1",
+        path, python, modules, version);
+    if (std::filesystem::exists(python) && std::system(probe.c_str()) == 0) {
+      return path + " " + python;
+    }
+  }
+  std::cout << "SKIPPED: no Python with torch " << version << "x that imports " << modules
+            << " (scripts/setup.sh installs them)" << std::endl;
   return {};
 }
 

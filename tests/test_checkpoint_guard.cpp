@@ -1112,7 +1112,7 @@ TEST_CASE("an optimizer that is not built in is saved through its own serialize(
   guard.save();
   const auto manifest = nlohmann::json::parse(
       torchguard::testing::read_text(guard.list().back().path / "manifest.json"));
-  CHECK(manifest["optimizer"] == "archive");
+  CHECK(manifest["optimizers"]["optimizer"]["kind"] == "archive");
   torch::nn::Linear model2(4, 1);
   torch::optim::LBFGS optimizer2(model2->parameters(), torch::optim::LBFGSOptions(0.5));
   CheckpointGuard restored(model2, optimizer2, options);
@@ -1540,4 +1540,211 @@ TEST_CASE("choosing the checkpoint to restore: latest, none, a step or a name",
   CHECK_THROWS_WITH(restored("2"), Contains("which restore names, is damaged"));
   CHECK(fs::exists(dir.path / "quarantine" / "ckpt-000002-step-2"));
   CHECK(checkpoint_dirs(dir.path).size() == 2);  // the others stay
+}
+
+// ---- a run that crosses between C++ and Python (python/, tests/python_parts.py) -------------
+
+namespace {
+
+std::shared_ptr<torch::optim::Optimizer> make_optimizer(const std::string& kind,
+                                                        std::vector<torch::Tensor> parameters) {
+  using namespace torch::optim;
+  if (kind == "sgd") {
+    return std::make_shared<SGD>(parameters, SGDOptions(0.05).momentum(0.9).nesterov(true));
+  }
+  if (kind == "adam") {
+    return std::make_shared<Adam>(parameters, AdamOptions(0.01).betas({0.8, 0.99}));
+  }
+  if (kind == "adamw") {
+    return std::make_shared<AdamW>(parameters, AdamWOptions(0.01).weight_decay(0.05));
+  }
+  if (kind == "rmsprop") {
+    return std::make_shared<RMSprop>(parameters, RMSpropOptions(0.01).momentum(0.5).centered(true));
+  }
+  return std::make_shared<Adagrad>(parameters, AdagradOptions(0.05));
+}
+
+// tests/python_parts.py's run, in C++: resumes from `dir`'s newest checkpoint (whichever side
+// wrote it), trains up to `steps`, saves.
+void train_parts(const fs::path& dir, std::int64_t steps, const std::string& kind_a,
+                 const std::string& kind_b) {
+  torch::set_num_threads(1);
+  const auto data = torchguard::load_safetensors(dir / "data.safetensors");
+  const auto& x = data.at("x");
+  const auto& y = data.at("y");
+  torch::manual_seed(3);
+  torch::nn::Sequential encoder(torch::nn::Linear(6, 16), torch::nn::ReLU(),
+                                torch::nn::Dropout(0.3), torch::nn::Linear(16, 4));
+  torch::nn::Sequential head(torch::nn::Linear(4, 8), torch::nn::Tanh(), torch::nn::Linear(8, 1));
+  auto opt_a = make_optimizer(kind_a, encoder->parameters());
+  auto opt_b = make_optimizer(kind_b, head->parameters());
+  auto schedule = std::make_shared<torch::optim::StepLR>(*opt_a, 3, 0.5);
+  torchguard::ResumableSampler sampler(static_cast<std::size_t>(y.size(0)), {/*seed=*/7});
+  CheckpointOptions options = quiet_options(dir / "checkpoints");
+  options.models = {{"encoder", encoder.ptr()}, {"head", head.ptr()}};
+  options.optimizers = {{"encoder", opt_a}, {"head", opt_b}};
+  options.schedulers = {{"encoder", schedule}};
+  options.samplers = {{"train", sampler}};
+  options.save_on_exit = SaveOnExit::never;
+  CheckpointGuard guard(options);
+  while (guard.current_step() < steps) {
+    const auto left = sampler.remaining();
+    const auto count = std::min<std::size_t>(16, left.size());
+    const auto batch = torch::tensor(std::vector<std::int64_t>(left.begin(), left.begin() + count));
+    opt_a->zero_grad();
+    opt_b->zero_grad();
+    auto loss = torch::mse_loss(head->forward(encoder->forward(x.index_select(0, batch))),
+                                y.index_select(0, batch));
+    loss.backward();
+    opt_a->step();
+    opt_b->step();
+    schedule->step();
+    if (count == left.size()) {
+      sampler.next_epoch();
+    } else {
+      sampler.consume(count);
+    }
+    guard.step();
+  }
+  guard.save();
+}
+
+}  // namespace
+
+TEST_CASE("interop: a run goes C++ -> Python -> C++ and Python -> C++ -> Python with every part",
+          "[checkpoint][python][interop]") {
+  const std::string python = torchguard::testing::libtorch_python("torchguard, safetensors");
+  if (python.empty()) return;  // skipped
+  const std::string script = fmt::format("{}/python_parts.py", TORCHGUARD_TESTS_DIR);
+  auto run_python = [&](const std::string& arguments) {
+    return torchguard::testing::command_output(
+        fmt::format("{} {} {} 2>&1", python, script, arguments));
+  };
+
+  // Python's order is the sampler's, index for index.
+  const auto [order, listed] = run_python("permutation 1000 12345 3");
+  REQUIRE(listed);
+  std::string expected;
+  for (const auto index : torchguard::ResumableSampler::permutation(1000, 12345, 3)) {
+    expected += std::to_string(index) + "\n";
+  }
+  CHECK(order == expected);
+
+  // The two optimizers of each pair cross together: every kind, on both models.
+  const std::vector<std::pair<std::string, std::string>> pairs = {
+      {"sgd", "adam"}, {"rmsprop", "adagrad"}, {"adamw", "sgd"}};
+  for (const auto& [kind_a, kind_b] : pairs) {
+    CAPTURE(kind_a, kind_b);
+    const std::string kinds = kind_a + " " + kind_b;
+    TempDir cpp, python_run, crossed, crossed_back;
+    torch::manual_seed(11);
+    const auto x = torch::randn({256, 6});
+    const auto y = x.sum(1, true).sin();
+    for (const auto* dir : {&cpp, &python_run, &crossed, &crossed_back}) {
+      torchguard::save_safetensors(dir->path / "data.safetensors", {{"x", x}, {"y", y}});
+    }
+    // C++ alone, and C++ -> Python -> C++ (each side 25 steps: the sampler mid-epoch, the
+    // schedule's steps falling on both sides).
+    train_parts(cpp.path, 75, kind_a, kind_b);
+    train_parts(crossed.path, 25, kind_a, kind_b);
+    REQUIRE(run_python(fmt::format("train '{}' 50 {}", crossed.path.string(), kinds)).second);
+    train_parts(crossed.path, 75, kind_a, kind_b);
+    // Python alone, and Python -> C++ -> Python.
+    REQUIRE(run_python(fmt::format("train '{}' 75 {}", python_run.path.string(), kinds)).second);
+    REQUIRE(run_python(fmt::format("train '{}' 25 {}", crossed_back.path.string(), kinds)).second);
+    train_parts(crossed_back.path, 50, kind_a, kind_b);
+    REQUIRE(run_python(fmt::format("train '{}' 75 {}", crossed_back.path.string(), kinds)).second);
+
+    for (const auto& [alone, crossing] :
+         {std::pair{&cpp, &crossed}, std::pair{&python_run, &crossed_back}}) {
+      const auto [report, equal] =
+          run_python(fmt::format("compare '{}' '{}'", (alone->path / "checkpoints").string(),
+                                 (crossing->path / "checkpoints").string()));
+      INFO(report);
+#if TORCH_VERSION_MAJOR >= 2
+      // PyTorch 2.x's Python Adam and AdamW update exp_avg, and centered RMSprop grad_avg, with
+      // lerp_, LibTorch's C++ ones with mul_ and add_: the last bit may differ, and the
+      // difference grows with the steps. Every other kind, and every part, is exact.
+      const auto lerps = [](const std::string& kind) {
+        return kind == "adam" || kind == "adamw" || kind == "rmsprop";
+      };
+      if (lerps(kind_a) || lerps(kind_b)) {
+        const auto at = report.find("largest difference ");
+        REQUIRE(at != std::string::npos);
+        CHECK(std::stod(report.substr(at + 19)) < 1e-5);
+        continue;
+      }
+#endif
+      CHECK(equal);
+    }
+  }
+}
+
+TEST_CASE(
+    "interop: Python's errors say what to do: a running job, damage, an optimizer or a dtype "
+    "it cannot rebuild",
+    "[checkpoint][python][interop]") {
+  const std::string python = torchguard::testing::libtorch_python("torchguard, safetensors");
+  if (python.empty()) return;  // skipped
+  auto run_python = [&](const std::string& command, const fs::path& dir) {
+    return torchguard::testing::command_output(fmt::format("{} {}/python_parts.py {} '{}' 2>&1",
+                                                           python, TORCHGUARD_TESTS_DIR, command,
+                                                           dir.string()))
+        .first;
+  };
+  TempDir dir;
+  {
+    Run run(1);
+    auto options = run.options(dir.path, std::make_shared<spdlog::logger>("quiet"));
+    options.every_n_steps = 1;
+    options.save_on_exit = SaveOnExit::never;
+    CheckpointGuard guard(run.model, *run.optimizer, options);
+    for (int i = 0; i < 2; ++i) {
+      run.train_step();
+      guard.step();
+    }
+    // A running C++ job holds the directory: Python's save is refused, naming it.
+    CHECK_THAT(run_python("save", dir.path),
+               Contains("DirectoryInUseError") &&
+                   Contains("in use by another run (pid " + std::to_string(::getpid()) + ")"));
+  }
+  CHECK_THAT(run_python("describe", dir.path),
+             Contains("step 2, models ['model'], optimizers ['optimizer']"));
+  // A damaged newest checkpoint: the one before it, with the reason.
+  const auto newest = dir.path / "ckpt-000002-step-2";
+  {
+    std::fstream io(newest / "model.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+    io.seekp(100);
+    io.put('X');
+  }
+  CHECK_THAT(run_python("describe", dir.path),
+             Contains("step 1,") && Contains("model.safetensors fails its checksum"));
+  // What Python cannot rebuild: an optimizer LibTorch serialized itself, a dtype torch lacks.
+  const auto older = dir.path / "ckpt-000001-step-1";
+  auto manifest =
+      nlohmann::ordered_json::parse(torchguard::testing::read_text(older / "manifest.json"));
+  manifest.erase(torchguard::detail::manifest_checksum_key);
+  auto rewrite = [&] {
+    std::ofstream(older / "manifest.json", std::ios::trunc)
+        << torchguard::detail::manifest_text(manifest);
+  };
+  manifest["optimizers"]["optimizer"]["kind"] = "archive";
+  rewrite();
+  CHECK_THAT(run_python("describe", dir.path),
+             Contains("UnsupportedOptimizerError: optimizer 'optimizer' is a LibTorch optimizer "
+                      "that torchguard does not know"));
+  manifest["optimizers"]["optimizer"]["kind"] = "adam";
+  torchguard::RawTensorMap raw;
+  raw["tensors.odd"] = {"F6_E2M3", {4}, std::string(3, '\0')};
+  torchguard::save_safetensors(older / "extra.safetensors", {}, {}, raw);
+  const std::string extra = torchguard::testing::read_text(older / "extra.safetensors");
+  for (auto& file : manifest["files"]) {
+    if (file["name"] != "extra.safetensors") continue;
+    file["size"] = extra.size();
+    file["xxh3_64"] = torchguard::detail::hex64(torchguard::detail::checksum_of(extra));
+  }
+  rewrite();
+  CHECK_THAT(run_python("describe", dir.path), Contains("CheckpointError: extra.safetensors:") &&
+                                                   Contains("a dtype this PyTorch") &&
+                                                   Contains("has no tensor for"));
 }

@@ -17,6 +17,10 @@
 #   file-errors a TensorBoard file whose fsync fails at the end, a metrics file whose write
 #               returns 0: the run's status is 1, with the file named (tests/io_faults.c, the
 #               shim: its path is the third argument)
+#   crossing    a run goes C++ -> Python -> C++ (examples/fashion_mnist.py train, through python/'s
+#               package) and Python -> C++ -> Python, 200 steps on each side, and ends with the
+#               parameters and Adam's state of a run done in one language, bit for bit (needs the
+#               Python whose torch is this LibTorch, the fourth argument's version)
 #   python      PyTorch and the demo share weights: Python's initial weights start the demo
 #               (--init-from), and Python evaluates the demo's newest checkpoint to the demo's
 #               own test accuracy (needs Python with safetensors; skipped visibly without it)
@@ -27,6 +31,7 @@ set -uo pipefail
 binary=$1
 case_name=$2
 faults_library=${3:-}
+libtorch_version=${4:-}
 work=$(mktemp -d "${TMPDIR:-/tmp}/torchguard-demo-XXXXXX")
 trap 'umount "$work/disk" 2>/dev/null; rm -rf "$work"' EXIT
 # Small and quick, and the same in every run: the thread count fixes the arithmetic.
@@ -286,6 +291,36 @@ case "$case_name" in
     [ "$status" -eq 1 ] || { cat "$work/metrics.out"; fail "exit status $status, not 1"; }
     expect_in "$work/metrics.out" "cannot write metrics to"
     expect_in "$work/metrics.out" "No space left on device"
+    ;;
+  crossing)
+    python=$(libtorch_python "$libtorch_version" "torchguard, safetensors") || { echo "$python"; exit 0; }
+    twin=($python "$(dirname "$0")/../examples/fashion_mnist.py" train --threads 2 --batch-size 32
+          --checkpoint-every 100)
+    cpp=("$binary" "${common[@]}" --batch-size 32 --checkpoint-every 100)
+    compare() {  # compare <run dir> <run dir>: the newest checkpoints' parameters and Adam's state
+      $python "$(dirname "$0")/python_parts.py" compare "$1/checkpoints" "$2/checkpoints" \
+        > "$work/compare.out" 2>&1 || { cat "$work/compare.out"; fail "$1 and $2 differ"; }
+    }
+    run() {  # run <name> <command...>: a segment, its output kept
+      local name=$1
+      shift
+      "$@" > "$work/$name.out" 2>&1 || { cat "$work/$name.out"; fail "$name failed"; }
+    }
+    run cpp-alone "${cpp[@]}" --run-dir "$work/cpp" --max-steps 600
+    run cpp-1 "${cpp[@]}" --run-dir "$work/cross" --max-steps 200
+    run python-2 "${twin[@]}" "$work/cross" --max-steps 400
+    expect_in "$work/python-2.out" "resumed from step 200"
+    run cpp-3 "${cpp[@]}" --run-dir "$work/cross" --max-steps 600
+    expect_in "$work/cpp-3.out" "resumed from step 400"
+    compare "$work/cpp" "$work/cross"
+    run python-alone "${twin[@]}" "$work/python" --max-steps 600
+    run python-1 "${twin[@]}" "$work/back" --max-steps 200
+    run cpp-2 "${cpp[@]}" --run-dir "$work/back" --max-steps 400
+    expect_in "$work/cpp-2.out" "resumed from step 200"
+    run python-3 "${twin[@]}" "$work/back" --max-steps 600
+    compare "$work/python" "$work/back"
+    [ "$(fingerprint "$work/cpp")" = "$(sed -nE 's/.*parameters ([0-9a-f]+).*/\1/p' "$work/python-3.out")" ] ||
+      echo "note: C++ alone and Python alone differ (their initial weights are each language's own)"
     ;;
   *)
     fail "unknown case '$case_name'"
