@@ -8,8 +8,8 @@
 //                      the epoch, saved in the checkpoint
 // Interrupted (Ctrl-C; or kill -9, from the last checkpoint), the same command goes on at the
 // next batch of the epoch it was in and ends with the same parameters, bit for bit, as a run that
-// was never interrupted (on the CPU, with the same --threads). The README's "Adopting torchguard
-// in an existing training loop" walks through the changes.
+// was never interrupted (on the CPU, with the same --threads). docs/adopting.md walks through the
+// changes.
 //
 //   adopt_mnist --data-dir data --run-dir mnist-run     (MNIST's uncompressed idx files in data/)
 #include <torch/torch.h>

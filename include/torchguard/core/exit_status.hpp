@@ -9,8 +9,8 @@
 //   }
 //
 // An exception that leaves main() aborts the process (status 134) before anything is said, and a
-// cleanup that fails in a destructor is only logged: see the README's ScopeStack section for the
-// pattern that closes the guards where their errors still count.
+// cleanup that fails in a destructor is only logged: docs/guides/scope-stack.md shows the pattern
+// that closes the guards where their errors still count.
 #pragma once
 
 #include <cstdio>
