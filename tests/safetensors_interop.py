@@ -1,4 +1,5 @@
-"""The Python side of the safetensors interop tests (tests/test_checkpoint_parts.cpp, [interop]):
+"""The Python side of the safetensors interop tests (tests/checkpoint/test_safetensors.cpp
+and test_state_dict.cpp, [interop]):
 the real `safetensors` package and PyTorch, run by the C++ tests.
 
   safetensors_interop.py check-dtypes FILE   FILE (written by C++) loads with load_file into the
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save, save_file
 
 
 def every_dtype():
-    """The same tensors as every_dtype() in tests/test_checkpoint_parts.cpp."""
+    """The same tensors as every_dtype() in tests/checkpoint/test_safetensors.cpp."""
     base = (torch.arange(24, dtype=torch.float64) / 2).reshape(2, 3, 4)
     tensors = {name: base.to(dtype) for name, dtype in [
         ("f32", torch.float32), ("f16", torch.float16), ("bf16", torch.bfloat16),
@@ -31,7 +32,7 @@ def every_dtype():
 
 
 class Small(torch.nn.Module):
-    """The same module as SmallNet in tests/test_checkpoint_parts.cpp."""
+    """The same module as SmallNet in tests/checkpoint/test_state_dict.cpp."""
 
     def __init__(self):
         super().__init__()

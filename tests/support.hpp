@@ -124,6 +124,16 @@ inline std::string read_text(const std::filesystem::path& path) {
   return content.str();
 }
 
+// The names of the entries in `dir`, sorted.
+inline std::vector<std::string> names_in(const std::filesystem::path& dir) {
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    names.push_back(entry.path().filename().string());
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
 // Starts this test program again, running only the (hidden) test `test_tag`, with `extra_env`
 // ("NAME=value") added to our environment. Its stdout goes to `output` (empty: /dev/null), and
 // `fd3`, when not -1, becomes its fd 3. Returns the child's pid.
@@ -131,9 +141,18 @@ inline pid_t spawn_test_child(const std::string& test_tag,
                               const std::vector<std::string>& extra_env,
                               const std::string& output = "", int fd3 = -1) {
   const std::string exe = std::filesystem::read_symlink("/proc/self/exe").string();
-  std::vector<std::string> env_strings;
-  for (char** e = ::environ; *e; ++e) env_strings.emplace_back(*e);
-  env_strings.insert(env_strings.end(), extra_env.begin(), extra_env.end());
+  // extra_env's variables replace ours of the same name (getenv finds the first one: under
+  // AddressSanitizer, the ASAN_OPTIONS that scripts/test.sh sets would hide the child's own).
+  std::vector<std::string> env_strings = extra_env;
+  const auto named_in_extra = [&extra_env](const std::string& variable) {
+    const std::string name = variable.substr(0, variable.find('=') + 1);
+    return std::any_of(extra_env.begin(), extra_env.end(), [&name](const std::string& e) {
+      return e.compare(0, name.size(), name) == 0;
+    });
+  };
+  for (char** e = ::environ; *e; ++e) {
+    if (!named_in_extra(*e)) env_strings.emplace_back(*e);
+  }
   std::vector<char*> envp;
   for (auto& e : env_strings) envp.push_back(e.data());
   envp.push_back(nullptr);

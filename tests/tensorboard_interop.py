@@ -1,4 +1,4 @@
-"""The Python side of the TensorBoard interop tests (tests/test_training_session.cpp,
+"""The Python side of the TensorBoard interop tests (tests/session/test_tensorboard.cpp,
 [tensorboard]): the real `tensorboard` package reads the event files the C++ tests write.
 
   tensorboard_interop.py read DIR...   loads each DIR as `tensorboard --logdir DIR` does, and

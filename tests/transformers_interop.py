@@ -1,4 +1,4 @@
-"""The Python side of the sharded state_dict interop test (tests/test_state_dict.cpp,
+"""The Python side of the sharded state_dict interop test (tests/checkpoint/test_sharded.cpp,
 [state_dict][interop]): the real transformers and huggingface_hub packages, run by the C++ test.
 
   transformers_interop.py write DIR        a small GPT-2 initialised at random (seeded; nothing

@@ -325,7 +325,7 @@ def manifest_seeds(checkpoints):
         optimizer="archive", files=files_of("model.safetensors", "extra.safetensors",
                                             "state.pt"))))
     write_manifest("intact-no-files", sealed(manifest_of_format2(files=[])))
-    # Format 1: no checksum of its own, nlohmann's dump() (tests/test_checkpoint_parts.cpp).
+    # Format 1: no checksum of its own, nlohmann's dump() (tests/checkpoint/test_format_v1.cpp).
     format1 = {"epoch": 2, "files": files_of("tensors.bin", "state.pt"), "format_version": 1,
                "metadata": {}, "metrics": None, "optimizer": "sgd", "sequence": 1, "step": 5}
     write_manifest("intact-format1", json.dumps(format1, separators=(",", ":")).encode())

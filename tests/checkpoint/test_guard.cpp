@@ -1,11 +1,11 @@
-#include "torchguard/checkpoint_guard.hpp"
+// checkpoint/guard.hpp: CheckpointGuard restores the newest valid checkpoint on entry and saves
+// on exit: resume, retention, damage, failures of the disk, a writer killed at any moment, named
+// parts, the run's settings and end, and a run that crosses between C++ and Python.
+#include "torchguard/checkpoint.hpp"
 
-#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/fsuid.h>
-#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,10 +14,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <iostream>
 #include <limits>
-#include <map>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -25,10 +23,10 @@
 
 #include <torch/torch.h>
 
-#include "support.hpp"
+#include "checkpoint_support.hpp"
+#include "torchguard/core.hpp"
 #include "torchguard/core/guard.hpp"
 #include "torchguard/data.hpp"
-#include "torchguard/scope_stack.hpp"
 
 namespace fs = std::filesystem;
 using torchguard::CheckpointError;
@@ -37,77 +35,19 @@ using torchguard::CheckpointOptions;
 using torchguard::Outcome;
 using torchguard::SaveOnExit;
 using torchguard::testing::CapturedLogger;
+using torchguard::testing::commit;
 using torchguard::testing::Contains;
+using torchguard::testing::make_checkpoints;
+using torchguard::testing::names_in;
+using torchguard::testing::Net;
+using torchguard::testing::Run;
+using torchguard::testing::same_parameters;
 using torchguard::testing::TempDir;
 using torchguard::testing::with_file_size_limit;
 
 static_assert(torchguard::is_guard_v<torchguard::CheckpointGuard>);
 
 namespace {
-
-struct NetImpl : torch::nn::Module {
-  NetImpl()
-      : fc1(register_module("fc1", torch::nn::Linear(8, 16))),
-        norm(register_module("norm", torch::nn::BatchNorm1d(16))),
-        dropout(register_module("dropout", torch::nn::Dropout(0.2))),
-        fc2(register_module("fc2", torch::nn::Linear(16, 1))) {}
-  torch::Tensor forward(torch::Tensor x) { return fc2(dropout(torch::relu(norm(fc1(x))))); }
-  torch::nn::Linear fc1;
-  torch::nn::BatchNorm1d norm;
-  torch::nn::Dropout dropout;
-  torch::nn::Linear fc2;
-};
-TORCH_MODULE(Net);
-
-// Everything a training run holds, built from a seed (different seeds: different weights).
-struct Run {
-  explicit Run(std::uint64_t seed) {
-    torch::manual_seed(seed);
-    model = Net();
-    optimizer =
-        std::make_unique<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(1e-2));
-    scheduler = std::make_unique<torch::optim::StepLR>(*optimizer, 3, 0.5);
-  }
-  // One step on random data: uses the RNG for data and dropout, like real training.
-  // `before_update` runs just before the optimizer steps (a CheckpointGuard's fence).
-  double train_step(const std::function<void()>& before_update = {}) {
-    model->train();
-    const torch::Tensor x = torch::randn({32, 8});
-    const torch::Tensor y = x.sum(1, true);
-    optimizer->zero_grad();
-    torch::Tensor loss = torch::mse_loss(model->forward(x), y);
-    loss.backward();
-    if (before_update) before_update();
-    optimizer->step();
-    scheduler->step();
-    return loss.item<double>();
-  }
-  CheckpointOptions options(const fs::path& dir, std::shared_ptr<spdlog::logger> logger) {
-    CheckpointOptions o;
-    o.directory = dir;
-    o.scheduler = scheduler.get();
-    o.logger = std::move(logger);
-    return o;
-  }
-  Net model{nullptr};
-  std::unique_ptr<torch::optim::Adam> optimizer;
-  std::unique_ptr<torch::optim::StepLR> scheduler;
-};
-
-bool same_parameters(const torch::nn::Module& a, const torch::nn::Module& b) {
-  const auto pa = a.named_parameters();
-  const auto pb = b.named_parameters();
-  if (pa.size() != pb.size()) return false;
-  for (const auto& item : pa) {
-    if (!torch::equal(item.value(), pb[item.key()])) return false;
-  }
-  const auto ba = a.named_buffers();
-  const auto bb = b.named_buffers();
-  for (const auto& item : ba) {
-    if (!torch::equal(item.value(), bb[item.key()])) return false;
-  }
-  return true;
-}
 
 std::vector<fs::path> checkpoint_dirs(const fs::path& dir) {
   std::vector<fs::path> found;
@@ -116,20 +56,6 @@ std::vector<fs::path> checkpoint_dirs(const fs::path& dir) {
   }
   std::sort(found.begin(), found.end());
   return found;
-}
-
-// Saves `count` checkpoints at steps 1..count (one per step) and returns the run's state.
-void make_checkpoints(const fs::path& dir, int count, Run& run) {
-  CapturedLogger captured;
-  auto options = run.options(dir, captured.logger);
-  options.keep_last = count;
-  options.every_n_steps = 1;
-  options.save_on_exit = SaveOnExit::never;
-  CheckpointGuard guard(run.model, *run.optimizer, options);
-  for (int i = 0; i < count; ++i) {
-    run.train_step();
-    guard.step({{"loss", 1.0 / (i + 1)}});
-  }
 }
 
 // Restores into a new run from `dir` without saving at exit; returns the restored step.
@@ -816,129 +742,6 @@ TEST_CASE("the background writer: at most one write in flight, errors surface la
 
 namespace {
 
-// The model's parameters and buffers now, copied, by state_dict name.
-torchguard::TensorMap state_now(const torch::nn::Module& module) {
-  torchguard::TensorMap state;
-  for (const auto& item : module.named_parameters()) state[item.key()] = item.value().clone();
-  for (const auto& item : module.named_buffers()) state[item.key()] = item.value().clone();
-  return state;
-}
-
-// The committed checkpoints' steps, each checked against the state recorded at that step.
-std::vector<std::int64_t> checked_steps(const fs::path& dir,
-                                        std::map<std::int64_t, torchguard::TensorMap>& recorded) {
-  std::vector<std::int64_t> steps;
-  for (const auto& info : torchguard::detail::list_committed(dir)) {
-    steps.push_back(info.step);
-    const auto saved = torchguard::load_safetensors(info.path / "model.safetensors");
-    const auto& expected = recorded.at(info.step);
-    REQUIRE(saved.size() == expected.size());
-    for (const auto& [name, tensor] : expected) {
-      INFO("step " << info.step << ", " << name);
-      CHECK(torch::equal(saved.at(name), tensor));
-    }
-  }
-  return steps;
-}
-
-// A run with background saves every `every` steps, and the state recorded at each step.
-struct OverlappedRun {
-  explicit OverlappedRun(std::int64_t every) {
-    options.background = true;
-    options.every_n_steps = every;
-    options.keep_last = 100;
-  }
-  // One training step with the fence before the optimizer's step, then step(); the state after
-  // it is recorded under its step.
-  void step(CheckpointGuard& guard) {
-    run.train_step([&] { guard.before_optimizer_step(); });
-    guard.step();
-    record(guard.current_step());
-  }
-  void record(std::int64_t step) { recorded[step] = state_now(*run.model); }
-  std::vector<std::int64_t> checked_steps() { return ::checked_steps(dir.path, recorded); }
-
-  TempDir dir;
-  CapturedLogger captured;
-  Run run{1};
-  CheckpointOptions options = run.options(dir.path, captured.logger);
-  std::map<std::int64_t, torchguard::TensorMap> recorded;
-};
-
-}  // namespace
-
-TEST_CASE("overlapped staging: a fenced loop's background saves hold exactly their step",
-          "[checkpoint][background]") {
-  OverlappedRun overlapped(2);
-  auto& run = overlapped.run;
-  {
-    CheckpointGuard guard(run.model, *run.optimizer, overlapped.options);
-    // The copy of step 2k runs while step 2k+1's forward and backward run; the fence waits.
-    for (int i = 0; i < 6; ++i) overlapped.step(guard);
-  }  // step 6's copy is settled and written by close()
-  CHECK(overlapped.checked_steps() == std::vector<std::int64_t>{2, 4, 6});
-  CHECK(overlapped.captured.sink->count(spdlog::level::warn) == 0);
-  // The optimizer's state and the rest resume as a synchronous save would have them.
-  Run resumed(2);
-  {
-    auto restore = resumed.options(overlapped.dir.path, overlapped.captured.logger);
-    restore.save_on_exit = SaveOnExit::never;
-    CheckpointGuard guard(resumed.model, *resumed.optimizer, restore);
-    CHECK(guard.current_step() == 6);
-  }
-  CHECK(same_parameters(*run.model, *resumed.model));
-  torch::manual_seed(7);  // the same batch for both: the optimizer's state decides the step
-  run.train_step();
-  torch::manual_seed(7);
-  resumed.train_step();
-  CHECK(same_parameters(*run.model, *resumed.model));
-}
-
-TEST_CASE("overlapped staging: an optimizer step before the fence drops the copy, never tears it",
-          "[checkpoint][background]") {
-  OverlappedRun overlapped(2);
-  auto& run = overlapped.run;
-  {
-    CheckpointGuard guard(run.model, *run.optimizer, overlapped.options);
-    for (int i = 0; i < 2; ++i) overlapped.step(guard);  // fenced: step 2's copy is deferred
-    for (int i = 0; i < 3; ++i) {  // the fence comes after the optimizer's step
-      run.train_step();
-      guard.before_optimizer_step();
-      guard.step();
-      overlapped.record(guard.current_step());
-    }
-  }
-  // Step 2's copy may have read parameters the optimizer was changing: dropped, and step 3
-  // saved in its place; from then on the copies are made in step().
-  CHECK(overlapped.checked_steps() == std::vector<std::int64_t>{3, 4, 5});
-  auto& sink = *overlapped.captured.sink;
-  CHECK(sink.count(spdlog::level::warn, "background save of step 2") == 1);
-  CHECK(sink.contains(spdlog::level::warn, "dropped"));
-}
-
-TEST_CASE("overlapped staging: parameters changed in place before the fence are not saved torn",
-          "[checkpoint][background]") {
-  OverlappedRun overlapped(1);
-  auto& run = overlapped.run;
-  overlapped.options.save_on_exit = SaveOnExit::never;
-  CheckpointGuard guard(run.model, *run.optimizer, overlapped.options);
-  guard.before_optimizer_step();  // the loop marks the point: copies are deferred from now on
-  guard.step();
-  overlapped.record(1);
-  {
-    torch::NoGradGuard no_grad;
-    run.model->parameters()[0].add_(1.0);  // not the optimizer, but an in-place change all the same
-  }
-  guard.close(Outcome::success);  // step 1's copy is dropped; the state at hand is saved
-  overlapped.record(1);
-  CHECK(overlapped.checked_steps() == std::vector<std::int64_t>{1});
-  CHECK(overlapped.captured.sink->contains(spdlog::level::warn, "dropped"));
-}
-
-// ---- crash safety: a writer SIGKILLed at many moments ------------------------------------
-
-namespace {
-
 // Filled with the step it belongs to, so that a restored checkpoint tells whether it is whole.
 struct Constant {
   Constant() : model(512, 512), optimizer(model->parameters(), 0.1) {}
@@ -1076,79 +879,9 @@ TEST_CASE("a writer SIGKILLed at any moment leaves a complete checkpoint, never 
   }
 }
 
-TEST_CASE("an optimizer that is not built in is saved through its own serialize()",
-          "[checkpoint]") {
-  TempDir dir;
-  CapturedLogger captured;
-  torch::manual_seed(1);
-  torch::nn::Linear model(4, 1);
-  torch::optim::LBFGS optimizer(model->parameters(), torch::optim::LBFGSOptions(0.5));
-  const torch::Tensor x = torch::randn({16, 4});
-  const torch::Tensor y = x.sum(1, true);
-  auto closure = [&] {
-    optimizer.zero_grad();
-    torch::Tensor loss = torch::mse_loss(model(x), y);
-    loss.backward();
-    return loss;
-  };
-  optimizer.step(closure);
-  // LibTorch 1.13 cannot serialize LBFGS at all (torch::save throws too); later versions can.
-  bool libtorch_can = true;
-  try {
-    torch::save(optimizer, (dir.path / "peer.pt").string());
-  } catch (const std::exception&) {
-    libtorch_can = false;
-  }
-  CheckpointOptions options;
-  options.directory = dir.path / "checkpoints";
-  options.logger = captured.logger;
-  options.save_on_exit = SaveOnExit::never;
-  CheckpointGuard guard(model, optimizer, options);
-  if (!libtorch_can) {
-    CHECK_THROWS_WITH(guard.save(), Contains("cannot save the checkpoint of step 0"));
-    CHECK(guard.list().empty());
-    return;
-  }
-  guard.save();
-  const auto manifest = nlohmann::json::parse(
-      torchguard::testing::read_text(guard.list().back().path / "manifest.json"));
-  CHECK(manifest["optimizers"]["optimizer"]["kind"] == "archive");
-  torch::nn::Linear model2(4, 1);
-  torch::optim::LBFGS optimizer2(model2->parameters(), torch::optim::LBFGSOptions(0.5));
-  CheckpointGuard restored(model2, optimizer2, options);
-  CHECK(same_parameters(*model, *model2));
-  CHECK(optimizer2.state().size() == optimizer.state().size());
-}
-
-TEST_CASE("a checkpoint of another optimizer kind is a clear error", "[checkpoint]") {
-  CapturedLogger captured;
-  // An Adam checkpoint does not load into an SGD program: a clear error.
-  TempDir adam_dir;
-  Run run(1);
-  make_checkpoints(adam_dir.path, 1, run);
-  Net net;
-  torch::optim::SGD sgd(net->parameters(), 0.1);
-  CheckpointOptions sgd_options;
-  sgd_options.directory = adam_dir.path;
-  sgd_options.logger = captured.logger;
-  CHECK_THROWS_WITH(CheckpointGuard(net, sgd, sgd_options),
-                    Contains("the optimizer is sgd, the checkpoint's is adam"));
-}
-
-// ---- the write path's failures (tests/io_faults.c) ------------------------------------------
-
 namespace {
 
 extern "C" void interrupt_handler(int) {}  // its only work: make a blocked call return (EINTR)
-
-std::vector<std::string> names_of(const fs::path& dir) {
-  std::vector<std::string> names;
-  for (const auto& entry : fs::directory_iterator(dir)) {
-    names.push_back(entry.path().filename().string());
-  }
-  std::sort(names.begin(), names.end());
-  return names;
-}
 
 }  // namespace
 
@@ -1206,7 +939,7 @@ TEST_CASE("a write that returns 0 is a full disk, not a loop: the checkpoints st
                                         "step 2") &&
                                Contains("No space left on device"));
   CHECK(checkpoint_dirs(dir.path).size() == 1);
-  CHECK(names_of(dir.path) == std::vector<std::string>{".lock", "ckpt-000001-step-1"});
+  CHECK(names_in(dir.path) == std::vector<std::string>{".lock", "ckpt-000001-step-1"});
 }
 
 TEST_CASE(
@@ -1245,8 +978,6 @@ TEST_CASE("a save stuck in a write that hangs is abandoned when a stop is reques
   CHECK(checkpoint_dirs(dir.path).size() == 1);  // step 1's, whole
   CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(60));
 }
-
-// ---- named parts: several models and optimizers in one commit --------------------------------
 
 namespace {
 
@@ -1328,7 +1059,7 @@ TEST_CASE("named models, optimizers, schedulers and samplers: one commit, restor
   }
   const auto saved = checkpoint_dirs(dir.path);
   REQUIRE(saved.size() == 1);
-  CHECK(names_of(saved[0]) == std::vector<std::string>{"extra.safetensors", "manifest.json",
+  CHECK(names_in(saved[0]) == std::vector<std::string>{"extra.safetensors", "manifest.json",
                                                        "model.discriminator.safetensors",
                                                        "model.generator.safetensors",
                                                        "optimizer.discriminator.safetensors",
@@ -1541,8 +1272,6 @@ TEST_CASE("choosing the checkpoint to restore: latest, none, a step or a name",
   CHECK(fs::exists(dir.path / "quarantine" / "ckpt-000002-step-2"));
   CHECK(checkpoint_dirs(dir.path).size() == 2);  // the others stay
 }
-
-// ---- a run that crosses between C++ and Python (python/, tests/python_parts.py) -------------
 
 namespace {
 

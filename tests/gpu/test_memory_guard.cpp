@@ -1,138 +1,28 @@
-// GpuMemoryGuard and retry_on_oom on the CPU: the no-op path, and the accounting driven through
-// a fake allocator (detail::AllocatorSource). On a GPU: tests/test_cuda.cpp.
+// gpu/memory_guard.hpp: GpuMemoryGuard on the CPU: the no-op path, and the accounting driven
+// through a fake allocator (detail::AllocatorSource). On a GPU: tests/test_cuda.cpp.
 #include "torchguard/gpu.hpp"
 
 #include <atomic>
-#include <map>
-#include <mutex>
 #include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
-#include <vector>
 
 #include <torch/torch.h>
 
-#include "support.hpp"
+#include "gpu_support.hpp"
 
 using torchguard::GpuMemoryGuard;
 using torchguard::GpuMemoryOptions;
 using torchguard::GpuMemoryStats;
-using torchguard::OutOfMemoryRetryError;
-using torchguard::retry_on_oom;
-using torchguard::RetryOnOomOptions;
 using torchguard::testing::CapturedLogger;
 using torchguard::testing::Contains;
+using torchguard::testing::FakeBlock;
+using torchguard::testing::FakeGpu;
+using torchguard::testing::MiB;
 
 namespace {
-
-[[noreturn]] void throw_oom(const std::string& what) {
-  throw c10::OutOfMemoryError({__func__, __FILE__, static_cast<std::uint32_t>(__LINE__)},
-                              "CUDA out of memory. " + what);
-}
-
-constexpr std::int64_t MiB = 1 << 20;
-
-// A caching allocator in miniature, for GpuMemoryGuard's accounting on the CPU: allocations are
-// reserved in 2 MiB blocks and stay reserved when freed until empty_cache(); a memory fraction
-// caps what may be reserved (1 GiB per device in all), past which an allocation fails as CUDA's
-// does (c10::OutOfMemoryError, counted). Thread-safe, as the real one is. `events` records the
-// calls that matter to retry_on_oom, in order.
-class FakeAllocator final : public torchguard::detail::AllocatorSource {
- public:
-  static constexpr std::int64_t block = 2 * MiB;
-  static constexpr std::int64_t total = 1024 * MiB;
-
-  bool usable() override { return true; }
-  torchguard::detail::AllocatorCounters read(int device) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (fail_reads > 0) {
-      --fail_reads;
-      throw std::runtime_error("CUDA error: an illegal memory access was encountered");
-    }
-    return devices_[device];
-  }
-  void reset_peaks(int device) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto& d = devices_[device];
-    d.peak_allocated_bytes = d.allocated_bytes;
-    d.peak_reserved_bytes = d.reserved_bytes;
-  }
-  void empty_cache() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& [index, d] : devices_) d.reserved_bytes = round_up(d.allocated_bytes);
-    events.push_back("empty_cache");
-  }
-  void set_memory_fraction(double fraction, int device) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    limits_[device] = static_cast<std::int64_t>(fraction * static_cast<double>(total));
-    events.push_back(fmt::format("fraction {} on {}", fraction, device));
-  }
-  int current_device() override { return current_; }
-  void set_device(int device) override { current_ = device; }
-
-  void allocate(std::int64_t bytes, int device = 0) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto& d = devices_[device];
-    const std::int64_t reserved = std::max(d.reserved_bytes, round_up(d.allocated_bytes + bytes));
-    const auto limit = limits_.find(device);
-    if (reserved > (limit == limits_.end() ? total : limit->second)) {
-      ++d.oom_events;
-      events.push_back(fmt::format("out of memory at {} MiB", bytes / MiB));
-      throw_oom(fmt::format("Tried to allocate {} MiB", bytes / MiB));
-    }
-    d.allocated_bytes += bytes;
-    d.reserved_bytes = reserved;
-    d.peak_allocated_bytes = std::max(d.peak_allocated_bytes, d.allocated_bytes);
-    d.peak_reserved_bytes = std::max(d.peak_reserved_bytes, d.reserved_bytes);
-    events.push_back(fmt::format("allocate {} MiB", bytes / MiB));
-  }
-  void free(std::int64_t bytes, int device = 0) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    devices_[device].allocated_bytes -= bytes;
-  }
-
-  std::vector<std::string> events;  // read when no other thread uses the allocator
-  int fail_reads = 0;               // the next reads throw, as a CUDA error would
-
- private:
-  static std::int64_t round_up(std::int64_t bytes) { return (bytes + block - 1) / block * block; }
-
-  std::mutex mutex_;
-  std::map<int, torchguard::detail::AllocatorCounters> devices_;
-  std::map<int, std::int64_t> limits_;
-  std::atomic<int> current_{0};
-};
-
-// An allocation on the fake allocator, freed at the end of its scope.
-class FakeBlock {
- public:
-  FakeBlock(FakeAllocator& allocator, std::int64_t bytes, int device = 0)
-      : allocator_(allocator), bytes_(bytes), device_(device) {
-    allocator_.allocate(bytes_, device_);
-  }
-  ~FakeBlock() { allocator_.free(bytes_, device_); }
-  FakeBlock(const FakeBlock&) = delete;
-  FakeBlock& operator=(const FakeBlock&) = delete;
-
- private:
-  FakeAllocator& allocator_;
-  std::int64_t bytes_;
-  int device_;
-};
-
-// A fake allocator in place of CUDA's for the test, with quiet guards.
-struct FakeGpu {
-  FakeAllocator allocator;
-  torchguard::detail::ScopedAllocatorSource installed{allocator};
-  CapturedLogger captured;
-  GpuMemoryOptions options() const {
-    GpuMemoryOptions options;
-    options.logger = captured.logger;
-    return options;
-  }
-};
 
 std::int64_t own_peak(const GpuMemoryStats& stats) {
   return stats.peak_allocated_bytes - stats.allocated_bytes_at_entry;
@@ -158,86 +48,6 @@ TEST_CASE("without a GPU the guard is a no-op that says so once", "[gpu_memory]"
   CHECK(captured.sink->count(spdlog::level::info) <= 1);
   CHECK(captured.sink->count(spdlog::level::warn) == 0);
 }
-
-TEST_CASE("retry_on_oom halves the batch until it fits", "[gpu_memory][oom]") {
-  CapturedLogger captured;
-  RetryOnOomOptions options;
-  options.logger = captured.logger;
-  std::vector<std::int64_t> calls;
-  const auto result = retry_on_oom(
-      256,
-      [&](std::int64_t batch) {
-        calls.push_back(batch);
-        if (batch > 40) throw_oom("Tried to allocate 2.00 GiB");
-        return batch * 10;
-      },
-      options);
-  CHECK(result == 320);
-  CHECK(calls == std::vector<std::int64_t>{256, 128, 64, 32});
-  CHECK(
-      captured.sink->contains(spdlog::level::warn, "out of memory at batch 256; retrying at 128"));
-  CHECK(captured.sink->contains(spdlog::level::info,
-                                "batch 32 fits (out of memory at 256, 128, 64)"));
-}
-
-TEST_CASE("retry_on_oom takes the user's shrink function and a minimum", "[gpu_memory][oom]") {
-  RetryOnOomOptions options;
-  options.logger = CapturedLogger().logger;
-  options.shrink = [](std::int64_t batch) { return batch - 100; };
-  options.minimum_batch = 150;
-  std::vector<std::int64_t> calls;
-  try {
-    retry_on_oom(
-        500,
-        [&](std::int64_t batch) -> int {
-          calls.push_back(batch);
-          throw_oom("Tried to allocate 1.00 GiB");
-        },
-        options);
-    FAIL("expected OutOfMemoryRetryError");
-  } catch (const OutOfMemoryRetryError& e) {
-    // 200 - 100 is below the minimum: the minimum itself is tried last.
-    CHECK(e.batch_sizes_tried() == std::vector<std::int64_t>{500, 400, 300, 200, 150});
-    CHECK_THAT(std::string(e.what()), Contains("500, 400, 300, 200, 150") &&
-                                          Contains("minimum 150") &&
-                                          Contains("Tried to allocate 1.00 GiB"));
-  }
-  CHECK(calls.size() == 5);
-}
-
-TEST_CASE("retry_on_oom treats an old-style CUDA out-of-memory c10::Error as OOM",
-          "[gpu_memory][oom]") {
-  RetryOnOomOptions options;
-  options.logger = CapturedLogger().logger;
-  int calls = 0;
-  const int result = retry_on_oom(
-      8,
-      [&](std::int64_t batch) {
-        ++calls;
-        if (batch == 8) {
-          throw c10::Error({__func__, __FILE__, static_cast<std::uint32_t>(__LINE__)},
-                           "CUDA out of memory. Tried to allocate 20.00 MiB");
-        }
-        return static_cast<int>(batch);
-      },
-      options);
-  CHECK(result == 4);
-  CHECK(calls == 2);
-}
-
-TEST_CASE("retry_on_oom lets other errors through unchanged", "[gpu_memory][oom]") {
-  int calls = 0;
-  CHECK_THROWS_AS(retry_on_oom(64,
-                               [&](std::int64_t) -> int {
-                                 ++calls;
-                                 throw std::domain_error("bad input");
-                               }),
-                  std::domain_error);
-  CHECK(calls == 1);
-  CHECK_THROWS_WITH(retry_on_oom(0, [](std::int64_t b) { return b; }), Contains("at least"));
-}
-
-// ---- the accounting, on a fake allocator ---------------------------------------------------
 
 TEST_CASE("fake allocator: nested guards each report their own peak", "[gpu_memory][fake]") {
   FakeGpu gpu;
@@ -415,35 +225,6 @@ TEST_CASE("fake allocator: a moved guard keeps its frame", "[gpu_memory][fake]")
   CHECK(own_peak(child_stats) == 48 * MiB);
   CHECK(own_peak(outer_stats) == 48 * MiB);
   CHECK(torchguard::detail::open_frames().empty());
-}
-
-TEST_CASE("fake allocator: retry_on_oom catches the OOM then frees the cache and shrinks the batch",
-          "[gpu_memory][fake][oom]") {
-  FakeGpu gpu;
-  GpuMemoryOptions scope = gpu.options();
-  scope.memory_fraction = 0.25;  // 256 MiB
-  GpuMemoryGuard guard(scope);
-  gpu.allocator.events.clear();
-  RetryOnOomOptions options;
-  options.logger = gpu.captured.logger;
-  // A step: activations of batch/4 MiB, then batch MiB for the batch itself.
-  const auto fitted = retry_on_oom(
-      1024,
-      [&](std::int64_t batch) {
-        FakeBlock activations(gpu.allocator, batch / 4 * MiB);
-        FakeBlock data(gpu.allocator, batch * MiB);
-        return batch;
-      },
-      options);
-  CHECK(fitted == 128);
-  CHECK(gpu.allocator.events ==
-        std::vector<std::string>{"allocate 256 MiB", "out of memory at 1024 MiB", "empty_cache",
-                                 "allocate 128 MiB", "out of memory at 512 MiB", "empty_cache",
-                                 "allocate 64 MiB", "out of memory at 256 MiB", "empty_cache",
-                                 "allocate 32 MiB", "allocate 128 MiB"});
-  CHECK(guard.stats().oom_events == 3);
-  CHECK(gpu.captured.sink->contains(spdlog::level::info,
-                                    "batch 128 fits (out of memory at 1024, 512, 256)"));
 }
 
 TEST_CASE("fake allocator: guards on two threads are race-free and each sees its scope's peak",

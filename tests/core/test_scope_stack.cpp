@@ -1,8 +1,8 @@
+// core/scope_stack.hpp: ScopeStack, Python's contextlib.ExitStack for guards and callbacks.
 #include "torchguard/core.hpp"
 
 #include <array>
 #include <cstddef>
-#include <cstdint>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "support.hpp"
+#include "torchguard/core/guard.hpp"
 
 using torchguard::Outcome;
 using torchguard::ScopeStack;

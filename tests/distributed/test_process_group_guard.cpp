@@ -1,3 +1,5 @@
+// distributed/process_group_guard.hpp (with its options.hpp and rendezvous.hpp): ranks started
+// as torchrun starts them, training data-parallel, failing clearly and resuming together.
 #include "torchguard/distributed.hpp"
 
 #include <netinet/in.h>
