@@ -52,8 +52,8 @@ case "$config" in
     ;;
   torch2)
     bash scripts/setup.sh --torch2
-    venv=${TORCHGUARD_TORCH2_VENV:-/opt/torchguard-venv}
-    site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    source scripts/venvs.sh
+    site=$("$torch2_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     # Benchmarks, consumer projects, the other examples and the demo's checks of its own
     # command line are built and run in the default configuration; here, what depends on the
     # LibTorch version: the tests (the [cuda] ones against CUDA headers), resuming bitwise, the

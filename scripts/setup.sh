@@ -33,7 +33,7 @@ if ((${#missing[@]})); then
 fi
 
 # Debian has no python3-safetensors: a venv over the system's packages adds it from PyPI.
-debian_venv=${TORCHGUARD_DEBIAN_VENV:-/opt/torchguard-venv-debian}
+source "$(dirname "$0")/venvs.sh"
 if ! "$debian_venv/bin/python" -c 'import torch, safetensors.torch, xxhash' 2>/dev/null; then
   echo "setup: making $debian_venv (Debian's python3-torch, and safetensors from PyPI)"
   /usr/bin/python3 -m venv --clear --system-site-packages "$debian_venv"
@@ -41,18 +41,17 @@ if ! "$debian_venv/bin/python" -c 'import torch, safetensors.torch, xxhash' 2>/d
 fi
 
 if [ "${1:-}" = "--torch2" ]; then
-  venv=${TORCHGUARD_TORCH2_VENV:-/opt/torchguard-venv}
-  if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
-    echo "setup: installing the torch wheel into $venv (large: done once)"
-    python3 -m venv --clear "$venv"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check "${TORCHGUARD_TORCH2_SPEC:-torch>=2,<3}"
+  if ! "$torch2_venv/bin/python" -c 'import torch' 2>/dev/null; then
+    echo "setup: installing the torch wheel into $torch2_venv (large: done once)"
+    python3 -m venv --clear "$torch2_venv"
+    "$torch2_venv/bin/python" -m pip install -q --disable-pip-version-check "${TORCHGUARD_TORCH2_SPEC:-torch>=2,<3}"
   fi
   # The other side of the interop tests: Python's safetensors (numpy quiets torch's warning),
   # tensorboard (its EventAccumulator reads the event files; `tensorboard --logdir`) and
   # transformers (save_pretrained's sharded directories, from_pretrained; with huggingface_hub).
-  if ! "$venv/bin/python" -c 'import safetensors.torch, numpy, tensorboard, transformers, xxhash' 2>/dev/null; then
-    echo "setup: installing safetensors, tensorboard, transformers and xxhash into $venv"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check safetensors numpy tensorboard \
+  if ! "$torch2_venv/bin/python" -c 'import safetensors.torch, numpy, tensorboard, transformers, xxhash' 2>/dev/null; then
+    echo "setup: installing safetensors, tensorboard, transformers and xxhash into $torch2_venv"
+    "$torch2_venv/bin/python" -m pip install -q --disable-pip-version-check safetensors numpy tensorboard \
       transformers xxhash
   fi
 fi

@@ -43,13 +43,9 @@ for _ in $(seq 1200); do
   kill -0 "$pid" 2> /dev/null || break
   sleep 0.05
 done
-kill -INT "$pid"
-wait "$pid"
-status=$?
-[ "$status" -eq 130 ] || { cat "$work/first.out"; fail "interrupted run exited $status, not 130"; }
-expect_in "$work/first.out" "interrupted at step"
-step=$(sed -n 's/.*interrupted at step \([0-9]*\).*/\1/p' "$work/first.out")
-if [ -z "$step" ] || [ "$step" -le 0 ] || [ "$step" -ge 300 ]; then
+interrupt_run "$pid" "$work/first.out"
+step=$interrupted_step
+if [ "$step" -le 0 ] || [ "$step" -ge 300 ]; then
   fail "interrupted at step '$step', not inside the run"
 fi
 

@@ -222,54 +222,6 @@ inline bool bitwise_equal(const std::vector<torch::Tensor>& a,
   return true;
 }
 
-// The Python of the interop tests (the other side of a border): $TORCHGUARD_PYTHON, the venv of
-// scripts/setup.sh --torch2 ($TORCHGUARD_TORCH2_VENV, else /opt/torchguard-venv), when it can
-// `import` every one of `modules`; otherwise "" after printing the SKIPPED line.
-inline std::string interop_python(const std::string& modules) {
-  std::vector<std::string> candidates;
-  if (const char* python = std::getenv("TORCHGUARD_PYTHON")) candidates.push_back(python);
-  if (const char* venv = std::getenv("TORCHGUARD_TORCH2_VENV")) {
-    candidates.push_back(std::string(venv) + "/bin/python");
-  }
-  candidates.push_back("/opt/torchguard-venv/bin/python");
-  for (const auto& python : candidates) {
-    const std::string probe = python + " -c 'import " + modules + "' >/dev/null 2>&1";
-    if (std::filesystem::exists(python) && std::system(probe.c_str()) == 0) return python;
-  }
-  std::cout << "SKIPPED: no Python that imports " << modules
-            << " (scripts/setup.sh --torch2 installs it)" << std::endl;
-  return {};
-}
-
-// The Python whose torch is this build's LibTorch (the same major and minor version: the same
-// kernels on both sides), that imports `modules`, with the repository's python/ package on its
-// path: "PYTHONPATH=... <python>", a command prefix. Debian's python3-torch for Debian's
-// LibTorch (the venv scripts/setup.sh makes over it, $TORCHGUARD_DEBIAN_VENV), the torch2 venv
-// for the wheel's. Otherwise "" after printing the SKIPPED line.
-inline std::string libtorch_python(const std::string& modules) {
-  const std::string version = fmt::format("{}.{}.", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR);
-  std::vector<std::string> candidates;
-  if (const char* python = std::getenv("TORCHGUARD_PYTHON")) candidates.push_back(python);
-  const char* debian = std::getenv("TORCHGUARD_DEBIAN_VENV");
-  candidates.push_back(std::string(debian ? debian : "/opt/torchguard-venv-debian") +
-                       "/bin/python");
-  const char* venv = std::getenv("TORCHGUARD_TORCH2_VENV");
-  candidates.push_back(std::string(venv ? venv : "/opt/torchguard-venv") + "/bin/python");
-  const std::string path = fmt::format("PYTHONPATH='{}/../python'", TORCHGUARD_TESTS_DIR);
-  for (const auto& python : candidates) {
-    const std::string probe = fmt::format(
-        "{} {} -c 'import torch, {}; assert torch.__version__.startswith(\"{}\")' "
-        ">/dev/null 2>&1",
-        path, python, modules, version);
-    if (std::filesystem::exists(python) && std::system(probe.c_str()) == 0) {
-      return path + " " + python;
-    }
-  }
-  std::cout << "SKIPPED: no Python with torch " << version << "x that imports " << modules
-            << " (scripts/setup.sh installs them)" << std::endl;
-  return {};
-}
-
 // The standard output of a shell command, and whether it exited with 0.
 inline std::pair<std::string, bool> command_output(const std::string& command) {
   std::string output;
@@ -278,6 +230,38 @@ inline std::pair<std::string, bool> command_output(const std::string& command) {
   char buffer[4096];
   while (const std::size_t n = std::fread(buffer, 1, sizeof buffer, pipe)) output.append(buffer, n);
   return {output, ::pclose(pipe) == 0};
+}
+
+// One of tests/script_support.sh's Python lookups (`function`, with `arguments`), where the venvs
+// are found as the scripts find them: its answer, or "" after printing its SKIPPED line.
+inline std::string python_from_scripts(const std::string& function, const std::string& arguments) {
+  const auto [output, found] = command_output(fmt::format(
+      "bash -c 'source \"{}/script_support.sh\" && {} {}'", TORCHGUARD_TESTS_DIR, function,
+      arguments));
+  const std::string line = output.substr(0, output.find('\n'));
+  if (!found) {
+    std::cout << line << std::endl;
+    return {};
+  }
+  return line;
+}
+
+// The Python of the interop tests (the other side of a border): $TORCHGUARD_PYTHON, or the venv
+// of scripts/setup.sh --torch2, when it can `import` every one of `modules` (comma-separated);
+// otherwise "" after printing the SKIPPED line.
+inline std::string interop_python(const std::string& modules) {
+  return python_from_scripts("interop_python", "\"" + modules + "\"");
+}
+
+// The Python whose torch is this build's LibTorch (the same major and minor version: the same
+// kernels on both sides), that imports `modules`, with the repository's python/ package on its
+// path: "env PYTHONPATH=... <python>", a command prefix. Debian's python3-torch for Debian's
+// LibTorch (the venv scripts/setup.sh makes over it), the torch2 venv for the wheel's. Otherwise
+// "" after printing the SKIPPED line.
+inline std::string libtorch_python(const std::string& modules) {
+  return python_from_scripts("libtorch_python", fmt::format("{}.{}.{} \"{}\"", TORCH_VERSION_MAJOR,
+                                                            TORCH_VERSION_MINOR,
+                                                            TORCH_VERSION_PATCH, modules));
 }
 
 // Runs `fn` with the file size limit at `bytes` (SIGXFSZ ignored, so writes fail with EFBIG).

@@ -22,11 +22,7 @@ for _ in $(seq 900); do
   ls -d "$work/run/checkpoints"/ckpt-* > /dev/null 2>&1 && break
   sleep 0.1
 done
-kill -INT "$pid"
-wait "$pid"
-status=$?
-[ "$status" -eq 130 ] || { cat "$work/first.out"; fail "the interrupted job exited $status, not 130"; }
-grep -q "interrupted at step" "$work/first.out" || { cat "$work/first.out"; fail "no stop message"; }
+interrupt_run "$pid" "$work/first.out"
 
 "${run[@]}" > "$work/second.out" 2>&1 || { cat "$work/second.out"; fail "the resumed job failed"; }
 grep -q "\[rank 0\] resumed from step" "$work/second.out" || { cat "$work/second.out"; fail "did not resume"; }

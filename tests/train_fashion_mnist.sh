@@ -105,13 +105,9 @@ case "$case_name" in
       [ "$rows" -ge 4 ] && break
       sleep 0.1
     done
-    kill -INT "$pid"
-    wait "$pid"
-    status=$?
-    [ "$status" -eq 130 ] || { cat "$work/first.out"; fail "interrupted run exited $status, not 130"; }
-    expect_in "$work/first.out" "interrupted at step"
+    interrupt_run "$pid" "$work/first.out"
     # The log says what happened: a stop at a step, by the signal; never "completed".
-    stopped_at=$(sed -nE 's/.*interrupted at step ([0-9]+).*/\1/p' "$work/first.out")
+    stopped_at=$interrupted_step
     expect_in "$work/first.out" "Training session 'fashion-mnist' stopped at step $stopped_at by SIGINT"
     ! grep -q "completed successfully" "$work/first.out" ||
       fail "the interrupted run logged 'completed successfully'"

@@ -126,13 +126,9 @@ case "$case_name" in
     # A third of the way: the rest of the run leaves the signal time to arrive before its end.
     start interrupted
     wait_rows interrupted $((steps / 3))
-    kill -INT "$pid"
-    { wait "$pid"; } 2> /dev/null
-    status=$?
-    [ "$status" -eq 130 ] ||
-      { cat "$work/interrupted.out"; fail "the interrupted run exited $status, not 130"; }
-    step=$(sed -n 's/^interrupted at step \([0-9]*\):.*/\1/p' "$work/interrupted.out")
-    if [ -z "$step" ] || [ "$step" -lt $((steps / 3)) ] || [ "$step" -ge "$steps" ]; then
+    interrupt_run "$pid" "$work/interrupted.out"
+    step=$interrupted_step
+    if [ "$step" -lt $((steps / 3)) ] || [ "$step" -ge "$steps" ]; then
       cat "$work/interrupted.out"
       fail "interrupted at step '$step', not after step $((steps / 3)) and before $steps"
     fi
