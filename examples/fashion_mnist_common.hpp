@@ -11,7 +11,9 @@
 #include <cstdio>
 #include <filesystem>
 #include <future>
+#include <limits>
 #include <memory>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -47,8 +49,17 @@ struct Settings {
   int threads = 1;             // intra-op threads (per process)
   std::int64_t checkpoint_every = 500;
   std::int64_t log_every = 50;
-  std::string restore;  // which checkpoint: latest (""), none, a step, a name
-  int world_size = 1;   // not an option: the distributed demo's process count
+  std::string restore;                    // which checkpoint: latest (""), none, a step, a name
+  int world_size = 1;                     // not an option: the distributed demo's process count
+  bool recovery = false;                  // a bad step goes back to the last checkpoint
+  std::vector<std::size_t> skip_samples;  // left out of every epoch from the start
+  // Fault injection (to see the recovery work): the batches that these steps draw in a run
+  // without skipped samples are bad wherever they come later; with poison_recurs, these steps
+  // are bad whatever they draw.
+  std::vector<std::int64_t> poison_steps;
+  std::string poison_kind = "nan";  // nan: the images are NaN; spike: the loss is 1000x
+  bool poison_recurs = false;
+  int poison_rank = -1;  // the distributed demo: only this rank's share is bad (-1: every rank)
 };
 
 inline void add_options(CLI::App& app, Settings& settings) {
@@ -85,6 +96,30 @@ inline void add_options(CLI::App& app, Settings& settings) {
   app.add_option("--restore", settings.restore,
                  "the checkpoint to resume from: latest (the default), none (start fresh), a "
                  "step, or a checkpoint's name");
+  app.add_flag("--recovery", settings.recovery,
+               "a step whose loss or gradients are not finite, or whose loss spikes, goes back "
+               "to the last checkpoint and its batch is skipped from then on");
+  app.add_option("--skip-samples", settings.skip_samples,
+                 "leave these training samples out of every epoch (e.g. those a recovery "
+                 "skipped)")
+      ->delimiter(',');
+  auto* faults = "Fault injection";
+  app.add_option("--poison-steps", settings.poison_steps,
+                 "the batches these steps draw (in a run without skipped samples) are bad "
+                 "wherever they come")
+      ->delimiter(',')
+      ->group(faults);
+  app.add_option("--poison-kind", settings.poison_kind,
+                 "nan: the batch's images are NaN; spike: its loss is scaled by 1000")
+      ->check(CLI::IsMember({"nan", "spike"}))
+      ->capture_default_str()
+      ->group(faults);
+  app.add_flag("--poison-recurs", settings.poison_recurs,
+               "the poisoned steps are bad whatever they draw (a fault a rollback cannot fix)")
+      ->group(faults);
+  app.add_option("--poison-rank", settings.poison_rank,
+                 "only this rank's share is bad (the distributed demo; default: every rank)")
+      ->group(faults);
 }
 
 // The settings every checkpoint records, by the flag that sets them. Those that decide the
@@ -151,6 +186,52 @@ struct Schedule {
   }
 };
 
+// --poison-*: which steps are bad, as the fault injection says.
+class Poison {
+ public:
+  Poison(const Settings& settings, const Schedule& schedule, int rank)
+      : settings_(settings),
+        active_(!settings.poison_steps.empty() &&
+                (settings.poison_rank < 0 || settings.poison_rank == rank)) {
+    // The samples each poisoned step draws in a run without skipped samples: the sampler's
+    // order of that step's epoch.
+    for (const auto step : settings.poison_steps) {
+      if (step < 1) continue;
+      const auto epoch = (step - 1) / schedule.steps_per_epoch;
+      const auto begin = ((step - 1) % schedule.steps_per_epoch) * schedule.global_batch;
+      const auto order = torchguard::ResumableSampler::permutation(
+          static_cast<std::size_t>(schedule.samples), settings.seed, epoch);
+      for (auto i = begin; i < std::min(begin + schedule.global_batch, schedule.samples); ++i) {
+        samples_.insert(order[static_cast<std::size_t>(i)]);
+      }
+    }
+  }
+  // "" (a good step), "nan" or "spike": how step `step`, drawing the global batch `batch`, goes.
+  std::string at(std::int64_t step, const std::vector<std::size_t>& batch) const {
+    if (!active_) return {};
+    const auto& steps = settings_.poison_steps;
+    const bool bad =
+        settings_.poison_recurs
+            ? std::find(steps.begin(), steps.end(), step) != steps.end()
+            : std::any_of(batch.begin(), batch.end(), [&](auto i) { return samples_.count(i); });
+    return bad ? settings_.poison_kind : std::string();
+  }
+
+ private:
+  const Settings& settings_;
+  bool active_;
+  std::set<std::size_t> samples_;
+};
+
+// The sample indices of global batch `i` of `order` (the sampler's remaining()).
+inline std::vector<std::size_t> global_batch_indices(const std::vector<std::size_t>& order,
+                                                     std::int64_t i, std::int64_t global_batch) {
+  const auto begin = std::min(static_cast<std::size_t>(i * global_batch), order.size());
+  const auto end = std::min(begin + static_cast<std::size_t>(global_batch), order.size());
+  return std::vector<std::size_t>(order.begin() + static_cast<std::ptrdiff_t>(begin),
+                                  order.begin() + static_cast<std::ptrdiff_t>(end));
+}
+
 // The batches of the rest of an epoch: `order` is what the sampler has left of it (its
 // remaining()), and batch i is this process's share (`rank`) of the order's i-th global batch,
 // assembled on two workers, four ahead of the loop.
@@ -177,28 +258,35 @@ inline torchguard::Prefetcher<torch::data::Example<>> epoch_batches(
       options);
 }
 
-// One training step on a batch: the loss and how many it got right. `between` runs after the
-// backward pass, before the optimizer steps (the distributed demo averages the gradients there).
+// One training step on a batch: the loss and how many it got right. `check(loss)` runs after the
+// backward pass, before the optimizer steps (the distributed demo averages the gradients there;
+// with --recovery, CheckpointGuard::check_step judges the step): false leaves the step unapplied.
+// `poison` is the fault injection's ("", "nan" or "spike").
 struct StepFigures {
   double loss = 0;
   std::int64_t correct = 0;
   std::int64_t samples = 0;
+  bool applied = true;
 };
-template <class Between>
+template <class Check>
 StepFigures train_step(Net& model, torch::optim::Optimizer& optimizer,
-                       const torch::data::Example<>& batch, Between&& between) {
+                       const torch::data::Example<>& batch, Check&& check,
+                       const std::string& poison = {}) {
   optimizer.zero_grad();
-  const auto logits = model->forward(batch.data);
+  const auto data =
+      poison == "nan" ? batch.data * std::numeric_limits<float>::quiet_NaN() : batch.data;
+  const auto logits = model->forward(data);
   auto loss = torch::nn::functional::cross_entropy(logits, batch.target);
+  if (poison == "spike") loss = loss * 1000.0;
   loss.backward();
-  between();
+  if (!check(loss)) return {loss.item<double>(), 0, batch.target.size(0), false};
   optimizer.step();
   return {loss.item<double>(), logits.argmax(1).eq(batch.target).sum().item<std::int64_t>(),
           batch.target.size(0)};
 }
 inline StepFigures train_step(Net& model, torch::optim::Optimizer& optimizer,
                               const torch::data::Example<>& batch) {
-  return train_step(model, optimizer, batch, [] {});
+  return train_step(model, optimizer, batch, [](const torch::Tensor&) { return true; });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -315,6 +403,7 @@ inline torchguard::CheckpointOptions checkpoint_options(const std::filesystem::p
   options.load_device = device;
   options.logger = std::move(log);
   options.save_on_exit = torchguard::SaveOnExit::on_success;
+  options.recovery.enabled = settings.recovery;
   return options;
 }
 

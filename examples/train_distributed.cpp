@@ -77,11 +77,14 @@ int train(Config config) {
                                            /*whole_batches=*/true);
     // Every rank keeps the same sampler (the same seed and steps); rank 0's is saved.
     torchguard::ResumableSampler sampler(static_cast<std::size_t>(schedule.samples), {config.seed});
+    if (!config.skip_samples.empty()) sampler.skip(config.skip_samples);
+    const fashion_mnist::Poison poison(config, schedule, group.rank());
     auto options =
         fashion_mnist::checkpoint_options(fs::path(config.run_dir) / "checkpoints", config,
                                           schedule, sampler, device, session.logger());
     options.stop_requested = [stop] { return *stop; };
-    group.configure_checkpoints(options);  // rank 0 writes; a barrier after each save
+    group.configure_checkpoints(options);  // rank 0 writes; a barrier after each save; one
+                                           // decision on every rank for a recovery
     auto& checkpoint = stack.emplace<torchguard::CheckpointGuard>(model, optimizer, options);
     group.check_same(checkpoint.current_step(), "the restored step");
     fashion_mnist::use_learning_rate(*optimizer, config.learning_rate);
@@ -107,6 +110,7 @@ int train(Config config) {
     const auto start = fashion_mnist::Clock::now();
     const std::int64_t first_step = checkpoint.current_step();
     bool stopped = false;
+    torchguard::StepVerdict verdict;  // of the last step judged (--recovery)
     while (!stopped && checkpoint.current_step() < schedule.total_steps) {
       const std::int64_t epoch = sampler.epoch();
       const std::vector<std::size_t> left = sampler.remaining();
@@ -122,8 +126,17 @@ int train(Config config) {
       const auto epoch_start = fashion_mnist::Clock::now();
       std::int64_t done = 0;
       for (auto& batch : batches) {
-        const auto step = fashion_mnist::train_step(model, *optimizer, batch,
-                                                    [&] { group.allreduce_gradients(*model); });
+        // The whole global batch: a recovery skips it on every rank.
+        const auto indices = fashion_mnist::global_batch_indices(left, done, schedule.global_batch);
+        const auto step = fashion_mnist::train_step(
+            model, *optimizer, batch,
+            [&](const torch::Tensor& loss) {
+              group.allreduce_gradients(*model);
+              verdict = checkpoint.check_step(loss, indices);  // the ranks decide together
+              return !verdict.recovered;
+            },
+            poison.at(checkpoint.current_step() + 1, indices));
+        if (!step.applied) break;  // every rank went back: start the epoch over
         figures.add(step.loss, step.samples, step.correct);
         ++done;
         if (done == left_steps) {
@@ -144,6 +157,15 @@ int train(Config config) {
           stopped = true;
           break;
         }
+      }
+      if (verdict.recovered) {
+        if (group.is_main()) {
+          session.resume_metrics(verdict.restored_step);
+          session.log_metrics(verdict.restored_step, verdict.metrics());
+        }
+        session.set_step(verdict.restored_step);
+        verdict = {};
+        continue;
       }
       if (stopped || !group.is_main()) continue;
       session.log_metrics(

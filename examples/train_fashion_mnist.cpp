@@ -6,6 +6,9 @@
 //   CheckpointGuard    restore on start (--restore picks another checkpoint), save every N steps,
 //                      at the end and on a stop request; it records the settings and the end
 //   ResumableSampler   the epoch's order and the place in it, saved in every checkpoint
+//   --recovery         a step whose loss or gradients are not finite, or whose loss spikes,
+//                      goes back to the last checkpoint and its batch is skipped from then on
+//                      (--poison-steps injects such steps: docs/guides/recovery.md)
 //   GpuMemoryGuard     per-epoch memory accounting (a no-op that says so on the CPU)
 //   gather             the four dataset files decompressed and parsed concurrently
 //   Prefetcher         batches assembled ahead of the training step
@@ -96,6 +99,8 @@ int train_in_session(torchguard::ScopeStack& stack, torchguard::TrainingSession&
   const fashion_mnist::Schedule schedule(data.train.images.size(0), config,
                                          /*whole_batches=*/false);
   torchguard::ResumableSampler sampler(static_cast<std::size_t>(schedule.samples), {config.seed});
+  if (!config.skip_samples.empty()) sampler.skip(config.skip_samples);  // a resume restores its own
+  const fashion_mnist::Poison poison(config, schedule, /*rank=*/0);
 
   // Restores the newest valid checkpoint (or the one --restore names), refuses a resume with
   // other exact settings, and cuts metrics.jsonl and TensorBoard back to the restored step.
@@ -129,6 +134,7 @@ int train_in_session(torchguard::ScopeStack& stack, torchguard::TrainingSession&
   const auto start = Clock::now();
   const std::int64_t first_step = checkpoint.current_step();
   bool stopped = false;
+  torchguard::StepVerdict verdict;  // of the last step judged (--recovery)
   while (!stopped && checkpoint.current_step() < schedule.total_steps) {
     const std::int64_t epoch = sampler.epoch();
     const std::vector<std::size_t> left = sampler.remaining();
@@ -153,7 +159,15 @@ int train_in_session(torchguard::ScopeStack& stack, torchguard::TrainingSession&
     std::int64_t window_samples = 0;
     std::int64_t done = 0;
     for (auto& batch : batches) {
-      const auto step = fashion_mnist::train_step(model, *optimizer, batch);
+      const auto indices = fashion_mnist::global_batch_indices(left, done, schedule.global_batch);
+      const auto step = fashion_mnist::train_step(
+          model, *optimizer, batch,
+          [&](const torch::Tensor& loss) {
+            verdict = checkpoint.check_step(loss, indices);
+            return !verdict.recovered;
+          },
+          poison.at(checkpoint.current_step() + 1, indices));
+      if (!step.applied) break;  // every part and the sampler went back: start the epoch over
       figures.add(step.loss, step.samples, step.correct);
       window_samples += step.samples;
       ++done;
@@ -183,6 +197,15 @@ int train_in_session(torchguard::ScopeStack& stack, torchguard::TrainingSession&
         stopped = true;
         break;
       }
+    }
+    if (verdict.recovered) {
+      // metrics.jsonl and TensorBoard go back too, with a row that says what happened.
+      progress.finish();
+      session.resume_metrics(verdict.restored_step);
+      session.log_metrics(verdict.restored_step, verdict.metrics());
+      session.set_step(verdict.restored_step);
+      verdict = {};
+      continue;
     }
     // The stop signal can end the batches before the checkpoint saw it: save that step.
     if (!stopped && done < steps) {

@@ -64,6 +64,7 @@ case "$config" in
                  "-DTORCHGUARD_EXAMPLES=train_fashion_mnist;train_distributed"
                  -DTORCHGUARD_CHECK_OTHER_EXAMPLES=ON
                  "-DTORCHGUARD_DEMO_CASES=short;resume;fallback;python;full-disk;crossing"
+                 -DTORCHGUARD_RECOVERY_CASES=poisoned
                  "-DCMAKE_EXE_LINKER_FLAGS=$(wheel_link_flags "$site")")
     # Torch's CMake package probes the GPUs unless told which architectures to target; the guards
     # compile no kernels, so any list will do.

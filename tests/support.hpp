@@ -235,9 +235,9 @@ inline std::pair<std::string, bool> command_output(const std::string& command) {
 // One of tests/script_support.sh's Python lookups (`function`, with `arguments`), where the venvs
 // are found as the scripts find them: its answer, or "" after printing its SKIPPED line.
 inline std::string python_from_scripts(const std::string& function, const std::string& arguments) {
-  const auto [output, found] = command_output(fmt::format(
-      "bash -c 'source \"{}/script_support.sh\" && {} {}'", TORCHGUARD_TESTS_DIR, function,
-      arguments));
+  const auto [output, found] =
+      command_output(fmt::format("bash -c 'source \"{}/script_support.sh\" && {} {}'",
+                                 TORCHGUARD_TESTS_DIR, function, arguments));
   const std::string line = output.substr(0, output.find('\n'));
   if (!found) {
     std::cout << line << std::endl;
@@ -259,9 +259,9 @@ inline std::string interop_python(const std::string& modules) {
 // LibTorch (the venv scripts/setup.sh makes over it), the torch2 venv for the wheel's. Otherwise
 // "" after printing the SKIPPED line.
 inline std::string libtorch_python(const std::string& modules) {
-  return python_from_scripts("libtorch_python", fmt::format("{}.{}.{} \"{}\"", TORCH_VERSION_MAJOR,
-                                                            TORCH_VERSION_MINOR,
-                                                            TORCH_VERSION_PATCH, modules));
+  return python_from_scripts(
+      "libtorch_python", fmt::format("{}.{}.{} \"{}\"", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR,
+                                     TORCH_VERSION_PATCH, modules));
 }
 
 // Runs `fn` with the file size limit at `bytes` (SIGXFSZ ignored, so writes fail with EFBIG).

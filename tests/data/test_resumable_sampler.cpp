@@ -70,6 +70,7 @@ std::vector<std::size_t> run_epoch(Loader& loader, const ResumableSampler& sampl
   std::size_t batches = 0;
   for (auto& batch : torchguard::resume(*loader, sampler)) {
     received.insert(received.end(), batch.begin(), batch.end());
+    CHECK(sampler.last_batch() == batch);  // what check_step() is given
     if (body) body();
     if (++batches == limit) break;
   }

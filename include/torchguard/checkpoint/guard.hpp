@@ -27,7 +27,7 @@
 // exchange with PyTorch), commit.hpp (the crash-safe commit), retention.hpp (what stays),
 // restore.hpp (verify, quarantine, choose), format_v1.hpp (the first format, read only),
 // state.hpp (what is saved and loaded), staging.hpp (the host copy, overlapped with training),
-// writer.hpp (the background thread).
+// writer.hpp (the background thread), recovery.hpp (a bad step goes back: check_step()).
 #pragma once
 
 #include <algorithm>
@@ -51,6 +51,7 @@
 #include "torchguard/checkpoint/commit.hpp"
 #include "torchguard/checkpoint/format.hpp"
 #include "torchguard/checkpoint/options.hpp"
+#include "torchguard/checkpoint/recovery.hpp"
 #include "torchguard/checkpoint/restore.hpp"
 #include "torchguard/checkpoint/retention.hpp"
 #include "torchguard/checkpoint/state.hpp"
@@ -131,6 +132,12 @@ class CheckpointGuardState {
       background =
           std::make_unique<BackgroundWriter>([this](Snapshot& snapshot) { commit(snapshot); });
     }
+    if (options.recovery.enabled && !resumed_from) {
+      // A bad step needs a checkpoint to go back to, even the first step.
+      logger->info("CheckpointGuard: recovery is on: saving step {}, the first point to go back to",
+                   step);
+      save(Metrics{});
+    }
   }
 
   // See CheckpointGuard::step.
@@ -138,6 +145,7 @@ class CheckpointGuardState {
     ++step;
     saved_this_step = false;
     complete_marked = false;  // more was trained: complete again only when said or reached
+    if (lr_factor != 1.0 && step >= lr_until) end_lr_scale();
     set_metrics(step_metrics);
     settle();  // a dropped background save is replaced now
     StepResult result;
@@ -159,6 +167,12 @@ class CheckpointGuardState {
 
   // See CheckpointGuard::save.
   void save(const Metrics& save_metrics) {
+    if (poisoned) {
+      throw RecoveryError(fmt::format(
+          "CheckpointGuard: not saved: the parts hold step {}, which went wrong and could not be "
+          "recovered (the committed checkpoints stay as they are)",
+          step + 1));
+    }
     set_metrics(save_metrics);
     saved_this_step = true;  // set on every process alike: the exit decision must not diverge
     const auto& after_save = options.after_save;
@@ -177,6 +191,29 @@ class CheckpointGuardState {
   void before_optimizer_step() {
     settle();
     if (background && !overlap_refused) overlap = true;
+  }
+
+  // See CheckpointGuard::check_step.
+  StepVerdict check_step(const torch::Tensor& loss, const std::vector<std::size_t>& batch) {
+    const RecoveryOptions& policy = options.recovery;
+    if (!policy.enabled) return {};
+    if (poisoned) {
+      throw RecoveryError(
+          "CheckpointGuard: check_step() after a step that could not be recovered: the run ended");
+    }
+    double loss_value = 0;
+    std::string reason = monitor.judge(loss, trained_parameters(), loss_value);
+    bool bad = !reason.empty();
+    if (policy.agree) {  // every process decides alike: one's bad step is everyone's
+      const bool anyone = policy.agree(bad);
+      if (anyone && !bad) reason = "another process's step went wrong";
+      bad = anyone;
+    }
+    if (!bad) {
+      monitor.accept(loss_value);
+      return {};
+    }
+    return recover(reason, batch);
   }
 
   // See CheckpointGuard::wait.
@@ -203,6 +240,13 @@ class CheckpointGuardState {
       wait();  // a background write in flight, and its error
     } catch (...) {
       error = std::current_exception();
+    }
+    if (poisoned) {
+      logger->warn(
+          "CheckpointGuard: not saved at exit: the parts hold a step that went wrong (the "
+          "committed checkpoints stay as they are)");
+      if (error) std::rethrow_exception(error);
+      return;
     }
     try {
       if (save_now && !saved_this_step && unchanged_since_restore()) {
@@ -272,8 +316,16 @@ class CheckpointGuardState {
   std::atomic<bool> stop_flag{false};
   bool stop_logged = false;
   bool closed = false;
-  std::optional<DirectoryLock> lock;             // held by the writing process
-  HostStaging staging;                           // reused by background snapshots
+  std::optional<DirectoryLock> lock;  // held by the writing process
+  HostStaging staging;                // reused by background snapshots
+  // The run that heals itself (options.recovery, recovery.hpp).
+  StepMonitor monitor{options.recovery};
+  std::vector<RecoveryRecord> recoveries;    // this run's, and those of the runs it resumed
+  std::vector<std::size_t> skipped_samples;  // every sample a recovery left out (sorted)
+  double lr_factor = 1.0;                    // every learning rate is scaled by this ...
+  std::int64_t lr_until = 0;                 // ... until this step
+  bool poisoned = false;  // a step went wrong and could not be recovered: nothing is saved
+  std::vector<torch::Tensor> trained;            // trained_parameters(), found once
   std::unique_ptr<BackgroundWriter> background;  // last: stopped before the rest goes
 
  private:
@@ -320,6 +372,7 @@ class CheckpointGuardState {
     restored_epoch = epoch;
     restored_metadata = metadata;
     restored_versions = training.versions();
+    read_recovery_state(/*rollback=*/false);
     const bool was_complete = manifest.value("complete", false);
     complete_marked = was_complete && total_steps <= step;
     std::string end;
@@ -330,6 +383,171 @@ class CheckpointGuardState {
     }
     logger->info("CheckpointGuard: resumed from step {} (epoch {}) of '{}'{}", step,
                  current_epoch(), checkpoint.path.string(), end);
+  }
+
+  // What the optimizers train (the models' parameters when there is no optimizer): the tensors
+  // whose gradients check_step() judges and drops.
+  const std::vector<torch::Tensor>& trained_parameters() {
+    if (!trained.empty()) return trained;
+    for (const auto& [name, optimizer] : training.parts().optimizers) {
+      for (const auto& group : optimizer->param_groups()) {
+        trained.insert(trained.end(), group.params().begin(), group.params().end());
+      }
+    }
+    if (trained.empty()) {
+      for (const auto& [name, model] : training.parts().models) {
+        for (const auto& parameter : model->parameters()) trained.push_back(parameter);
+      }
+    }
+    return trained;
+  }
+
+  // A bad step: back to the newest committed checkpoint that verifies, its batch skipped from
+  // now on, and that state saved at once (so a kill and a resume skip it too).
+  StepVerdict recover(const std::string& reason, const std::vector<std::size_t>& batch) {
+    const RecoveryOptions& policy = options.recovery;
+    const std::int64_t bad_step = step + 1;
+    for (auto& parameter : trained) parameter.mutable_grad() = torch::Tensor();
+    wait();  // the newest save is committed (or failed) before the choice
+    auto fail = [&](const std::string& why) {
+      poisoned = true;
+      const auto message = fmt::format(
+          "CheckpointGuard: step {} went wrong ({}) {}: the run ends here, nothing more is saved "
+          "and the committed checkpoints stay. Recoveries so far:{}{}",
+          bad_step, reason, why, recoveries.empty() ? " none" : "", recovery_history(recoveries));
+      logger->error("{}", message);
+      return RecoveryError(message);
+    };
+    if (!recoveries.empty() && recoveries.back().bad_step == bad_step) {
+      throw fail(fmt::format(
+          "again after the run went back to step {} and skipped {}: the fault is not in the batch",
+          recoveries.back().restored_step, sample_list(recoveries.back().skipped)));
+    }
+    const auto recent = std::count_if(recoveries.begin(), recoveries.end(), [&](const auto& r) {
+      return r.bad_step > bad_step - policy.recovery_window;
+    });
+    if (recent >= policy.max_recoveries) {
+      throw fail(fmt::format("after {} recoveries within {} steps (at most {} allowed)", recent,
+                             policy.recovery_window, policy.max_recoveries));
+    }
+    // The newest checkpoint that verifies; a damaged one is quarantined, as on a restore.
+    const auto candidates = committed_paths(options.directory);
+    std::optional<VerifiedCheckpoint> target;
+    for (auto it = candidates.rbegin(); it != candidates.rend() && !target; ++it) {
+      VerifiedCheckpoint checkpoint;
+      const std::string problem = verify_checkpoint(*it, checkpoint);
+      if (problem.empty()) {
+        target = std::move(checkpoint);
+      } else {
+        quarantine_checkpoint(options.directory, *it, problem, writer, *logger);
+      }
+    }
+    if (!target)
+      throw fail(fmt::format("and '{}' holds no checkpoint to go back to that verifies",
+                             options.directory.string()));
+
+    training.load(*target, *logger);
+    const auto& manifest = target->manifest;
+    step = manifest.at("step").get<std::int64_t>();
+    epoch = manifest.at("epoch").get<std::int64_t>();
+    metrics = nlohmann::json::object();
+    metadata = manifest.value("metadata", nlohmann::json::object());
+    resumed_from = target->path;
+    read_recovery_state(/*rollback=*/true);
+
+    // The batch, and every sample skipped before, out of the sampler's epochs.
+    std::vector<std::size_t> added(batch);
+    std::sort(added.begin(), added.end());
+    added.erase(std::unique(added.begin(), added.end()), added.end());
+    std::vector<std::size_t> all;
+    std::set_union(skipped_samples.begin(), skipped_samples.end(), added.begin(), added.end(),
+                   std::back_inserter(all));
+    skipped_samples = std::move(all);
+    bool skipping = false;
+    for (const auto& [name, sampler] : training.parts().samplers) {
+      if (sampler.can_skip()) {
+        sampler.skip(skipped_samples);
+        skipping = true;
+      }
+    }
+    if (!skipping && !added.empty()) {
+      logger->warn(
+          "CheckpointGuard: no sampler in options.samplers can skip samples: the same batch may "
+          "come again");
+    }
+    if (policy.lr_scale != 1.0 && policy.lr_scale_steps > 0) {
+      scale_lr(policy.lr_scale);
+      lr_factor *= policy.lr_scale;
+      lr_until = step + policy.lr_scale_steps;
+    }
+    recoveries.push_back({bad_step, step, reason, added});
+    write_recovery_state();
+    logger->warn(
+        "CheckpointGuard: step {} went wrong ({}): back to step {} ('{}'); skipping its batch "
+        "from now on: {}{}; recovery {} ({} of at most {} within {} steps)",
+        bad_step, reason, step, target->path.filename().string(), sample_list(added),
+        lr_factor != 1.0 ? fmt::format("; learning rates x{} until step {}", lr_factor, lr_until)
+                         : std::string(),
+        recoveries.size(),
+        std::count_if(
+            recoveries.begin(), recoveries.end(),
+            [&](const auto& r) { return r.bad_step > bad_step - policy.recovery_window; }),
+        policy.max_recoveries, policy.recovery_window);
+    save(Metrics{});
+
+    StepVerdict verdict;
+    verdict.recovered = true;
+    verdict.reason = reason;
+    verdict.bad_step = bad_step;
+    verdict.restored_step = step;
+    verdict.skipped = std::move(added);
+    verdict.recoveries = static_cast<int>(recoveries.size());
+    return verdict;
+  }
+
+  void scale_lr(double factor) {
+    for (const auto& [name, optimizer] : training.parts().optimizers) {
+      for (auto& group : optimizer->param_groups()) {
+        group.options().set_lr(group.options().get_lr() * factor);
+      }
+    }
+  }
+  void end_lr_scale() {
+    scale_lr(1.0 / lr_factor);
+    logger->info(
+        "CheckpointGuard: step {}: learning rates back to normal (were x{} since a "
+        "recovery)",
+        step, lr_factor);
+    lr_factor = 1.0;
+    lr_until = 0;
+    write_recovery_state();
+  }
+
+  // The checkpoints keep the recoveries and the learning rates' scale in their metadata
+  // ("torchguard/recovery"): a resumed run counts the earlier recoveries against the bounds,
+  // skips what they skipped and ends a scale it was under.
+  static constexpr const char* recovery_key = "torchguard/recovery";
+  void read_recovery_state(bool rollback) {
+    const auto saved = metadata.find(recovery_key);
+    lr_factor = 1.0;
+    lr_until = 0;
+    if (saved == metadata.end() || !saved->is_object()) return;
+    lr_factor = saved->value("lr_factor", 1.0);
+    lr_until = saved->value("lr_until", std::int64_t{0});
+    if (rollback) return;  // this run's own records are newer than the checkpoint's
+    recoveries = recovery_records(saved->value("recoveries", nlohmann::json::array()));
+    for (const auto& record : recoveries) {
+      skipped_samples.insert(skipped_samples.end(), record.skipped.begin(), record.skipped.end());
+    }
+    std::sort(skipped_samples.begin(), skipped_samples.end());
+    skipped_samples.erase(std::unique(skipped_samples.begin(), skipped_samples.end()),
+                          skipped_samples.end());
+  }
+  void write_recovery_state() {
+    nlohmann::json records = nlohmann::json::array();
+    for (const auto& record : recoveries) records.push_back(to_json(record));
+    metadata[recovery_key] = {
+        {"recoveries", records}, {"lr_factor", lr_factor}, {"lr_until", lr_until}};
   }
 
   void set_metrics(const Metrics& given) {
@@ -483,6 +701,20 @@ class CheckpointGuard {
   // before it) is still saved whole: the copy is made in step(), or a copy that the optimizer
   // overtook is dropped and the state saved again, with a warning. Cheap when nothing is due.
   void before_optimizer_step() { s_->before_optimizer_step(); }
+
+  // With options.recovery.enabled, judges the step just computed (call it after backward(),
+  // before optimizer.step()): a loss or gradient that is not finite, or a loss spike, puts every
+  // part back to the newest committed checkpoint, leaves `batch` (the step's sample indices: the
+  // whole step's, over every process) out of the sampler from then on, saves that state, and
+  // returns recovered = true: the loop then does not step the optimizer and starts its epoch
+  // over where the sampler now is. A good step returns recovered = false (and costs one
+  // synchronization). Throws RecoveryError past the policy's bounds. Without recovery enabled it
+  // does nothing. Under ProcessGroupGuard::configure_checkpoints every process decides alike.
+  StepVerdict check_step(const torch::Tensor& loss, const std::vector<std::size_t>& batch = {}) {
+    return s_->check_step(loss, batch);
+  }
+  // Every sample a recovery left out (sorted; restored from the checkpoint on resume).
+  const std::vector<std::size_t>& skipped_samples() const noexcept { return s_->skipped_samples; }
 
   // Waits for a background write in flight; rethrows its error.
   void wait() { s_->wait(); }

@@ -95,6 +95,25 @@ struct RunSettings {
   std::set<std::string> exact;
 };
 
+// The policy of a run that heals itself (checkpoint/recovery.hpp): which steps are bad, and how
+// often a run may go back before it stops.
+struct RecoveryOptions {
+  bool enabled = false;                 // CheckpointGuard::check_step() judges steps only when on
+  bool non_finite_loss = true;          // a NaN or infinite loss is bad
+  bool non_finite_gradients = true;     // a NaN or infinite gradient is bad (one fused reduction)
+  bool loss_spikes = true;              // a loss far above its recent values is bad:
+  std::size_t spike_window = 64;        //   the last N good steps' losses,
+  std::size_t spike_warmup = 32;        //   judged once this many good steps are there,
+  double spike_factor = 4.0;            //   a loss above this many times their median
+  int max_recoveries = 3;               // more recoveries than this ...
+  std::int64_t recovery_window = 1000;  // ... within this many steps end the run (RecoveryError)
+  double lr_scale = 1.0;                // after a recovery, every learning rate times this ...
+  std::int64_t lr_scale_steps = 0;      // ... for this many steps (0: not changed)
+  // The verdict of every process, from this one's (true: bad): a rank's bad step is everyone's.
+  // ProcessGroupGuard::configure_checkpoints() sets it.
+  std::function<bool(bool)> agree;
+};
+
 struct CheckpointOptions {
   std::filesystem::path directory;  // where checkpoints live (created when missing)
 
@@ -111,7 +130,8 @@ struct CheckpointOptions {
   std::map<std::string, Stateful> samplers;
   std::map<std::string, torch::Tensor> tensors;  // more tensors, restored in place
 
-  RunSettings settings;  // recorded; compared on resume (see RunSettings)
+  RunSettings settings;      // recorded; compared on resume (see RunSettings)
+  RecoveryOptions recovery;  // a bad step goes back to the last checkpoint (recovery.hpp)
   // The steps the run will take in all (0: not said). The checkpoint of that step is marked
   // complete: the same command again restores it, logs that the run is complete and writes
   // nothing; a larger total goes on. mark_complete() says so for a run that counts otherwise.

@@ -7,18 +7,23 @@
 // and, optionally,
 //   std::string check_checkpoint_state(const nlohmann::json&) const;  // "" when it would load
 //   std::int64_t epoch() const;                                      // the run's epoch
+//   std::size_t skip(const std::vector<std::size_t>&);               // leaves samples out
 // A Stateful holds a copy of the object (for types whose copies share their state, as
 // ResumableSampler's do) or a std::shared_ptr to it.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <nlohmann/json.hpp>
+
+#include "torchguard/core/error.hpp"
 
 namespace torchguard {
 namespace detail {
@@ -34,6 +39,12 @@ template <class T, class = void>
 struct has_epoch : std::false_type {};
 template <class T>
 struct has_epoch<T, std::void_t<decltype(std::declval<const T&>().epoch())>> : std::true_type {};
+
+template <class T, class = void>
+struct has_skip : std::false_type {};
+template <class T>
+struct has_skip<T, std::void_t<decltype(std::declval<T&>().skip(std::vector<std::size_t>()))>>
+    : std::true_type {};
 
 }  // namespace detail
 
@@ -51,6 +62,10 @@ class Stateful {
   // Why `state` would not load ("" when it would), without changing anything.
   std::string check(const nlohmann::json& state) const { return self_->check(state); }
   std::optional<std::int64_t> epoch() const { return self_->epoch(); }
+  // Whether it can leave samples out (a sampler: CheckpointGuard's recovery skips a bad batch).
+  bool can_skip() const { return self_->can_skip(); }
+  // Leaves the samples `indices` out from now on; throws OptionsError when it cannot.
+  void skip(const std::vector<std::size_t>& indices) const { self_->skip(indices); }
 
  private:
   struct Concept {
@@ -59,6 +74,8 @@ class Stateful {
     virtual void load(const nlohmann::json& state) = 0;
     virtual std::string check(const nlohmann::json& state) const = 0;
     virtual std::optional<std::int64_t> epoch() const = 0;
+    virtual bool can_skip() const = 0;
+    virtual void skip(const std::vector<std::size_t>& indices) = 0;
   };
   template <class T>
   struct Model final : Concept {
@@ -78,6 +95,15 @@ class Stateful {
         return static_cast<std::int64_t>(object->epoch());
       } else {
         return std::nullopt;
+      }
+    }
+    bool can_skip() const override { return detail::has_skip<T>::value; }
+    void skip(const std::vector<std::size_t>& indices) override {
+      if constexpr (detail::has_skip<T>::value) {
+        object->skip(indices);
+      } else {
+        (void)indices;
+        throw OptionsError("Stateful: this part has no skip(): it cannot leave samples out");
       }
     }
     std::shared_ptr<T> object;

@@ -110,18 +110,17 @@ class ResumableSampler : public torch::data::samplers::Sampler<> {
     s.handed_out.clear();
     s.handed_batches = 0;
     s.received_batches = 0;
-    s.order.clear();
-    if (s.options.shuffle) s.order = permutation(s.size, s.options.seed, epoch);
+    s.order = s.epoch_order(epoch);
     ++s.resets;
-    if (consumed == s.size && consumed > 0) {
+    if (consumed == s.order.size() && consumed > 0) {
       s.logger()->info(
           "ResumableSampler: epoch {} has no batch left (all {} samples trained): it ends at once",
-          epoch, s.size);
+          epoch, s.order.size());
     } else if (consumed > 0) {
       s.logger()->info(
           "ResumableSampler: epoch {} goes on at sample {} of {} (the {} before are not read "
           "again)",
-          epoch, consumed, s.size, consumed);
+          epoch, consumed, s.order.size(), consumed);
     }
   }
 
@@ -130,12 +129,11 @@ class ResumableSampler : public torch::data::samplers::Sampler<> {
     Shared& s = *s_;
     if (batch_size == 0) throw OptionsError("ResumableSampler: next() with a batch size of 0");
     if (s.resets == 0) reset();  // used without a loader
-    if (s.cursor >= s.size) return c10::nullopt;
-    const std::size_t count = std::min(batch_size, s.size - s.cursor);
-    std::vector<std::size_t> indices(count);
-    for (std::size_t i = 0; i < count; ++i) {
-      indices[i] = s.options.shuffle ? s.order[s.cursor + i] : s.cursor + i;
-    }
+    if (s.cursor >= s.order.size()) return c10::nullopt;
+    const std::size_t count = std::min(batch_size, s.order.size() - s.cursor);
+    std::vector<std::size_t> indices(
+        s.order.begin() + static_cast<std::ptrdiff_t>(s.cursor),
+        s.order.begin() + static_cast<std::ptrdiff_t>(s.cursor + count));
     s.cursor += count;
     s.handed_out.push_back(count);
     ++s.handed_batches;
@@ -173,7 +171,8 @@ class ResumableSampler : public torch::data::samplers::Sampler<> {
             {"consumed", s_->at(kConsumed)},
             {"size", s_->at(kSize)},
             {"seed", static_cast<std::uint64_t>(s_->at(kSeed))},
-            {"shuffle", s_->at(kShuffle) != 0}};
+            {"shuffle", s_->at(kShuffle) != 0},
+            {"skip", s_->skipped}};
   }
   // Why `state` is not a position of this sampler ("" when it is).
   std::string check_checkpoint_state(const nlohmann::json& state) const {
@@ -199,10 +198,22 @@ class ResumableSampler : public torch::data::samplers::Sampler<> {
           size->get<std::int64_t>(), stored_seed, shuffle->get<bool>() ? "shuffled" : "in order",
           s_->size, s_->options.seed, s_->options.shuffle ? "shuffled" : "in order");
     }
+    std::size_t skipped = 0;
+    if (const auto* skip = field("skip")) {  // states from before the skip list have none
+      if (!skip->is_array() ||
+          !std::all_of(skip->begin(), skip->end(), [&](const nlohmann::json& index) {
+            return index.is_number_unsigned() && index.get<std::uint64_t>() < s_->size;
+          })) {
+        return fmt::format("the saved skip list {} is not a list of sample indices below {}",
+                           skip->dump(), s_->size);
+      }
+      skipped = skip->size();
+    }
     if (epoch->get<std::int64_t>() < 0 || consumed->get<std::int64_t>() < 0 ||
-        consumed->get<std::int64_t>() > static_cast<std::int64_t>(s_->size)) {
+        consumed->get<std::int64_t>() > static_cast<std::int64_t>(s_->size - skipped)) {
       return fmt::format("the saved state says epoch {}, {} samples done, of {}: not a position",
-                         epoch->get<std::int64_t>(), consumed->get<std::int64_t>(), s_->size);
+                         epoch->get<std::int64_t>(), consumed->get<std::int64_t>(),
+                         s_->size - skipped);
     }
     return {};
   }
@@ -214,7 +225,52 @@ class ResumableSampler : public torch::data::samplers::Sampler<> {
     }
     s_->at(kEpoch) = state.at("epoch").get<std::int64_t>();
     s_->at(kConsumed) = state.at("consumed").get<std::int64_t>();
+    s_->skipped = state.value("skip", std::vector<std::size_t>());
+    std::sort(s_->skipped.begin(), s_->skipped.end());
+    s_->skipped.erase(std::unique(s_->skipped.begin(), s_->skipped.end()), s_->skipped.end());
+    if (s_->resets > 0) s_->order = s_->epoch_order(s_->at(kEpoch));
   }
+
+  // Leaves the samples `indices` (dataset indices) out of the rest of this epoch and of every
+  // later one: a batch that made a step go wrong (CheckpointGuard's recovery). The order is the
+  // same with them taken out; a checkpoint keeps the list. Returns how many were not left out
+  // already. Throws OptionsError for an index past the dataset.
+  std::size_t skip(const std::vector<std::size_t>& indices) {
+    Shared& s = *s_;
+    s.check_state();
+    std::vector<std::size_t> added;
+    for (const std::size_t index : indices) {
+      if (index >= s.size) {
+        throw OptionsError(
+            fmt::format("ResumableSampler: skip({}) of a dataset of {} samples", index, s.size));
+      }
+      if (!std::binary_search(s.skipped.begin(), s.skipped.end(), index)) added.push_back(index);
+    }
+    std::sort(added.begin(), added.end());
+    added.erase(std::unique(added.begin(), added.end()), added.end());
+    if (added.empty()) return 0;
+    // Those already trained in this epoch no longer count in its position.
+    const auto order = s.epoch_order(s.at(kEpoch));
+    const auto consumed = static_cast<std::size_t>(s.at(kConsumed));
+    std::int64_t trained = 0;
+    for (std::size_t i = 0; i < consumed; ++i) {
+      trained += std::binary_search(added.begin(), added.end(), order[i]) ? 1 : 0;
+    }
+    s.at(kConsumed) -= trained;
+    std::vector<std::size_t> all;
+    std::merge(s.skipped.begin(), s.skipped.end(), added.begin(), added.end(),
+               std::back_inserter(all));
+    s.skipped = std::move(all);
+    if (s.resets > 0) s.order = s.epoch_order(s.at(kEpoch));
+    return added.size();
+  }
+  // The dataset indices of the batch the loop received last through torchguard::resume(): what
+  // CheckpointGuard::check_step() is given, so that a step that goes wrong skips its batch.
+  const std::vector<std::size_t>& last_batch() const noexcept { return s_->last_batch; }
+  // The samples left out (sorted dataset indices).
+  const std::vector<std::size_t>& skipped() const noexcept { return s_->skipped; }
+  // The samples of an epoch: the dataset's size less the skipped ones.
+  std::size_t epoch_size() const noexcept { return s_->size - s_->skipped.size(); }
 
   // For a loop that assembles its own batches (a torchguard::Prefetcher, several processes each
   // taking a share) instead of iterating a LibTorch loader with torchguard::resume():
@@ -222,27 +278,25 @@ class ResumableSampler : public torch::data::samplers::Sampler<> {
   std::vector<std::size_t> remaining() const {
     Shared& s = *s_;
     s.check_state();
-    const auto consumed = static_cast<std::size_t>(s.at(kConsumed));
-    std::vector<std::size_t> indices;
-    indices.reserve(s.size - consumed);
-    const auto order = s.options.shuffle ? permutation(s.size, s.options.seed, s.at(kEpoch))
-                                         : std::vector<std::size_t>();
-    for (std::size_t i = consumed; i < s.size; ++i) {
-      indices.push_back(s.options.shuffle ? order[i] : i);
-    }
-    return indices;
+    const auto order = s.epoch_order(s.at(kEpoch));
+    return std::vector<std::size_t>(order.begin() + static_cast<std::ptrdiff_t>(s.at(kConsumed)),
+                                    order.end());
   }
+
   //   the loop trained `count` more of them (call it before the step's checkpoint);
   void consume(std::size_t count) {
     Shared& s = *s_;
     s.check_state();
-    if (count > s.size - static_cast<std::size_t>(s.at(kConsumed))) {
+    const std::size_t length = s.size - s.skipped.size();
+    const std::size_t left = length - static_cast<std::size_t>(s.at(kConsumed));
+    if (count > left) {
       throw OptionsError(
           fmt::format("ResumableSampler: consume({}) with {} of {} samples of epoch {} left", count,
-                      s.size - static_cast<std::size_t>(s.at(kConsumed)), s.size, s.at(kEpoch)));
+                      left, length, s.at(kEpoch)));
     }
     s.at(kConsumed) += static_cast<std::int64_t>(count);
   }
+
   //   the loop is done with the epoch (a last partial batch left out, too): the next one begins.
   void next_epoch() { finish_epoch(); }
 
@@ -313,6 +367,26 @@ class ResumableSampler : public torch::data::samplers::Sampler<> {
 
     std::int64_t& at(Field field) const { return state.data_ptr<std::int64_t>()[field]; }
 
+    // Epoch `epoch`'s order without the skipped samples.
+    std::vector<std::size_t> epoch_order(std::int64_t epoch) const {
+      std::vector<std::size_t> order;
+      if (options.shuffle) {
+        order = permutation(size, options.seed, epoch);
+      } else {
+        order.resize(size);
+        std::iota(order.begin(), order.end(), std::size_t{0});
+      }
+      if (!skipped.empty()) {
+        order.erase(std::remove_if(order.begin(), order.end(),
+                                   [&](std::size_t index) {
+                                     return std::binary_search(skipped.begin(), skipped.end(),
+                                                               index);
+                                   }),
+                    order.end());
+      }
+      return order;
+    }
+
     // Throws OptionsError when the state (restored from a checkpoint) is not this sampler's.
     void check_state() const {
       if (!state.defined() || state.scalar_type() != torch::kInt64 || state.numel() != kFields ||
@@ -332,7 +406,8 @@ class ResumableSampler : public torch::data::samplers::Sampler<> {
             at(kSize), stored_seed, stored_shuffle ? "shuffled" : "in order", size, options.seed,
             options.shuffle ? "shuffled" : "in order"));
       }
-      if (at(kEpoch) < 0 || at(kConsumed) < 0 || at(kConsumed) > static_cast<std::int64_t>(size)) {
+      if (at(kEpoch) < 0 || at(kConsumed) < 0 ||
+          at(kConsumed) > static_cast<std::int64_t>(size - skipped.size())) {
         throw OptionsError(fmt::format(
             "ResumableSampler: the restored state says epoch {}, {} samples done, of {}: not a "
             "position",
@@ -342,10 +417,12 @@ class ResumableSampler : public torch::data::samplers::Sampler<> {
 
     const std::size_t size;
     const Options options;
-    torch::Tensor state;                 // {epoch, consumed, size, seed, shuffle}
-    std::vector<std::size_t> order;      // this epoch's, when shuffled
-    std::size_t cursor = 0;              // the next sample handed out (ahead of the loop)
-    std::deque<std::size_t> handed_out;  // sizes of batches handed out, not yet received
+    torch::Tensor state;                  // {epoch, consumed, size, seed, shuffle}
+    std::vector<std::size_t> skipped;     // left out of every epoch (sorted)
+    std::vector<std::size_t> order;       // this epoch's, without the skipped
+    std::size_t cursor = 0;               // the next sample handed out (ahead of the loop)
+    std::deque<std::size_t> handed_out;   // sizes of batches handed out, not yet received
+    std::vector<std::size_t> last_batch;  // the indices of the batch received last
     std::uint64_t resets = 0;
     std::uint64_t handed_batches = 0;  // since the last reset
     std::uint64_t received_batches = 0;
@@ -369,6 +446,8 @@ class ResumableSampler : public torch::data::samplers::Sampler<> {
     }
     s.handed_out.pop_front();
     ++s.received_batches;
+    const auto begin = s.order.begin() + s.at(kConsumed);
+    s.last_batch.assign(begin, begin + static_cast<std::ptrdiff_t>(count));
     s.at(kConsumed) += static_cast<std::int64_t>(count);
   }
 

@@ -292,8 +292,8 @@ class ProcessGroupGuard {
   // stopping on any() stops them all at the same step.
   bool any(bool flag) { return max_over_ranks({flag ? 1 : 0}, "any")[0] != 0; }
 
-  // Sets up checkpoint options (CheckpointOptions, or anything with `is_writer` and
-  // `after_save`) for this group: rank 0 writes, every rank waits at a barrier after each save.
+  // Sets up CheckpointOptions for this group: rank 0 writes, every rank waits at a barrier after
+  // each save, and a recovery (options.recovery) is decided by all together.
   template <class CheckpointOptionsT>
   void configure_checkpoints(CheckpointOptionsT& checkpoint_options) {
     checkpoint_options.is_writer = [rank = rank()] { return rank == 0; };
@@ -303,18 +303,30 @@ class ProcessGroupGuard {
       if (alive.expired()) throw DistributedError("ProcessGroupGuard: the group is gone");
       state->barrier();
     };
+    // A step that went wrong on one process goes back on every process (CheckpointGuard's
+    // check_step): one all-reduce of the verdicts.
+    checkpoint_options.recovery.agree = [state = s_.get(),
+                                         alive = std::weak_ptr<const bool>(s_->alive)](bool bad) {
+      if (alive.expired()) throw DistributedError("ProcessGroupGuard: the group is gone");
+      return max_over_ranks(*state, {bad ? 1 : 0}, "agreeing on a step's verdict")[0] != 0;
+    };
   }
 
  private:
   std::vector<std::int64_t> max_over_ranks(const std::vector<std::int64_t>& values,
                                            const char* what) {
-    if (world_size() == 1) return values;
+    return max_over_ranks(*s_, values, what);
+  }
+  static std::vector<std::int64_t> max_over_ranks(detail::ProcessGroupState& state,
+                                                  const std::vector<std::int64_t>& values,
+                                                  const char* what) {
+    if (state.world_size == 1) return values;
     std::vector<torch::Tensor> tensors{
-        torch::tensor(values, torch::TensorOptions().dtype(torch::kInt64)).to(device())};
+        torch::tensor(values, torch::TensorOptions().dtype(torch::kInt64)).to(state.device)};
     c10d::AllreduceOptions allreduce_options;
     allreduce_options.reduceOp = c10d::ReduceOp::MAX;
-    allreduce_options.timeout = s_->options.timeout;
-    s_->wait(s_->group()->allreduce(tensors, allreduce_options), what);
+    allreduce_options.timeout = state.options.timeout;
+    state.wait(state.group()->allreduce(tensors, allreduce_options), what);
     const auto result = tensors[0].to(torch::kCPU);
     return std::vector<std::int64_t>(result.data_ptr<std::int64_t>(),
                                      result.data_ptr<std::int64_t>() + result.numel());
