@@ -243,7 +243,7 @@ TEST_CASE("a resumed run keeps the skip list and counts the earlier recoveries",
 
 TEST_CASE(
     "the bounds: the same step going wrong after a rollback, and too many recoveries, end "
-    "the run; nothing committed changes",
+    "the run, and nothing committed changes",
     "[recovery]") {
   auto committed = [](const fs::path& dir) {
     std::set<std::string> names;
@@ -311,7 +311,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "recovery: a damaged newest checkpoint is quarantined and an older one is used; the "
+    "recovery: a damaged newest checkpoint is quarantined and an older one is used, and the "
     "learning rate is scaled for a while",
     "[recovery]") {
   TempDir dir;
