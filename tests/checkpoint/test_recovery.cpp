@@ -357,9 +357,11 @@ TEST_CASE("recovery decided together: another process's bad step rolls this one 
   CapturedLogger log;
   RecoveringRun run(dir.path, log.logger);
   std::vector<bool> asked;
-  run.options.recovery.agree = [&](bool bad) {
-    asked.push_back(bad);
-    return asked.size() == 7;  // the other process's step 7 went wrong
+  run.options.recovery.agree = [&](bool flag) {
+    asked.push_back(flag);
+    // First the fresh start's save (decided together), then one question a step: the other
+    // process's step 7 went wrong.
+    return asked.size() == 1 ? flag : asked.size() == 8;
   };
   CheckpointGuard guard(run.model, run.optimizer, run.options);
   const auto verdicts = run.train(guard, 10, clean);
@@ -367,7 +369,12 @@ TEST_CASE("recovery decided together: another process's bad step rolls this one 
   CHECK(verdicts[0].bad_step == 7);
   CHECK(verdicts[0].restored_step == 5);
   CHECK(verdicts[0].reason == "another process's step went wrong");
-  CHECK(std::none_of(asked.begin(), asked.end(), [](bool bad) { return bad; }));
+  REQUIRE(asked.size() > 9);
+  CHECK(asked[0]);  // this process started fresh: the first checkpoint is saved on every one
+  CHECK(std::none_of(asked.begin() + 1, asked.end(), [](bool bad) { return bad; }));
+  // Asked once more after going back, before the recovery's save: every process has chosen its
+  // checkpoint before the writer commits a newer one.
+  CHECK(asked.size() == 1 + 7 + 1 + 5);  // fresh, steps 1-7, the recovery, steps 6-10
 }
 
 TEST_CASE(

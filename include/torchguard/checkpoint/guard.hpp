@@ -132,7 +132,11 @@ class CheckpointGuardState {
       background =
           std::make_unique<BackgroundWriter>([this](Snapshot& snapshot) { commit(snapshot); });
     }
-    if (options.recovery.enabled && !resumed_from) {
+    bool fresh = !resumed_from;
+    // In a process group every process decides together, and the writer saves only once every
+    // process has looked for its checkpoint (else one could find this save and resume from it).
+    if (options.recovery.enabled && options.recovery.agree) fresh = options.recovery.agree(fresh);
+    if (options.recovery.enabled && fresh) {
       // A bad step needs a checkpoint to go back to, even the first step.
       logger->info("CheckpointGuard: recovery is on: saving step {}, the first point to go back to",
                    step);
@@ -493,6 +497,8 @@ class CheckpointGuardState {
             recoveries.begin(), recoveries.end(),
             [&](const auto& r) { return r.bad_step > bad_step - policy.recovery_window; }),
         policy.max_recoveries, policy.recovery_window);
+    // Every process has chosen and loaded its checkpoint before the writer commits a newer one.
+    if (policy.agree) policy.agree(false);
     save(Metrics{});
 
     StepVerdict verdict;

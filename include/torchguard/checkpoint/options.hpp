@@ -109,8 +109,10 @@ struct RecoveryOptions {
   std::int64_t recovery_window = 1000;  // ... within this many steps end the run (RecoveryError)
   double lr_scale = 1.0;                // after a recovery, every learning rate times this ...
   std::int64_t lr_scale_steps = 0;      // ... for this many steps (0: not changed)
-  // The verdict of every process, from this one's (true: bad): a rank's bad step is everyone's.
-  // ProcessGroupGuard::configure_checkpoints() sets it.
+  // True on every process when some process passes true: a rank's bad step (true: bad) is
+  // everyone's, and so is a fresh start's first save (true: no checkpoint found), which the
+  // writer makes only once every process has looked for one. ProcessGroupGuard::
+  // configure_checkpoints() sets it.
   std::function<bool(bool)> agree;
 };
 
