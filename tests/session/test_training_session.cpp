@@ -230,16 +230,26 @@ TEST_CASE("a stopped session ends with the step and the reason, never as complet
   CHECK(cancelled.sink->count(spdlog::level::err) == 0);
 }
 
+namespace {
+
+// A child test's session options: its log and metrics files in `dir` ($TORCHGUARD_RUN_DIR),
+// TensorBoard's events in `board`, and a logger of its own.
+TrainingSessionOptions child_options(const fs::path& dir, const fs::path& board) {
+  TrainingSessionOptions options;
+  options.logger = std::make_shared<spdlog::logger>("child");
+  options.log_file = dir / "train.log";
+  options.metrics_file = dir / "metrics.jsonl";
+  options.tensorboard_dir = board;
+  return options;
+}
+
+}  // namespace
+
 // Run by the lock test in a child: a session on $TORCHGUARD_RUN_DIR until killed.
 TEST_CASE("session lock child: hold a run directory until killed", "[.session_lock_child]") {
   const char* dir = std::getenv("TORCHGUARD_RUN_DIR");
   if (!dir) return;
-  TrainingSessionOptions options;
-  options.logger = std::make_shared<spdlog::logger>("child");
-  options.log_file = fs::path(dir) / "train.log";
-  options.metrics_file = fs::path(dir) / "metrics.jsonl";
-  options.tensorboard_dir = dir;
-  TrainingSession session("holder", options);
+  TrainingSession session("holder", child_options(dir, dir));
   session.log_metrics(1, {{"loss", 1.0}});
   const char ready = 1;
   if (::write(3, &ready, 1) != 1) return;
@@ -287,12 +297,7 @@ TEST_CASE("a second run on a run directory fails at once and writes nothing into
 TEST_CASE("session child: files that cannot be written", "[.session_faults_child]") {
   const char* dir = std::getenv("TORCHGUARD_RUN_DIR");
   if (!dir) return;
-  TrainingSessionOptions options;
-  options.logger = std::make_shared<spdlog::logger>("child");
-  options.log_file = fs::path(dir) / "train.log";
-  options.metrics_file = fs::path(dir) / "metrics.jsonl";
-  options.tensorboard_dir = fs::path(dir) / "board";
-  TrainingSession session("faulty", options);
+  TrainingSession session("faulty", child_options(dir, fs::path(dir) / "board"));
   auto attempt = [](const char* what, auto&& fn) {
     try {
       fn();
