@@ -33,18 +33,8 @@ fi
 read -r -a targets <<<"${FUZZ_TARGETS:-safetensors_header manifest}"
 
 packages=(clang libclang-rt-14-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libxxhash-dev)
-missing=()
-for package in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||
-    missing+=("$package")
-done
-if ((${#missing[@]})); then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo=sudo
-  echo "fuzz: installing ${missing[*]}"
-  $sudo apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}" >/dev/null
-fi
+source scripts/apt.sh
+apt_install_missing fuzz "${packages[@]}"
 
 # Debian's spdlog uses the external fmt: FMT_HEADER_ONLY compiles fmt with the sanitizers too.
 # shellcheck disable=SC2054  # the commas are clang's

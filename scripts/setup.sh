@@ -19,18 +19,8 @@ packages=(build-essential cmake ninja-build git libtorch-dev libspdlog-dev catch
 # libgloo-dev: LibTorch's c10d headers include Gloo's, which libtorch-dev does not carry.
 # python3-torch: Python over the very libtorch.so.1.13 the C++ builds link (a run that crosses
 # between the languages is bitwise there); xxhash for python/'s package.
-missing=()
-for package in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||
-    missing+=("$package")
-done
-if ((${#missing[@]})); then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo=sudo
-  echo "setup: installing ${missing[*]}"
-  $sudo apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}" >/dev/null
-fi
+source "$(dirname "$0")/apt.sh"
+apt_install_missing setup "${packages[@]}"
 
 # Debian has no python3-safetensors: a venv over the system's packages adds it from PyPI.
 source "$(dirname "$0")/venvs.sh"
