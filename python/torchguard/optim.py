@@ -50,27 +50,26 @@ def _libtorch_step(optimizer, decoupled):
             p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
-class Adam(torch.optim.Adam):
+class _LibTorchStep:
+    """LibTorch's C++ step, for Adam (_decoupled False) and AdamW (True) below."""
+
+    _decoupled = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        _libtorch_step(self, decoupled=self._decoupled)
+        return loss
+
+
+class Adam(_LibTorchStep, torch.optim.Adam):
     """torch.optim.Adam with LibTorch's C++ step (see the module's comment)."""
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        _libtorch_step(self, decoupled=False)
-        return loss
 
-
-class AdamW(torch.optim.AdamW):
+class AdamW(_LibTorchStep, torch.optim.AdamW):
     """torch.optim.AdamW with LibTorch's C++ step (see the module's comment)."""
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        _libtorch_step(self, decoupled=True)
-        return loss
+    _decoupled = True
