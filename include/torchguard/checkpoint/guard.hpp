@@ -492,11 +492,7 @@ class CheckpointGuardState {
         bad_step, reason, step, target->path.filename().string(), sample_list(added),
         lr_factor != 1.0 ? fmt::format("; learning rates x{} until step {}", lr_factor, lr_until)
                          : std::string(),
-        recoveries.size(),
-        std::count_if(
-            recoveries.begin(), recoveries.end(),
-            [&](const auto& r) { return r.bad_step > bad_step - policy.recovery_window; }),
-        policy.max_recoveries, policy.recovery_window);
+        recoveries.size(), recent + 1, policy.max_recoveries, policy.recovery_window);
     // Every process has chosen and loaded its checkpoint before the writer commits a newer one.
     if (policy.agree) policy.agree(false);
     save(Metrics{});
