@@ -2,6 +2,7 @@
 // a committed checkpoint without a guard, and the Python side of the safetensors exchange.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
@@ -9,7 +10,9 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
+#include <spdlog/spdlog.h>
 #include <torch/torch.h>
 #include <nlohmann/json.hpp>
 
@@ -136,6 +139,24 @@ inline bool python_side(const std::string& python, const std::string& command,
   const std::string line = fmt::format("{} {}/safetensors_interop.py {} '{}'", python,
                                        TORCHGUARD_TESTS_DIR, command, target.string());
   return std::system(line.c_str()) == 0;
+}
+
+// The checkpoints in `dir` (its ckpt-* entries), sorted: oldest first.
+inline std::vector<fs::path> checkpoint_dirs(const fs::path& dir) {
+  std::vector<fs::path> found;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    if (entry.path().filename().string().rfind("ckpt-", 0) == 0) found.push_back(entry.path());
+  }
+  std::sort(found.begin(), found.end());
+  return found;
+}
+
+// Options for `directory` that log nowhere: what child processes and their parents use.
+inline CheckpointOptions quiet_options(const fs::path& directory) {
+  CheckpointOptions options;
+  options.directory = directory;
+  options.logger = std::make_shared<spdlog::logger>("quiet");
+  return options;
 }
 
 }  // namespace torchguard::testing

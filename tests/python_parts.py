@@ -1,4 +1,4 @@
-"""The Python side of the [python] tests (tests/checkpoint/test_guard.cpp): the same small run as
+"""The Python side of the [python] tests (tests/checkpoint/test_guard_parts.cpp): the same small run as
 the C++ side (train_parts there), step for step, through torchguard's Python package.
 
   python_parts.py train DIR STEPS KIND_A KIND_B   resume from DIR's newest checkpoint (or start),

@@ -1,5 +1,5 @@
-"""The judge of tests/checkpoint/test_safetensors.cpp ([safetensors][reference][interop]): the real
-`safetensors` package's verdict on files, and the dtypes it exchanges with C++.
+"""The judge of tests/checkpoint/test_safetensors_reference.cpp ([safetensors][reference]
+[interop]): the real `safetensors` package's verdict on files, and the dtypes it exchanges with C++.
 
   safetensors_reference.py verdicts DIR      one JSON line per DIR/*.safetensors, sorted:
                                              {"file", "accepted": true, "tensors": [[name,
@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save, save_file
 
 # The format's dtypes in the reference's declaration order (tensor.rs, Dtype), their bits, and
 # torch's name for each (None: torch has no 6-bit floats). The same table as format_dtypes in
-# tests/checkpoint/test_safetensors.cpp.
+# tests/checkpoint/safetensors_reference_cases.hpp.
 FORMAT_DTYPES = [
     ("BOOL", 8, "bool"), ("F4", 4, "float4_e2m1fn_x2"), ("F6_E2M3", 6, None),
     ("F6_E3M2", 6, None), ("U8", 8, "uint8"), ("I8", 8, "int8"), ("F8_E5M2", 8, "float8_e5m2"),
@@ -89,7 +89,7 @@ def verdicts(directory):
 
 
 def pattern(index, k):
-    """pattern_bytes() in tests/checkpoint/test_safetensors.cpp."""
+    """pattern_bytes() in tests/checkpoint/test_safetensors_reference.cpp."""
     value = (k * 29 + index * 7 + 3) & 0xFF
     return value & 1 if FORMAT_DTYPES[index][0] == "BOOL" else value
 
