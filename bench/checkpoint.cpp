@@ -228,10 +228,15 @@ struct LoopFigures {
 };
 
 // The training loop, checkpointing every N steps (N: synchronous saves cost about 20%), against
-// the same loop without checkpoints; `guard_save` is a synchronous save's time.
+// the same loop without checkpoints; `guard_save` is a synchronous save's time. The overlapped
+// background save runs with the writer as it was (hash, then write, of each whole tensor through
+// the page cache), then with each of WriteTuning's choices alone, then with the defaults; and
+// the floor: the same loop while another thread only copies the state out (the staging copy, no
+// hashing, no file), which any background save must do.
 void training_loop_figures(Model& model, torch::optim::Optimizer& optimizer,
                            const torchguard::CheckpointOptions& options, const fs::path& base,
                            double guard_save, const std::string& bytes) {
+  using torchguard::detail::WriteTuning;
   const double mib = static_cast<double>(bytes.size()) / (1024.0 * 1024.0);
   const auto batch = torch::randn({8, 4096});
   std::vector<double> step_times;
@@ -241,33 +246,109 @@ void training_loop_figures(Model& model, torch::optim::Optimizer& optimizer,
   const double step_time = median(step_times);
   const int every = std::max(1, static_cast<int>(std::lround(4 * guard_save / step_time)));
   const int loop_rounds = 3;
-  // Contenders: no checkpoints; synchronous saves; background saves copied in step(); background
-  // saves overlapped with training. A round is 2N steps with a save at N/2 and 3N/2, so that the
-  // last write ends inside the round.
-  enum Mode { none, synchronous, in_step, overlapped };
-  const char* mode_names[] = {"no checkpoints", "synchronous saves", "background, copy in step()",
-                              "background, overlapped"};
+  // Contenders. A round is 2N steps with a save at N/2 and 3N/2, so that the last write ends
+  // inside the round.
+  enum Mode { none, synchronous, in_step, overlapped, floor, disk };
+  struct Contender {
+    std::string name;
+    Mode mode;
+    WriteTuning tuning;
+  };
+  WriteTuning before;  // the writer before these choices
+  before.chunk = 0;
+  before.direct = false;
+  auto with = [&](auto change) {
+    WriteTuning tuning = before;
+    change(tuning);
+    return tuning;
+  };
+  // Paced: the write spread over half the time between two saves.
+  const double pace = static_cast<double>(bytes.size()) / (every * step_time / 2);
+  const std::vector<Contender> contenders = {
+      {"no checkpoints", none, {}},
+      {"synchronous saves", synchronous, {}},
+      {"background, copy in step()", in_step, {}},
+      {"overlapped, writer as before", overlapped, before},
+      {"  + hash and write 1 MiB chunks", overlapped,
+       with([](WriteTuning& t) { t.chunk = 1 << 20; })},
+      {"  + drop-behind (sync_file_range)", overlapped,
+       with([](WriteTuning& t) { t.drop_behind = true; })},
+      {"  + O_DIRECT, hashed while copied", overlapped,
+       with([](WriteTuning& t) { t.direct = true; })},
+      {"  + writer thread at nice 19", overlapped,
+       with([](WriteTuning& t) { t.writer_nice = 19; })},
+      {"  + paced over half the interval", overlapped,
+       with([&](WriteTuning& t) { t.pace_bytes_per_s = pace; })},
+      {"overlapped, the defaults", overlapped, {}},
+      {"  the defaults, paced", overlapped,
+       [&] {
+         WriteTuning tuning;
+         tuning.pace_bytes_per_s = pace;
+         return tuning;
+       }()},
+      {"floor: the staging copy alone", floor, {}},
+      {"floor: O_DIRECT write of the bytes alone", disk, {}},
+  };
+  const std::size_t count = contenders.size();
   std::vector<std::unique_ptr<torchguard::CheckpointGuard>> loop_guards;
-  for (int mode = 0; mode < 4; ++mode) {
-    if (mode == none) {
+  for (std::size_t c = 0; c < count; ++c) {
+    const Mode mode = contenders[c].mode;
+    if (mode == none || mode == floor || mode == disk) {
       loop_guards.emplace_back();
       continue;
     }
     torchguard::CheckpointOptions loop_options = options;
-    loop_options.directory = base / ("loop-" + std::to_string(mode));
+    loop_options.directory = base / ("loop-" + std::to_string(c));
     loop_options.every_n_steps = every;
     loop_options.background = mode != synchronous;
     loop_guards.push_back(
         std::make_unique<torchguard::CheckpointGuard>(model, optimizer, loop_options));
     loop_guards.back()->set_step(every / 2);
   }
-  std::vector<std::vector<double>> loop_seconds(4), loop_blocked(4), loop_cpu(4);
+  // The floor's copy: the parameters and momentum buffers into one reused buffer, on a thread.
+  std::vector<torch::Tensor> state;
+  for (const auto& p : model->parameters()) state.push_back(p);
+  for (const auto& item : optimizer.state()) {
+    const auto& momentum =
+        static_cast<const torch::optim::SGDParamState&>(*item.second).momentum_buffer();
+    if (momentum.defined()) state.push_back(momentum);
+  }
+  std::vector<char> floor_buffer(bytes.size() + 1024 * 1024, 1);
+  auto copy_out = [&] {
+    std::size_t at = 0;
+    for (const auto& t : state) {
+      std::memcpy(floor_buffer.data() + at, t.data_ptr(), t.nbytes());
+      at += t.nbytes();
+    }
+  };
+  // The disk's floor: the same bytes written from an aligned buffer with O_DIRECT, fsynced, the
+  // previous file deleted; no copy, no hashing, no page cache.
+  constexpr std::size_t direct_chunk = std::size_t{4} << 20;
+  std::unique_ptr<char, decltype(&std::free)> direct_buffer(
+      static_cast<char*>(std::aligned_alloc(4096, direct_chunk)), &std::free);
+  std::memset(direct_buffer.get(), 0x5a, direct_chunk);
+  int disk_round = 0;
+  auto write_direct = [&] {
+    const fs::path path = base / ("direct-" + std::to_string(++disk_round) + ".bin");
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_DIRECT, 0644);
+    if (fd < 0) throw std::runtime_error("cannot create " + path.string() + " with O_DIRECT");
+    for (std::size_t done = 0; done < bytes.size(); done += direct_chunk) {
+      if (::write(fd, direct_buffer.get(), direct_chunk) != static_cast<ssize_t>(direct_chunk))
+        throw std::runtime_error("O_DIRECT write failed");
+    }
+    if (::fsync(fd) != 0 || ::close(fd) != 0) throw std::runtime_error("fsync failed");
+    fs::remove(base / ("direct-" + std::to_string(disk_round - 1) + ".bin"));
+  };
+  std::vector<std::vector<double>> loop_seconds(count), loop_blocked(count), loop_cpu(count);
   for (int round = 0; round < loop_rounds; ++round) {
-    for (int mode = 0; mode < 4; ++mode) {
-      auto* guard = loop_guards[static_cast<std::size_t>(mode)].get();
+    for (std::size_t c = 0; c < count; ++c) {
+      const Mode mode = contenders[c].mode;
+      auto* guard = loop_guards[c].get();
+      torchguard::detail::write_tuning() = contenders[c].tuning;
       ::sync();
       double blocked = 0;
       auto timed = [&](const std::function<void()>& fn) { blocked += seconds_of(fn); };
+      std::thread copier;
       const double cpu_before = cpu_seconds();
       const double seconds = seconds_of([&] {
         for (int i = 0; i < 2 * every; ++i) {
@@ -278,19 +359,24 @@ void training_loop_figures(Model& model, torch::optim::Optimizer& optimizer,
             train_step(model, optimizer, batch);
           }
           if (guard) timed([&] { guard->step(); });
+          if ((mode == floor || mode == disk) && (i + 1 + every / 2) % every == 0) {
+            if (copier.joinable()) copier.join();
+            copier = mode == floor ? std::thread(copy_out) : std::thread(write_direct);
+          }
         }
       });
       if (guard) guard->wait();  // untimed: the last write ended inside the round anyway
-      loop_cpu[static_cast<std::size_t>(mode)].push_back(cpu_seconds() - cpu_before);
-      loop_seconds[static_cast<std::size_t>(mode)].push_back(seconds);
-      loop_blocked[static_cast<std::size_t>(mode)].push_back(blocked / 2);
+      if (copier.joinable()) copier.join();
+      loop_cpu[c].push_back(cpu_seconds() - cpu_before);
+      loop_seconds[c].push_back(seconds);
+      loop_blocked[c].push_back(blocked / 2);
     }
   }
   loop_guards.clear();
+  torchguard::detail::write_tuning() = {};
   std::vector<LoopFigures> loops;
-  for (int mode = 0; mode < 4; ++mode) {
-    const auto m = static_cast<std::size_t>(mode);
-    loops.push_back({median(loop_seconds[m]), median(loop_blocked[m]), median(loop_cpu[m])});
+  for (std::size_t c = 0; c < count; ++c) {
+    loops.push_back({median(loop_seconds[c]), median(loop_blocked[c]), median(loop_cpu[c])});
   }
   // The writer's work per save, measured apart: the copy (memcpy into a reused buffer), the
   // hashing (XXH3) and the write (its CPU time; the fsync's wait is not CPU).
@@ -315,27 +401,41 @@ void training_loop_figures(Model& model, torch::optim::Optimizer& optimizer,
       "(a synchronous save = %.2f steps); %d steps per round, median of %d rounds\n",
       step_time, at::get_num_threads(), std::thread::hardware_concurrency(), every,
       guard_save / step_time, 2 * every, loop_rounds);
-  for (int mode = 0; mode < 4; ++mode) {
-    const auto& loop = loops[static_cast<std::size_t>(mode)];
-    std::printf("loop  %-28s %6.2f steps/s", mode_names[mode], 2 * every / loop.seconds);
-    if (mode != none) {
-      std::printf("  blocked %.3f s per save  CPU +%.2f s per save", loop.blocked,
-                  (loop.cpu - loops[none].cpu) / 2);
+  for (std::size_t c = 0; c < count; ++c) {
+    const auto& loop = loops[c];
+    std::printf("loop  %-36s %6.2f steps/s  %.3f of none", contenders[c].name.c_str(),
+                2 * every / loop.seconds, loops[0].seconds / loop.seconds);
+    if (c != 0) {
+      std::printf("  blocked %.3f s per save  CPU %+.2f s per save", loop.blocked,
+                  (loop.cpu - loops[0].cpu) / 2);
     }
     std::printf("\n");
   }
   std::printf(
       "loop  the writer's work per save, measured apart: copy %.3f s, hashing %.3f s, "
-      "write %.3f s of CPU (%.0f MiB)\n",
-      copy_cpu, hash_cpu, write_cpu, mib);
+      "write %.3f s of CPU (%.0f MiB); pacing at %.0f MiB/s\n",
+      copy_cpu, hash_cpu, write_cpu, mib, pace / (1024.0 * 1024.0));
+  auto find = [&](const char* name) {
+    for (std::size_t c = 0; c < count; ++c) {
+      if (contenders[c].name == name) return loops[c];
+    }
+    return loops[0];
+  };
+  const auto& defaults = find("overlapped, the defaults");
   std::printf("ratio overlapped stall / synchronous save:              %.3f (target <= 0.05)\n",
-              loops[overlapped].blocked / guard_save);
+              defaults.blocked / guard_save);
   std::printf("ratio loop throughput synchronous saves / none:         %.3f\n",
-              loops[none].seconds / loops[synchronous].seconds);
+              loops[0].seconds / find("synchronous saves").seconds);
   std::printf("ratio loop throughput background, copy in step() / none: %.3f\n",
-              loops[none].seconds / loops[in_step].seconds);
+              loops[0].seconds / find("background, copy in step()").seconds);
+  std::printf("ratio loop throughput overlapped, as before / none:     %.3f\n",
+              loops[0].seconds / find("overlapped, writer as before").seconds);
   std::printf("ratio loop throughput overlapped / none:                %.3f (target >= 0.97)\n",
-              loops[none].seconds / loops[overlapped].seconds);
+              loops[0].seconds / defaults.seconds);
+  std::printf("ratio loop throughput the floor (copy alone) / none:    %.3f\n",
+              loops[0].seconds / find("floor: the staging copy alone").seconds);
+  std::printf("ratio loop throughput the disk's floor (O_DIRECT) / none: %.3f\n",
+              loops[0].seconds / find("floor: O_DIRECT write of the bytes alone").seconds);
   std::fflush(stdout);
 }
 

@@ -7,7 +7,8 @@
 //   call       pread, read, write, fsync, fdatasync, close or rename
 //   path part  a substring of the file's path (for calls on a descriptor: the target of
 //              /proc/self/fd/<fd>; for rename: the new name); ending with '$', its end
-//   result     an errno name (EIO, ENOSPC, EDQUOT, EROFS, EACCES): the call fails with it;
+//   result     an errno name (EIO, ENOSPC, EDQUOT, EROFS, EACCES, EINVAL): the call fails
+//              with it;
 //              0: the call returns 0 (a write that writes nothing, a read at end of file);
 //              HANG: the call blocks until a signal arrives, then fails with EINTR (a hung
 //              network file system mounted `intr`);
@@ -52,7 +53,8 @@ static int errno_named(const char* name) {
     const char* name;
     int value;
   } names[] = {{"EIO", EIO},       {"ENOSPC", ENOSPC}, {"EDQUOT", EDQUOT}, {"EROFS", EROFS},
-               {"EACCES", EACCES}, {"EINTR", EINTR},   {"EBADF", EBADF},   {"ENXIO", ENXIO}};
+               {"EACCES", EACCES}, {"EINTR", EINTR},   {"EBADF", EBADF},   {"ENXIO", ENXIO},
+               {"EINVAL", EINVAL}};
   for (size_t i = 0; i < sizeof names / sizeof names[0]; ++i) {
     if (strcmp(name, names[i].name) == 0) return names[i].value;
   }

@@ -5,6 +5,10 @@
 // the copy is the captured state (written) or may be torn (dropped).
 #pragma once
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <condition_variable>
 #include <exception>
 #include <functional>
@@ -83,6 +87,7 @@ class BackgroundWriter {
       if (!pending_) return;  // stopping, nothing left
       std::unique_ptr<Snapshot> snapshot = std::move(pending_);
       writing_ = true;
+      set_nice(write_tuning().writer_nice);
       std::exception_ptr error;
       if (!deferred_.empty()) {
         lock.unlock();
@@ -113,7 +118,15 @@ class BackgroundWriter {
     }
   }
 
+  // This thread's nice value (Linux: per thread). Failing to lower it (no CAP_SYS_NICE) is fine.
+  void set_nice(int nice) noexcept {
+    if (nice == nice_) return;
+    ::setpriority(PRIO_PROCESS, static_cast<id_t>(::syscall(SYS_gettid)), nice);
+    nice_ = nice;
+  }
+
   std::function<void(Snapshot&)> write_;
+  int nice_ = 0;  // the writer thread's own
   std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable idle_;

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -19,6 +20,7 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <thread>
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -76,14 +78,40 @@ inline int write_all(int fd, const void* data, std::size_t size,
   return 0;
 }
 
+// How DurableFile writes a large file. The defaults are the choices bench_checkpoint measured best
+// (docs/measured.md, "Checkpoints in the training loop"); the bench sets the others one at a time,
+// to measure each alone. Read when a file is opened (and by the background writer per save).
+struct WriteTuning {
+  // Hash and write a chunk at a time, while the chunk is still in the cache: one pass over the
+  // source instead of two. 0: hash the whole buffer, then write it.
+  std::size_t chunk = std::size_t{1} << 20;
+  // Start the writeback of each window as soon as it is written, and drop the window before it
+  // from the page cache (sync_file_range + posix_fadvise(DONTNEED)): no dirty pages pile up.
+  bool drop_behind = false;
+  // O_DIRECT through an aligned bounce buffer, the bytes hashed as they are copied into it: no
+  // page cache at all. Falls back to buffered writes where the file system refuses O_DIRECT.
+  bool direct = true;
+  // The background writer thread's nice value (0: as the process).
+  int writer_nice = 0;
+  // An upper bound on the write rate, in bytes per second (0: none).
+  double pace_bytes_per_s = 0;
+};
+
+inline WriteTuning& write_tuning() {
+  static WriteTuning tuning;
+  return tuning;
+}
+
 // A file created for writing (it must not exist), hashed as it is written, fsynced on commit.
 class DurableFile {
  public:
   // `stop`: see write_all.
   explicit DurableFile(std::filesystem::path path, std::function<bool()> stop = {})
-      : path_(std::move(path)), stop_(std::move(stop)) {
+      : path_(std::move(path)), stop_(std::move(stop)), tuning_(write_tuning()) {
     fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd_ < 0) throw FileError("cannot create", path_, errno);
+    undecided_ = tuning_.direct;
+    started_ = std::chrono::steady_clock::now();
   }
   ~DurableFile() {
     if (fd_ >= 0) ::close(fd_);
@@ -92,20 +120,37 @@ class DurableFile {
   DurableFile& operator=(const DurableFile&) = delete;
 
   void write(const void* data, std::size_t size) {
-    hasher_.update(data, size);
-    size_ += size;
-    if (const int error = write_all(fd_, data, size, stop_)) {
-      if (error == ECANCELED) {
-        throw FileError("cannot write", path_,
-                        "a stop was requested while the write was interrupted (EINTR): abandoned",
-                        error);
+    const char* bytes = static_cast<const char*>(data);
+    if (undecided_) {
+      // A small file (a manifest, a header) is written as it is: O_DIRECT only pays for itself
+      // on large ones. Its bytes wait here until the file is known to be large.
+      if (size_ + size <= direct_threshold) {
+        small_.append(bytes, size);
+        size_ += size;
+        return;
       }
-      throw FileError("cannot write", path_, error);
+      start_direct();
     }
+    put(bytes, size);
   }
 
   // fsync + close: after this the bytes are on disk, or an error says why not.
   void commit() {
+    if (undecided_) {  // a small file
+      undecided_ = false;
+      size_ -= small_.size();
+      put(small_.data(), small_.size());
+    }
+    if (bounce_ && filled_ > 0) {  // the last block, padded, then cut back to the file's size
+      const std::size_t padded =
+          (filled_ + direct_alignment - 1) / direct_alignment * direct_alignment;
+      std::memset(bounce_.get() + filled_, 0, padded - filled_);
+      write_through(bounce_.get(), padded);
+      filled_ = 0;
+      if (::ftruncate(fd_, static_cast<off_t>(size_)) != 0) {
+        throw FileError("cannot truncate", path_, errno);
+      }
+    }
     if (::fsync(fd_) != 0) throw FileError("cannot fsync", path_, errno);
     const int fd = fd_;
     fd_ = -1;
@@ -114,13 +159,127 @@ class DurableFile {
 
   std::uint64_t size() const noexcept { return size_; }
   std::uint64_t checksum() const { return hasher_.digest(); }
+  // True once the file is written with O_DIRECT.
+  bool direct() const noexcept { return bounce_ != nullptr; }
 
  private:
+  static constexpr std::size_t direct_alignment = 4096;
+  static constexpr std::size_t bounce_size = std::size_t{4} << 20;
+  static constexpr std::size_t direct_threshold = std::size_t{1} << 20;
+  static constexpr std::uint64_t drop_window = std::uint64_t{8} << 20;
+
+  // The file is large: O_DIRECT from here on (where the file system takes it), starting with
+  // the bytes held back so far.
+  void start_direct() {
+    undecided_ = false;
+    const int flags = ::fcntl(fd_, F_GETFL);
+    if (flags >= 0 && ::fcntl(fd_, F_SETFL, flags | O_DIRECT) == 0) {
+      bounce_.reset(static_cast<char*>(std::aligned_alloc(direct_alignment, bounce_size)));
+      if (!bounce_) throw std::bad_alloc();
+    }  // else tmpfs and others: buffered
+    const std::string held = std::move(small_);
+    size_ -= held.size();
+    put(held.data(), held.size());
+  }
+
+  // Hashes and writes, a chunk at a time.
+  void put(const char* bytes, std::size_t size) {
+    const std::size_t chunk = tuning_.chunk ? tuning_.chunk : std::max<std::size_t>(size, 1);
+    while (size > 0) {
+      const std::size_t n = std::min(chunk, size);
+      if (bounce_) {
+        to_bounce(bytes, n);
+      } else {
+        hasher_.update(bytes, n);
+        write_through(bytes, n);
+      }
+      size_ += n;
+      bytes += n;
+      size -= n;
+      after_write();
+    }
+  }
+
+  // O_DIRECT: copies into the bounce buffer, hashing each piece while it is in the cache, and
+  // writes the buffer whenever it is full.
+  void to_bounce(const char* bytes, std::size_t size) {
+    constexpr std::size_t piece = std::size_t{256} << 10;
+    while (size > 0) {
+      const std::size_t n = std::min({piece, size, bounce_size - filled_});
+      std::memcpy(bounce_.get() + filled_, bytes, n);
+      hasher_.update(bounce_.get() + filled_, n);
+      filled_ += n;
+      bytes += n;
+      size -= n;
+      if (filled_ == bounce_size) {
+        write_through(bounce_.get(), bounce_size);
+        filled_ = 0;
+      }
+    }
+  }
+
+  void write_through(const char* bytes, std::size_t size) {
+    int error = write_all(fd_, bytes, size, stop_);
+    if (error == EINVAL && bounce_) {
+      // O_DIRECT refused after all (or a short write left the offset unaligned): the rest buffered.
+      const off_t at = ::lseek(fd_, 0, SEEK_CUR);
+      const int flags = ::fcntl(fd_, F_GETFL);
+      if (at >= 0 && flags >= 0 && ::fcntl(fd_, F_SETFL, flags & ~O_DIRECT) == 0) {
+        const std::size_t done = static_cast<std::size_t>(at) - written_;
+        error = write_all(fd_, bytes + done, size - done, stop_);
+      }
+    }
+    if (error) {
+      if (error == ECANCELED) {
+        throw FileError("cannot write", path_,
+                        "a stop was requested while the write was interrupted (EINTR): abandoned",
+                        error);
+      }
+      throw FileError("cannot write", path_, error);
+    }
+    written_ += size;
+  }
+
+  void after_write() {
+    if (tuning_.drop_behind && !bounce_ && size_ - window_start_ >= drop_window) {
+      const auto at = static_cast<off64_t>(window_start_);
+      const auto length = static_cast<off64_t>(size_ - window_start_);
+      ::sync_file_range(fd_, at, length, SYNC_FILE_RANGE_WRITE);  // start it, do not wait
+      if (window_start_ > 0) {  // the window before: wait for it, then let the cache drop it
+        const auto before = static_cast<off64_t>(previous_window_);
+        ::sync_file_range(
+            fd_, before, at - before,
+            SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+        ::posix_fadvise(fd_, before, at - before, POSIX_FADV_DONTNEED);
+      }
+      previous_window_ = window_start_;
+      window_start_ = size_;
+    }
+    if (tuning_.pace_bytes_per_s > 0) {
+      std::this_thread::sleep_until(started_ +
+                                    std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                        std::chrono::duration<double>(static_cast<double>(size_) /
+                                                                      tuning_.pace_bytes_per_s)));
+    }
+  }
+
+  struct Free {
+    void operator()(char* p) const noexcept { std::free(p); }
+  };
   std::filesystem::path path_;
   std::function<bool()> stop_;
+  WriteTuning tuning_;
   int fd_ = -1;
-  std::uint64_t size_ = 0;
+  std::uint64_t size_ = 0;     // bytes given to write()
+  std::uint64_t written_ = 0;  // bytes written to the file
   Hasher hasher_;
+  bool undecided_ = false;              // O_DIRECT wanted, the file's size not known yet
+  std::string small_;                   // ... and its bytes so far
+  std::unique_ptr<char, Free> bounce_;  // O_DIRECT only
+  std::size_t filled_ = 0;
+  std::uint64_t window_start_ = 0;     // drop_behind: the window being written
+  std::uint64_t previous_window_ = 0;  // ... and the one before it
+  std::chrono::steady_clock::time_point started_;
 };
 
 // Makes a directory's entries (a rename, a new file) durable.
