@@ -81,6 +81,10 @@ std::uint64_t directory_bytes(const fs::path& dir) {
   return total;
 }
 
+std::string_view bytes_view(const std::vector<char>& buffer, const std::string& like) {
+  return {buffer.data(), like.size()};
+}
+
 void raw_write_fsync(const fs::path& path, const std::string& bytes) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) throw std::runtime_error("cannot create " + path.string());
@@ -245,10 +249,10 @@ void training_loop_figures(Model& model, torch::optim::Optimizer& optimizer,
   }
   const double step_time = median(step_times);
   const int every = std::max(1, static_cast<int>(std::lround(4 * guard_save / step_time)));
-  const int loop_rounds = 3;
+  const int loop_rounds = 5;
   // Contenders. A round is 2N steps with a save at N/2 and 3N/2, so that the last write ends
   // inside the round.
-  enum Mode { none, synchronous, in_step, overlapped, floor, disk };
+  enum Mode { none, synchronous, in_step, overlapped, floor, floor_hashed, floor_fused, disk };
   struct Contender {
     std::string name;
     Mode mode;
@@ -287,13 +291,16 @@ void training_loop_figures(Model& model, torch::optim::Optimizer& optimizer,
          return tuning;
        }()},
       {"floor: the staging copy alone", floor, {}},
+      {"floor: the copy, then XXH3 of it", floor_hashed, {}},
+      {"floor: the copy, XXH3 of each 256 KiB as copied", floor_fused, {}},
       {"floor: O_DIRECT write of the bytes alone", disk, {}},
   };
   const std::size_t count = contenders.size();
   std::vector<std::unique_ptr<torchguard::CheckpointGuard>> loop_guards;
   for (std::size_t c = 0; c < count; ++c) {
     const Mode mode = contenders[c].mode;
-    if (mode == none || mode == floor || mode == disk) {
+    if (mode == none || mode == floor || mode == floor_hashed || mode == floor_fused ||
+        mode == disk) {
       loop_guards.emplace_back();
       continue;
     }
@@ -314,12 +321,32 @@ void training_loop_figures(Model& model, torch::optim::Optimizer& optimizer,
     if (momentum.defined()) state.push_back(momentum);
   }
   std::vector<char> floor_buffer(bytes.size() + 1024 * 1024, 1);
+  volatile std::uint64_t floor_digest = 0;
   auto copy_out = [&] {
     std::size_t at = 0;
     for (const auto& t : state) {
       std::memcpy(floor_buffer.data() + at, t.data_ptr(), t.nbytes());
       at += t.nbytes();
     }
+  };
+  auto copy_then_hash = [&] {
+    copy_out();
+    floor_digest = floor_digest + torchguard::detail::checksum_of(bytes_view(floor_buffer, bytes));
+  };
+  auto copy_fused = [&] {
+    torchguard::detail::Hasher hasher;
+    constexpr std::size_t piece = std::size_t{256} << 10;
+    std::size_t at = 0;
+    for (const auto& t : state) {
+      const char* from = static_cast<const char*>(t.data_ptr());
+      for (std::size_t done = 0; done < t.nbytes(); done += piece) {
+        const std::size_t n = std::min(piece, t.nbytes() - done);
+        std::memcpy(floor_buffer.data() + at + done, from + done, n);
+        hasher.update(floor_buffer.data() + at + done, n);
+      }
+      at += t.nbytes();
+    }
+    floor_digest = floor_digest + hasher.digest();
   };
   // The disk's floor: the same bytes written from an aligned buffer with O_DIRECT, fsynced, the
   // previous file deleted; no copy, no hashing, no page cache.
@@ -359,9 +386,12 @@ void training_loop_figures(Model& model, torch::optim::Optimizer& optimizer,
             train_step(model, optimizer, batch);
           }
           if (guard) timed([&] { guard->step(); });
-          if ((mode == floor || mode == disk) && (i + 1 + every / 2) % every == 0) {
+          if (mode >= floor && (i + 1 + every / 2) % every == 0) {
             if (copier.joinable()) copier.join();
-            copier = mode == floor ? std::thread(copy_out) : std::thread(write_direct);
+            copier = mode == floor          ? std::thread(copy_out)
+                     : mode == floor_hashed ? std::thread(copy_then_hash)
+                     : mode == floor_fused  ? std::thread(copy_fused)
+                                            : std::thread(write_direct);
           }
         }
       });
@@ -434,6 +464,10 @@ void training_loop_figures(Model& model, torch::optim::Optimizer& optimizer,
               loops[0].seconds / defaults.seconds);
   std::printf("ratio loop throughput the floor (copy alone) / none:    %.3f\n",
               loops[0].seconds / find("floor: the staging copy alone").seconds);
+  std::printf("ratio loop throughput the floor, copy then XXH3 / none: %.3f\n",
+              loops[0].seconds / find("floor: the copy, then XXH3 of it").seconds);
+  std::printf("ratio loop throughput the floor, XXH3 as copied / none: %.3f\n",
+              loops[0].seconds / find("floor: the copy, XXH3 of each 256 KiB as copied").seconds);
   std::printf("ratio loop throughput the disk's floor (O_DIRECT) / none: %.3f\n",
               loops[0].seconds / find("floor: O_DIRECT write of the bytes alone").seconds);
   std::fflush(stdout);
