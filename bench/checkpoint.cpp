@@ -41,22 +41,15 @@
 #include <torchguard/checkpoint.hpp>
 #include <torchguard/detail/files.hpp>
 
+#include "bench_support.hpp"
+
 namespace fs = std::filesystem;
 
 namespace {
 
+using namespace torchguard_bench;
+
 constexpr int rounds = 7;
-
-double seconds_of(const std::function<void()>& fn) {
-  const auto start = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-double median(std::vector<double> samples) {
-  std::sort(samples.begin(), samples.end());
-  return samples[samples.size() / 2];
-}
 
 // Medians of interleaved rounds: each round times every contender once, each starting with no
 // dirty pages left by another (sync() first, untimed), so that none pays for another's writes.
@@ -71,14 +64,6 @@ std::vector<double> interleaved_medians(const std::vector<std::function<void()>>
   std::vector<double> medians;
   for (auto& s : samples) medians.push_back(median(s));
   return medians;
-}
-
-std::uint64_t directory_bytes(const fs::path& dir) {
-  std::uint64_t total = 0;
-  for (const auto& entry : fs::recursive_directory_iterator(dir)) {
-    if (entry.is_regular_file()) total += entry.file_size();
-  }
-  return total;
 }
 
 std::string_view bytes_view(const std::vector<char>& buffer, const std::string& like) {
@@ -140,24 +125,6 @@ std::pair<double, double> python_safetensors(const std::string& python, const fs
   return {save, load};
 }
 
-// The process's user + system CPU time, in seconds.
-double cpu_seconds() {
-  rusage usage{};
-  ::getrusage(RUSAGE_SELF, &usage);
-  auto seconds = [](const timeval& t) { return static_cast<double>(t.tv_sec) + t.tv_usec * 1e-6; };
-  return seconds(usage.ru_utime) + seconds(usage.ru_stime);
-}
-
-// A resident-memory figure of /proc/self/status ("VmRSS:", "VmHWM:"), in bytes.
-double status_bytes(const char* key) {
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind(key, 0) == 0) return std::stod(line.substr(std::strlen(key))) * 1024.0;
-  }
-  return 0;
-}
-
 using Model = torch::nn::Sequential;
 
 Model make_model(int layers) {
@@ -192,10 +159,10 @@ int memory_figure(int layers, const fs::path& directory) {
   for (const auto& p : model->parameters()) state_bytes += 2 * p.numel() * p.element_size();
   // Training's own transient peak (gradients, temporaries) is not the checkpoints' doing.
   const double base = status_bytes("VmRSS:");
-  std::ofstream("/proc/self/clear_refs") << "5";  // the peak starts again from here
+  reset_peak();
   train_step(model, optimizer, batch);
   const double training_peak = status_bytes("VmHWM:") - base;
-  std::ofstream("/proc/self/clear_refs") << "5";
+  reset_peak();
   {
     torchguard::CheckpointGuard guard(model, optimizer, options);
     guard.save();
@@ -212,7 +179,7 @@ int memory_figure(int layers, const fs::path& directory) {
     }
   }
   const double saves = status_bytes("VmHWM:") - base - training_peak;
-  std::ofstream("/proc/self/clear_refs") << "5";
+  reset_peak();
   {
     torchguard::CheckpointOptions restore = options;
     restore.is_writer = [] { return false; };

@@ -49,7 +49,7 @@
 #include <torch/torch.h>
 #include <torchguard/checkpoint.hpp>
 
-extern char** environ;
+#include "bench_support.hpp"
 
 #ifndef TORCHGUARD_BENCH_DIR  // where checkpoint_dcp.py is: bench/CMakeLists.txt says
 #define TORCHGUARD_BENCH_DIR (std::filesystem::path(__FILE__).parent_path().string())
@@ -59,40 +59,10 @@ namespace fs = std::filesystem;
 
 namespace {
 
+using namespace torchguard_bench;
+
 int rounds = 3;  // --rounds
 constexpr double mib = 1024.0 * 1024.0;
-
-double seconds_of(const std::function<void()>& fn) {
-  const auto start = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-double median(std::vector<double> samples) {
-  if (samples.empty()) return 0;
-  std::sort(samples.begin(), samples.end());
-  return samples[samples.size() / 2];
-}
-
-std::uint64_t directory_bytes(const fs::path& dir) {
-  std::uint64_t total = 0;
-  for (const auto& entry : fs::recursive_directory_iterator(dir)) {
-    if (entry.is_regular_file()) total += entry.file_size();
-  }
-  return total;
-}
-
-// A resident-memory figure of /proc/self/status ("VmRSS:", "VmHWM:"), in bytes.
-double status_bytes(const char* key) {
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind(key, 0) == 0) return std::stod(line.substr(std::strlen(key))) * 1024.0;
-  }
-  return 0;
-}
-
-void reset_peak() { std::ofstream("/proc/self/clear_refs") << "5"; }
 
 // The standard output of a shell command (its standard error too where asked), and whether it
 // exited with 0.
@@ -209,68 +179,6 @@ std::string find_dcp_python(std::string& why) {
   return {};
 }
 
-// checkpoint_dcp.py's serve, started once per state size and driven over pipes: its answers, one
-// line each.
-class PythonPeer {
- public:
-  PythonPeer(const std::string& python, std::vector<std::string> arguments) {
-    int to_child[2], from_child[2];
-    if (::pipe2(to_child, O_CLOEXEC) != 0) return;
-    if (::pipe2(from_child, O_CLOEXEC) != 0) {
-      ::close(to_child[0]);
-      ::close(to_child[1]);
-      return;
-    }
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, to_child[0], 0);
-    posix_spawn_file_actions_adddup2(&actions, from_child[1], 1);
-    arguments.insert(arguments.begin(), python);
-    std::vector<char*> argv;
-    for (auto& argument : arguments) argv.push_back(argument.data());
-    argv.push_back(nullptr);
-    const bool spawned =
-        ::posix_spawn(&pid_, python.c_str(), &actions, nullptr, argv.data(), environ) == 0;
-    posix_spawn_file_actions_destroy(&actions);
-    ::close(to_child[0]);
-    ::close(from_child[1]);
-    to_ = ::fdopen(to_child[1], "w");
-    from_ = ::fdopen(from_child[0], "r");
-    if (!spawned) pid_ = -1;
-  }
-  ~PythonPeer() {
-    if (to_) std::fclose(to_);  // EOF: the script's loop ends
-    if (from_) std::fclose(from_);
-    if (pid_ > 0) ::waitpid(pid_, nullptr, 0);
-  }
-  PythonPeer(const PythonPeer&) = delete;
-  PythonPeer& operator=(const PythonPeer&) = delete;
-
-  std::string request(const std::string& line) {
-    if (!to_ || !from_) return {};
-    std::fprintf(to_, "%s\n", line.c_str());
-    std::fflush(to_);
-    return answer();
-  }
-  std::string answer() {
-    std::string line;
-    char buffer[4096];
-    while (from_ && std::fgets(buffer, sizeof buffer, from_)) {
-      line += buffer;
-      if (!line.empty() && line.back() == '\n') {
-        line.pop_back();
-        break;
-      }
-    }
-    return line;
-  }
-
- private:
-  pid_t pid_ = -1;
-  FILE* to_ = nullptr;
-  FILE* from_ = nullptr;
-};
-
 // The contenders, in the order of the table.
 enum Contender {
   guard_none,
@@ -383,9 +291,9 @@ bool run_size(int layers, const fs::path& base, const std::string& python) {
     every = std::max<std::int64_t>(1, std::lround(4 * guard_save / step_time));
     synchronous.close(torchguard::Outcome::success);
 
-    std::unique_ptr<PythonPeer> peer;
+    std::unique_ptr<PythonChild> peer;  // checkpoint_dcp.py serve
     if (!python.empty()) {
-      peer = std::make_unique<PythonPeer>(
+      peer = std::make_unique<PythonChild>(
           python, std::vector<std::string>{fs::path(TORCHGUARD_BENCH_DIR) / "checkpoint_dcp.py",
                                            "serve", std::to_string(layers), std::to_string(threads),
                                            std::to_string(every), (dir / "dcp").string()});

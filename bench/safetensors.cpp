@@ -42,7 +42,7 @@
 #include <torch/torch.h>
 #include <torchguard/checkpoint.hpp>
 
-extern char** environ;
+#include "bench_support.hpp"
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
@@ -53,10 +53,7 @@ constexpr std::array<std::size_t, 3> sizes = {1000, 10000, 100000};
 constexpr double target_ratio = 2.0;
 constexpr double attack_target_seconds = 1.0;
 
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  return values[values.size() / 2];
-}
+using torchguard_bench::median;
 
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
@@ -226,45 +223,18 @@ for line in sys.stdin:
 // safe_open in one Python process, started once and driven over pipes.
 class PythonPeer {
  public:
-  explicit PythonPeer(const std::string& python) {
-    int to_child[2], from_child[2];
-    if (::pipe2(to_child, O_CLOEXEC) != 0) return;
-    if (::pipe2(from_child, O_CLOEXEC) != 0) {
-      ::close(to_child[0]);
-      ::close(to_child[1]);
-      return;
-    }
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, to_child[0], 0);
-    posix_spawn_file_actions_adddup2(&actions, from_child[1], 1);
-    std::string flag = "-c", script = python_peer_script, program = python;
-    char* argv[] = {program.data(), flag.data(), script.data(), nullptr};
-    const bool spawned =
-        ::posix_spawn(&pid_, python.c_str(), &actions, nullptr, argv, environ) == 0;
-    posix_spawn_file_actions_destroy(&actions);
-    ::close(to_child[0]);
-    ::close(from_child[1]);
-    to_ = ::fdopen(to_child[1], "w");
-    from_ = ::fdopen(from_child[0], "r");
-    if (!spawned) pid_ = -1;
-    const std::string hello = spawned ? answer() : std::string();
+  explicit PythonPeer(const std::string& python) : child_(python, {"-c", python_peer_script}) {
+    const std::string hello = child_.answer();
     if (hello.rfind("ready ", 0) == 0) version_ = hello.substr(6);
   }
-  ~PythonPeer() {
-    if (to_) std::fclose(to_);  // EOF: the script's loop ends
-    if (from_) std::fclose(from_);
-    if (pid_ > 0) ::waitpid(pid_, nullptr, 0);
-  }
-  PythonPeer(const PythonPeer&) = delete;
-  PythonPeer& operator=(const PythonPeer&) = delete;
 
   bool ready() const { return !version_.empty(); }
   const std::string& version() const { return version_; }
 
   // Seconds of each of `repeats` opens, or nothing when the answer is not that.
   std::vector<double> open(const fs::path& path, int repeats, std::size_t expected) {
-    std::istringstream reply(request("open " + std::to_string(repeats) + " " + path.string()));
+    std::istringstream reply(
+        child_.request("open " + std::to_string(repeats) + " " + path.string()));
     std::size_t count = 0;
     std::vector<double> times;
     double seconds = 0;
@@ -275,7 +245,7 @@ class PythonPeer {
   }
   // Seconds to refuse the file (negative: accepted) and what was said, or nullopt.
   std::optional<std::pair<double, std::string>> attack(const fs::path& path) {
-    const std::string reply = request("attack " + path.string());
+    const std::string reply = child_.request("attack " + path.string());
     char* end = nullptr;
     const double seconds = std::strtod(reply.c_str(), &end);
     if (end == reply.c_str()) return std::nullopt;
@@ -283,28 +253,7 @@ class PythonPeer {
   }
 
  private:
-  std::string request(const std::string& line) {
-    if (!to_ || !from_) return {};
-    std::fprintf(to_, "%s\n", line.c_str());
-    std::fflush(to_);
-    return answer();
-  }
-  std::string answer() {
-    std::string line;
-    char buffer[1 << 16];
-    while (from_ && std::fgets(buffer, sizeof buffer, from_)) {
-      line += buffer;
-      if (!line.empty() && line.back() == '\n') {
-        line.pop_back();
-        break;
-      }
-    }
-    return line;
-  }
-
-  pid_t pid_ = -1;
-  FILE* to_ = nullptr;
-  FILE* from_ = nullptr;
+  torchguard_bench::PythonChild child_;
   std::string version_;
 };
 
