@@ -4,11 +4,12 @@
 //
 //   TORCHGUARD_FAULTS="<call>:<path part>:<result>[:<skip>[:<count>]];..."
 //
-//   call       pread, read, write, fsync, fdatasync, close or rename
+//   call       pread, read, write, fsync, fdatasync, close, rename, link, unlinkat or remove
 //   path part  a substring of the file's path (for calls on a descriptor: the target of
-//              /proc/self/fd/<fd>; for rename: the new name); ending with '$', its end
-//   result     an errno name (EIO, ENOSPC, EDQUOT, EROFS, EACCES, EINVAL): the call fails
-//              with it;
+//              /proc/self/fd/<fd>; for rename and link: the new name; for unlinkat: the
+//              directory's path, '/', the name); ending with '$', its end
+//   result     an errno name (EIO, ENOSPC, EDQUOT, EROFS, EACCES, EINVAL, EMLINK, EXDEV,
+//              EPERM): the call fails with it;
 //              0: the call returns 0 (a write that writes nothing, a read at end of file);
 //              HANG: the call blocks until a signal arrives, then fails with EINTR (a hung
 //              network file system mounted `intr`);
@@ -21,6 +22,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -54,7 +56,7 @@ static int errno_named(const char* name) {
     int value;
   } names[] = {{"EIO", EIO},       {"ENOSPC", ENOSPC}, {"EDQUOT", EDQUOT}, {"EROFS", EROFS},
                {"EACCES", EACCES}, {"EINTR", EINTR},   {"EBADF", EBADF},   {"ENXIO", ENXIO},
-               {"EINVAL", EINVAL}};
+               {"EINVAL", EINVAL}, {"EMLINK", EMLINK}, {"EXDEV", EXDEV},   {"EPERM", EPERM}};
   for (size_t i = 0; i < sizeof names / sizeof names[0]; ++i) {
     if (strcmp(name, names[i].name) == 0) return names[i].value;
   }
@@ -199,4 +201,35 @@ int rename(const char* from, const char* to) {
   struct rule* r = failing("rename", to);
   if (r) FAIL_WITH(r, 0);
   return REAL("rename", int (*)(const char*, const char*))(from, to);
+}
+
+int link(const char* from, const char* to) {
+  struct rule* r = failing("link", to);
+  if (r) FAIL_WITH(r, 0);
+  return REAL("link", int (*)(const char*, const char*))(from, to);
+}
+
+// std::filesystem::remove_all removes a directory's entries with unlinkat(2), relative to the
+// directory's descriptor, and the directory itself with remove(3).
+int unlinkat(int dirfd, const char* name, int flags) {
+  pthread_once(&once, parse);
+  if (rule_count > 0) {
+    char link[64], path[4096];
+    ssize_t n = 0;
+    if (name[0] != '/' && dirfd != AT_FDCWD) {
+      snprintf(link, sizeof link, "/proc/self/fd/%d", dirfd);
+      n = readlink(link, path, sizeof path - 1);
+    }
+    path[n > 0 ? n : 0] = '\0';
+    snprintf(path + strlen(path), sizeof path - strlen(path), "%s%s", n > 0 ? "/" : "", name);
+    struct rule* r = failing("unlinkat", path);
+    if (r) FAIL_WITH(r, 0);
+  }
+  return REAL("unlinkat", int (*)(int, const char*, int))(dirfd, name, flags);
+}
+
+int remove(const char* path) {
+  struct rule* r = failing("remove", path);
+  if (r) FAIL_WITH(r, 0);
+  return REAL("remove", int (*)(const char*))(path);
 }

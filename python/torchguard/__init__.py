@@ -45,6 +45,19 @@ def _tensors(data, file_name):
                               "no tensor for?)") from error
 
 
+def _part_tensors(contents, record):
+    """A part's tensors: its file's and, in format 4, its shared file's (what did not change since
+    an earlier checkpoint)."""
+    tensors = _tensors(contents[record["file"]], record["file"])
+    shared = record.get("shared_file")
+    if shared:
+        for key, value in _tensors(contents[shared], shared).items():
+            if key in tensors:
+                raise CheckpointError(f"{record['file']} and {shared} both hold '{key}'")
+            tensors[key] = value
+    return tensors
+
+
 def _model_file(name):
     return "model.safetensors" if name == "model" else f"model.{name}.safetensors"
 
@@ -84,12 +97,11 @@ class Checkpoint:
         self.tensors = {key[len("tensors."):]: value for key, value in extra.items()
                         if key.startswith("tensors.")}
         self.models, self.optimizers, self.schedulers, self.samplers = {}, {}, {}, {}
-        if manifest["format_version"] >= 3:
+        if manifest["format_version"] >= 3:  # 4: a part may have a shared file too
             for name, record in manifest["models"].items():
-                self.models[name] = _tensors(contents[record["file"]], record["file"])
+                self.models[name] = _part_tensors(contents, record)
             for name, record in manifest["optimizers"].items():
-                file = record["file"]
-                tensors = {} if record.get("kind") == "archive" else _tensors(contents[file], file)
+                tensors = {} if record.get("kind") == "archive" else _part_tensors(contents, record)
                 self._optimizer_records[name] = (record, tensors)
             self.schedulers = {name: dict(record) for name, record in manifest["schedulers"].items()}
             self.samplers = {name: dict(record) for name, record in manifest["samplers"].items()}

@@ -2,6 +2,9 @@
 manifest.hpp, commit.hpp, restore.hpp): ckpt-<sequence>-step-<step>/ directories, each with its
 safetensors files and manifest.json (each file's size and XXH3-64, and the manifest's own
 checksum on its last line), committed by renaming a temporary, and a .lock that one writer holds.
+A part of format 4 may have a shared file beside its own ("shared_file" in its record: the
+tensors that did not change since an earlier checkpoint, often a hard link to that checkpoint's
+file, incremental.hpp); its state is both files' tensors together.
 """
 import errno
 import fcntl
@@ -14,7 +17,7 @@ import xxhash
 
 from ._errors import CheckpointError, DirectoryInUseError
 
-FORMAT_VERSION = 3  # what this package writes; it reads 2 and 3
+FORMAT_VERSION = 4  # what this package writes (every file whole); it reads 2 to 4
 MANIFEST = "manifest.json"
 CHECKSUM_KEY = "manifest_xxh3_64"
 _CHECKSUM_LINE = ',\n  "manifest_xxh3_64": "'
@@ -129,6 +132,18 @@ def check_manifest(text_bytes):
     for key in ("sequence", "step", "epoch"):
         if not isinstance(manifest.get(key), int):
             return None, f"its manifest lacks its {key}"
+    if version >= 3:  # each model and optimizer names its file (and shared file) among the files
+        listed = {file["name"] for file in files}
+        for kind in ("models", "optimizers"):
+            parts = manifest.get(kind)
+            if not isinstance(parts, dict):
+                return None, f"its manifest lacks its {kind}"
+            for name, record in parts.items():
+                names = ([record.get("file"), *([record["shared_file"]] if "shared_file" in record
+                                                else [])] if isinstance(record, dict) else [None])
+                if (any(not isinstance(file, str) or file not in listed for file in names)
+                        or len(set(names)) != len(names)):
+                    return None, f"its manifest's {kind[:-1]} '{name}' names no file it lists"
     return manifest, ""
 
 

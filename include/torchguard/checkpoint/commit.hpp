@@ -1,9 +1,10 @@
 // The commit protocol and the directory's names. A commit writes every file under a temporary
-// name beside the target (hashed with XXH3 while written, fsynced), writes the manifest (size and
-// checksum of every file, step, epoch, metrics, LibTorch version, format version) last, fsyncs
-// it, renames the temporary to ckpt-<seq>-step-<step>, and fsyncs the directory. The files are
-// described in format.hpp, the manifest in manifest.hpp. A crash at any moment leaves either the
-// previous checkpoint or the new one, never a mix.
+// name beside the target (hashed with XXH3 while written, fsynced; an unchanged file of the last
+// commit is hard-linked instead, incremental.hpp), writes the manifest (size and checksum of
+// every file, step, epoch, metrics, LibTorch version, format version) last, fsyncs it, renames
+// the temporary to ckpt-<seq>-step-<step>, and fsyncs the directory. The files are described in
+// format.hpp, the manifest in manifest.hpp. A crash at any moment leaves either the previous
+// checkpoint or the new one, never a mix.
 #pragma once
 
 #include <sys/stat.h>
@@ -30,6 +31,7 @@
 #include <nlohmann/json.hpp>
 
 #include "torchguard/checkpoint/format.hpp"
+#include "torchguard/checkpoint/incremental.hpp"
 #include "torchguard/checkpoint/manifest.hpp"
 #include "torchguard/checkpoint/options.hpp"
 #include "torchguard/core/error.hpp"
@@ -60,6 +62,9 @@ struct Snapshot {
   std::vector<TensorFile> files;  // on the host: live CPU tensors, or staged copies
   std::vector<ArchiveFile> archives;
   std::function<bool()> stop_requested;  // a write interrupted once it says so is abandoned
+  std::vector<LinkedFile> links;  // files of an earlier checkpoint, hard-linked (incremental.hpp)
+  // Called once the commit is renamed into place, with its path and the manifest's "files".
+  std::function<void(const std::filesystem::path&, const nlohmann::ordered_json&)> committed;
 };
 
 // A commit whose rename was done but whose directory fsync failed: the checkpoint is in place
@@ -126,6 +131,9 @@ inline std::uint64_t write_checkpoint(const std::filesystem::path& directory, Sn
           {{"name", file_name}, {"size", out.size()}, {"xxh3_64", hex64(out.checksum())}});
     };
     write_checkpoint_files(snapshot, write_file);
+    for (const auto& link : snapshot.links) {
+      files.push_back(place_linked_file(link, temporary, snapshot.stop_requested, total_bytes));
+    }
     nlohmann::ordered_json manifest;
     manifest["format_version"] = checkpoint_format_version;
     manifest["sequence"] = snapshot.sequence;
@@ -150,6 +158,7 @@ inline std::uint64_t write_checkpoint(const std::filesystem::path& directory, Sn
     if (::rename(temporary.c_str(), final_path.c_str()) != 0) {
       throw FileError("cannot rename the temporary checkpoint to", final_path, errno);
     }
+    if (snapshot.committed) snapshot.committed(final_path, files);  // must not throw
   } catch (const std::exception& e) {
     std::error_code ignored;
     std::filesystem::remove_all(temporary, ignored);

@@ -1,4 +1,4 @@
-// A checkpoint's files (format 3). Its parts are named (CheckpointOptions::models, optimizers,
+// A checkpoint's files (format 4). Its parts are named (CheckpointOptions::models, optimizers,
 // ...), and each model or optimizer has a safetensors file that PyTorch's tools open:
 //   model.safetensors              the model named "model" (the constructors' model): its
 //                                  state_dict, under Python's names ("conv1.weight")
@@ -6,17 +6,23 @@
 //   optimizer.safetensors          a built-in optimizer's per-parameter state, named as Python's
 //   optimizer.<name>.safetensors   optimizer.state_dict()["state"] is keyed: "state.<i>.<field>",
 //                                  i counting the parameters of every group in order
+//   shared.model(.<name>).safetensors  an incremental checkpoint's (incremental.hpp): the
+//                                  model's tensors that did not change since an earlier commit,
+//                                  often a hard link to that commit's file; the model's state is
+//                                  both files together (its manifest record names it
+//                                  "shared_file"; a reader merges any part's shared_file)
 //   optimizer(.<name>).pt          only for an optimizer torchguard does not know: its serialize()
 //   extra.safetensors              "rng.cpu", "rng.cuda.<i>", "tensors.<name>" (options.tensors)
 // and manifest.json with everything else in JSON: step, epoch, metrics, metadata, the run's
 // settings, whether the run is complete, each optimizer's param_groups as Python's state_dict
 // holds them (settings, "params" indices, "param_names"), each scheduler's step count, each
-// sampler's state, each file's size and checksum (manifest.hpp). The tensors are written
-// straight from their memory (or from one reused staging buffer for a background save), hashed
-// as they go.
+// sampler's state, each file's size and checksum (manifest.hpp), and for a hard-linked file the
+// checkpoint it was linked from ("linked_from"). The tensors are written straight from their
+// memory (or from one reused staging buffer for a background save), hashed as they go.
 //
-// Format 2 (read): model.safetensors, optimizer.safetensors or state.pt, extra.safetensors with
-// "modules.<name>.<key>" and "scheduler.step_count"; format 1 (read): format_v1.hpp.
+// Format 3 (read) is format 4 without shared files; format 2 (read): model.safetensors,
+// optimizer.safetensors or state.pt, extra.safetensors with "modules.<name>.<key>" and
+// "scheduler.step_count"; format 1 (read): format_v1.hpp.
 #pragma once
 
 #include <cstdint>
@@ -49,6 +55,8 @@ inline std::string optimizer_file_of(const std::string& name) {
   return name == "optimizer" ? std::string(optimizer_file)
                              : fmt::format("optimizer.{}.safetensors", name);
 }
+// The shared file of the model whose own file is `file` (incremental.hpp).
+inline std::string shared_file_of(const std::string& file) { return "shared." + file; }
 inline std::string optimizer_archive_of(const std::string& name) {
   return name == "optimizer" ? std::string("optimizer.pt") : fmt::format("optimizer.{}.pt", name);
 }

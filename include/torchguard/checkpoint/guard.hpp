@@ -24,7 +24,8 @@
 // Layout: <directory>/ckpt-<seq>-step-<step>/{model.safetensors, optimizer.safetensors,
 // extra.safetensors, manifest.json} (format.hpp). The parts: options.hpp (what users name),
 // format.hpp and manifest.hpp (the files), safetensors.hpp and state_dict.hpp (the format, and
-// exchange with PyTorch), commit.hpp (the crash-safe commit), retention.hpp (what stays),
+// exchange with PyTorch), commit.hpp (the crash-safe commit), incremental.hpp (what a commit
+// links instead of writing), retention.hpp (what stays),
 // restore.hpp (verify, quarantine, choose), format_v1.hpp (the first format, read only),
 // state.hpp (what is saved and loaded), staging.hpp (the host copy, overlapped with training),
 // writer.hpp (the background thread), recovery.hpp (a bad step goes back: check_step()).
@@ -573,9 +574,15 @@ class CheckpointGuardState {
     }
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-    logger->info("CheckpointGuard: saved step {} to '{}' ({:.1f} MiB in {:.2f} s){}", snapshot.step,
+    std::uint64_t linked = 0;  // unchanged since an earlier checkpoint (incremental.hpp)
+    for (const auto& link : snapshot.links) linked += link.size;
+    logger->info("CheckpointGuard: saved step {} to '{}' ({:.1f} MiB in {:.2f} s{}){}",
+                 snapshot.step,
                  (options.directory / checkpoint_name(snapshot.sequence, snapshot.step)).string(),
                  static_cast<double>(bytes) / (1024.0 * 1024.0), seconds,
+                 linked ? fmt::format("; {:.1f} MiB unchanged, linked",
+                                      static_cast<double>(linked) / (1024.0 * 1024.0))
+                        : std::string(),
                  snapshot.complete ? ": the run is complete" : "");
     try {
       apply_retention(options, resumed_from, *logger);

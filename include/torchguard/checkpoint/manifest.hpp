@@ -21,7 +21,9 @@
 namespace torchguard {
 namespace detail {
 
-inline constexpr int checkpoint_format_version = 3;
+// Written, and the newest read. Format 4 added a part's shared file (format.hpp): a reader of
+// format 3 would load such a part without its unchanged tensors, so it must refuse it.
+inline constexpr int checkpoint_format_version = 4;
 inline constexpr const char* manifest_name = "manifest.json";
 
 // The manifest's own checksum: its last key, on a line of its own,
@@ -193,11 +195,16 @@ inline void check_fields(ManifestCheck& check, const nlohmann::ordered_json& as_
         {name->get<std::string>(), size->get<std::uint64_t>(), checksum->get<std::string>()});
   }
   if (check.version >= 3) {
+    auto lists = [&](const nlohmann::json& name) {
+      return name.is_string() && std::any_of(check.files.begin(), check.files.end(),
+                                             [&](const ManifestFile& f) { return f.name == name; });
+    };
+    // A part's file, and its shared file when it has one (format 4), each one the manifest lists.
     auto listed = [&](const nlohmann::json& part) {
       const auto file = part.find("file");
-      return file != part.end() && file->is_string() &&
-             std::any_of(check.files.begin(), check.files.end(),
-                         [&](const ManifestFile& f) { return f.name == *file; });
+      const auto shared = part.find("shared_file");
+      return file != part.end() && lists(*file) &&
+             (shared == part.end() || (lists(*shared) && *shared != *file));
     };
     auto parts_of = [&](const char* kind) -> const nlohmann::json* {
       const auto it = manifest.find(kind);

@@ -151,6 +151,10 @@ struct CheckpointOptions {
   SaveOnExit save_on_exit = SaveOnExit::always;
   std::int64_t every_n_steps = 0;  // step() saves every N steps (0: only on exit / stop / save())
   bool background = false;         // copy on the caller's thread, write on another
+  // A model's frozen parameters and buffers that did not change since the last commit are not
+  // written again: the new checkpoint hard-links the last one's shared file of them
+  // (checkpoint/incremental.hpp). Off: every file is written whole; no two checkpoints share bytes.
+  bool incremental = true;
   std::optional<torch::Device> load_device;  // move the models here, then load
   bool allow_fresh_start = false;    // checkpoints exist but none is valid: start fresh, not fail
   std::function<bool()> is_writer;   // false on processes that must not write (rank != 0)

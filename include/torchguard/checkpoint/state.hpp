@@ -2,14 +2,17 @@
 // each named optimizer (built-in kinds as tensors and Python's param_groups in JSON, others
 // through their own serialize()), the schedulers' step counts, the samplers' states, the extra
 // tensors, the CPU and CUDA RNG states. Loading is all or nothing: every part is checked against
-// the checkpoint before any part changes. One loader serves formats 1 to 3 (format_v1.hpp hands
+// the checkpoint before any part changes. One loader serves formats 1 to 4 (format_v1.hpp hands
 // it format 1's tensors under format 2's names; format 2's parts are the ones named "model",
-// "optimizer" and "scheduler", and its options.modules).
+// "optimizer" and "scheduler", and its options.modules; format 4's parts may have a shared file
+// beside their own, incremental.hpp, which decides at each capture what is written and what
+// linked).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -17,6 +20,7 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -28,6 +32,7 @@
 #include "torchguard/checkpoint/commit.hpp"
 #include "torchguard/checkpoint/format.hpp"
 #include "torchguard/checkpoint/format_v1.hpp"
+#include "torchguard/checkpoint/incremental.hpp"
 #include "torchguard/checkpoint/optimizer_state.hpp"
 #include "torchguard/checkpoint/options.hpp"
 #include "torchguard/checkpoint/restore.hpp"
@@ -66,16 +71,25 @@ class TrainingState {
     parts["schedulers"] = nlohmann::ordered_json::object();
     parts["samplers"] = nlohmann::ordered_json::object();
     std::unordered_set<const c10::TensorImpl*> later;  // what only the optimizers change
+    // What this commit may link (incremental.hpp), and what the next one may.
+    std::map<std::string, PartRecord> last = history_->take(), records;
     for (const auto& [name, model] : parts_.models) {
-      const std::string file = model_file_of(name);
-      snapshot.files.push_back({file, module_state(*model), {{"format", "pt"}}});
-      parts["models"][name] = {{"file", file}};
-      for (const auto& parameter : model->parameters())
-        later.insert(parameter.unsafeGetTensorImpl());
+      parts["models"][name] = capture_model(snapshot, name, *model, last, records, later);
     }
     const auto names = parameter_names();
     for (const auto& [name, optimizer] : parts_.optimizers) {
       parts["optimizers"][name] = capture_optimizer(snapshot, name, *optimizer, names, later);
+    }
+    if (options_->incremental) {
+      snapshot.committed = [history = history_, records = std::move(records)](
+                               const std::filesystem::path& path,
+                               const nlohmann::ordered_json& files) mutable {
+        try {
+          history->committed(path, files, std::move(records));
+        } catch (...) {
+          history->forget();  // the next commit writes every file
+        }
+      };
     }
     for (const auto& [name, scheduler] : parts_.schedulers) {
       parts["schedulers"][name] = {
@@ -152,6 +166,7 @@ class TrainingState {
           version >= 3 ? plan(checkpoint, logger) : plan_format2(checkpoint, version);
       for (auto& step : apply) step();
       load_generators(read_tensors(checkpoint, extra_file), logger);
+      history_->forget();  // the next commit writes every file, the shared ones afresh
     } catch (const std::exception& e) {
       // The files are intact (checksums match): the program's parts do not match them.
       throw CheckpointError(fmt::format(
@@ -221,6 +236,65 @@ class TrainingState {
     return SafetensorsView(checkpoint.bytes(name), name).tensors();
   }
 
+  // The tensors of a part (format 3 and 4): its file's, and its shared file's when it has one.
+  static TensorMap read_part(const VerifiedCheckpoint& checkpoint, const nlohmann::json& record) {
+    const auto file = record.at("file").get<std::string>();
+    TensorMap tensors = read_tensors(checkpoint, file);
+    const auto shared = record.find("shared_file");
+    if (shared == record.end()) return tensors;
+    const auto shared_name = shared->get<std::string>();
+    for (auto& [name, tensor] : read_tensors(checkpoint, shared_name)) {
+      if (!tensors.emplace(name, std::move(tensor)).second) {
+        throw CheckpointError(fmt::format("{} and {} both hold '{}'", file, shared_name, name));
+      }
+    }
+    return tensors;
+  }
+
+  // The manifest's record of one model; its tensors go to its file, and with
+  // options.incremental those that stay unchanged to a shared file, written or linked
+  // (incremental.hpp). `last`: the models of the commit to link from; `records` gets this one's.
+  nlohmann::ordered_json capture_model(Snapshot& snapshot, const std::string& name,
+                                       const torch::nn::Module& model,
+                                       const std::map<std::string, PartRecord>& last,
+                                       std::map<std::string, PartRecord>& records,
+                                       std::unordered_set<const c10::TensorImpl*>& later) const {
+    const std::string file = model_file_of(name);
+    nlohmann::ordered_json record = {{"file", file}};
+    std::vector<NamedTensor> tensors = module_state(model);
+    std::set<std::string> frozen, buffers;
+    for (const auto& parameter : model.named_parameters()) {
+      // What is hashed is copied at capture, not later: the copy is then what was hashed.
+      if (options_->incremental && !parameter.value().requires_grad()) {
+        frozen.insert(parameter.key());
+      } else {
+        later.insert(parameter.value().unsafeGetTensorImpl());
+      }
+    }
+    if (!options_->incremental) {
+      snapshot.files.push_back({file, std::move(tensors), {{"format", "pt"}}});
+      return record;
+    }
+    for (const auto& buffer : model.named_buffers()) buffers.insert(buffer.key());
+    const auto found = last.find(file);
+    // A file moved or removed since (quarantined, deleted by hand) is not linked from.
+    std::error_code missing;
+    const PartRecord* from =
+        found != last.end() && (found->second.shared.empty() ||
+                                std::filesystem::exists(found->second.shared_file.source, missing))
+            ? &found->second
+            : nullptr;
+    PartPlan plan = plan_part(tensors, frozen, buffers, from);
+    snapshot.files.push_back({file, std::move(plan.own), {{"format", "pt"}}});
+    if (!plan.record.shared.empty()) record["shared_file"] = shared_file_of(file);
+    if (!plan.shared.empty()) {
+      snapshot.files.push_back({shared_file_of(file), std::move(plan.shared), {{"format", "pt"}}});
+    }
+    if (plan.link) snapshot.links.push_back(std::move(*plan.link));
+    records.emplace(file, std::move(plan.record));
+    return record;
+  }
+
   // "models 'a', 'b'" or "no models"; without a kind, the names alone.
   static std::string listed(const char* kind, const std::set<std::string>& names) {
     std::string text;
@@ -268,8 +342,9 @@ class TrainingState {
     std::vector<std::function<void()>> apply;
     std::vector<StatePlan> models;
     for (const auto& [name, model] : parts_.models) {
-      const std::string file = manifest.at("models").at(name).at("file").get<std::string>();
-      models.push_back(plan_module_state(*model, read_tensors(checkpoint, file), "", {},
+      const auto& record = manifest.at("models").at(name);
+      const std::string file = record.at("file").get<std::string>();
+      models.push_back(plan_module_state(*model, read_part(checkpoint, record), "", {},
                                          fmt::format("{} (model '{}')", file, name)));
     }
     for (const auto& [name, optimizer] : parts_.optimizers) {
@@ -279,9 +354,8 @@ class TrainingState {
       try {
         if (kind == "archive") {  // applied first: LibTorch's load cannot be checked beforehand
           apply.insert(apply.begin(), archive_loader(*optimizer, checkpoint.bytes(file)));
-        } else if (auto plan =
-                       plan_optimizer_state(*optimizer, kind, read_tensors(checkpoint, file),
-                                            &record.at("param_groups"))) {
+        } else if (auto plan = plan_optimizer_state(*optimizer, kind, read_part(checkpoint, record),
+                                                    &record.at("param_groups"))) {
           apply.push_back(std::move(*plan));
         } else {
           throw CheckpointError(
@@ -473,6 +547,9 @@ class TrainingState {
 
   Parts parts_;
   const CheckpointOptions* options_;
+  // What the last commit holds: what the next one may link. Shared with the snapshots' commit
+  // callbacks (the writer thread's, for a background save).
+  std::shared_ptr<IncrementalHistory> history_ = std::make_shared<IncrementalHistory>();
 };
 
 }  // namespace detail
