@@ -33,6 +33,7 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -419,7 +420,7 @@ void training_loop_figures(Model& model, torch::optim::Optimizer& optimizer,
     for (std::size_t c = 0; c < count; ++c) {
       if (contenders[c].name == name) return loops[c];
     }
-    return loops[0];
+    throw std::logic_error(std::string("bench_checkpoint: no contender named ") + name);
   };
   const auto& defaults = find("overlapped, the defaults");
   std::printf("ratio overlapped stall / synchronous save:              %.3f (target <= 0.05)\n",

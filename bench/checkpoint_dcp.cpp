@@ -64,17 +64,6 @@ using namespace torchguard_bench;
 int rounds = 3;  // --rounds
 constexpr double mib = 1024.0 * 1024.0;
 
-// The standard output of a shell command (its standard error too where asked), and whether it
-// exited with 0.
-std::pair<std::string, bool> command_output(const std::string& command) {
-  std::string output;
-  FILE* pipe = ::popen(command.c_str(), "r");
-  if (!pipe) return {output, false};
-  char buffer[4096];
-  while (const std::size_t n = std::fread(buffer, 1, sizeof buffer, pipe)) output.append(buffer, n);
-  return {output, ::pclose(pipe) == 0};
-}
-
 // The state both sides save: what checkpoint_dcp.py's State builds.
 struct State {
   explicit State(int layers) {
